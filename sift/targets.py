@@ -1,0 +1,36 @@
+"""Which parameters SIFT trains: exact module-name matching, never silent substring surprises."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def matches_module(param_name: str, target: str) -> bool:
+    """`target` ("q_proj" or a dotted run like "self_attn.q_proj") equals consecutive components of
+    the parameter's module path: `q_proj` matches `model.layers.0.self_attn.q_proj.weight` but not
+    `model.my_q_proj_extra.weight`."""
+    module_path = param_name.split(".")[:-1]
+    wanted = target.split(".")
+    n = len(wanted)
+    return any(module_path[i:i + n] == wanted for i in range(len(module_path) - n + 1))
+
+
+def find_trainable(model: nn.Module, targets, dense) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(sparse targets, dense params) in `named_parameters` order; raises listing every problem."""
+    named = list(model.named_parameters())
+    sparse = [(n, p) for n, p in named if any(matches_module(n, t) for t in targets)]
+    dense_ = [(n, p) for n, p in named if any(d in n for d in dense)]
+    problems = []
+    for t in targets:
+        if not any(matches_module(n, t) for n, _ in named):
+            problems.append(f"target {t!r} matches no module of {type(model).__name__}")
+    for d in dense:
+        if not any(d in n for n, _ in named):
+            problems.append(f"dense {d!r} is a substring of no parameter name")
+    both = {n for n, _ in sparse} & {n for n, _ in dense_}
+    if both:
+        problems.append(f"parameters matched by both targets and dense: {sorted(both)[:3]}...")
+    if problems:
+        examples = sorted({n.split(".")[-2] for n, _ in named if "." in n})[:12]
+        raise ValueError("SIFT target selection failed:\n  - " + "\n  - ".join(problems)
+                         + f"\n  module names available include: {', '.join(examples)}")
+    return sparse, dense_
