@@ -25,7 +25,7 @@ def peak_dense_grads(layers: int, checkpointing: bool) -> int:
             p.register_post_accumulate_grad_hook(track)
     opt = SIFT(model, SIFTConfig(rate=0.05))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     for step in range(2):
         model(**batch(step)).loss.backward()

@@ -1,0 +1,165 @@
+"""The real train_sft.py on a tiny Llama with the SmolLM2 tokenizer and real Alpaca rows (CPU)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_sft
+from conftest import tiny_llama
+from sift import apply_increment
+from trainer.args import DEFAULT_DATA
+from trainer.checkpoint import find_checkpoint, save_checkpoint
+from data_prep.dataset import collate
+from trainer.data import batches_for_window
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from sift.modeling import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab=len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def alpaca_40(tmp_path_factory):
+    with open(DEFAULT_DATA) as f:
+        rows = json.load(f)[:40]
+    path = tmp_path_factory.mktemp("data") / "alpaca40.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def train(tiny_dir, data, out, *extra):
+    argv = ["--model_name_or_path", tiny_dir, "--data_path", data, "--output_dir", str(out),
+            "--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--model_max_length", "96", "--eval_samples", "4", "--logging_steps", "1",
+            "--generate_tokens", "4", "--learning_rate", "1e-3", "--sift_rate", "0.05", *extra]
+    return train_sft.main(argv)
+
+
+def log_losses(out):
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_end_to_end_outputs_and_merged_model(tiny_dir, alpaca_40, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    before, after = train(tiny_dir, alpaca_40, out)
+    for name in ("sift_increment.safetensors", "args.json", "train_log.jsonl", "loss.png", "merged/config.json",
+                 "merged/tokenizer.json", "merged/model.safetensors"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(k in rows[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_mb"))
+    assert after["heldout_loss"] < before["heldout_loss"]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert not all(torch.equal(a, b) for a, b in zip(base.parameters(), merged.parameters()))
+    apply_increment(base, str(out / "sift_increment.safetensors"))
+    for (name, a), b in zip(base.named_parameters(), merged.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_continues_bit_exactly(tiny_dir, alpaca_40, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_dir, alpaca_40, straight, "--save_steps", "2")
+    assert (straight / "checkpoint-2" / "trainer_state.json").exists()
+    train(tiny_dir, alpaca_40, resumed, "--resume_from_checkpoint", str(straight / "checkpoint-2"))
+    assert log_losses(resumed) == log_losses(straight)[2:]
+    a = load_file(straight / "sift_increment.safetensors")
+    b = load_file(resumed / "sift_increment.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_checkpoint_leaves_the_previous_one(tmp_path):
+    def payload(d):
+        (tmp_path / "marker").write_text("x")
+        open(os.path.join(d, "optimizer.pt"), "w").write("ok")
+
+    save_checkpoint(str(tmp_path), 2, payload, {"step": 2}, keep=2)
+
+    def killed(d):
+        open(os.path.join(d, "optimizer.pt"), "w").write("half")
+        raise KeyboardInterrupt  # what kill -9 leaves is the same: a temp dir, never checkpoint-4
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), 4, killed, {"step": 4}, keep=2)
+    (tmp_path / "checkpoint-6").mkdir()  # a torn directory from a kill between mkdir and marker
+    (tmp_path / ".checkpoint-8-abc").mkdir()
+    assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-2")
+    for step in (10, 12, 14):
+        save_checkpoint(str(tmp_path), step, payload, {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*") if (p / "trainer_state.json").exists()) == \
+        ["checkpoint-12", "checkpoint-14"]
+
+
+def test_accumulation_matches_one_big_batch(tiny_dir, alpaca_40):
+    from transformers import AutoTokenizer
+
+    from data_prep.encode import encode_conversation
+    from data_prep.formats import read_conversations
+    from data_prep.report import Report
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    samples = [encode_conversation(c["messages"], tok, "auto", 96) for c in read_conversations(alpaca_40, Report())][:4]
+    grads = []
+    for micro in ([collate(samples, tok.pad_token_id)], [collate([s], tok.pad_token_id) for s in samples]):
+        model = tiny_llama(vocab=len(tok))
+        train_sft.train_window(model, micro, "cpu")
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert grads[0].norm() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_data_order_is_a_function_of_the_step(tiny_dir, alpaca_40):
+    samples = [{"input_ids": [i, i], "labels": [i, i]} for i in range(10)]
+    a = batches_for_window(samples, 3, 2, 2, seed=1, pad_id=0)
+    b = batches_for_window(samples, 3, 2, 2, seed=1, pad_id=0)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    two_ranks = [batches_for_window(samples, 3, 1, 2, seed=1, pad_id=0, rank=r, world=2) for r in (0, 1)]
+    union = sorted(int(w[i]["input_ids"][0, 0]) for w in two_ranks for i in range(2))
+    assert union == sorted(int(x["input_ids"][r, 0]) for x in a for r in range(2))
+
+
+@pytest.mark.parametrize("method, optim", [("full", "adamw"), ("lora", "adamw")])
+def test_baselines_run_through_the_same_loop(tiny_dir, alpaca_40, tmp_path, method, optim):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / method
+    before, after = train(tiny_dir, alpaca_40, out, "--finetuning_type", method, "--optim", optim,
+                          "--sift_targets", "q_proj,v_proj")
+    assert after["heldout_loss"] < before["heldout_loss"]
+    assert not (out / "sift_increment.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert type(merged).__name__ == "LlamaForCausalLM"
+
+
+def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "args.json").write_text("{}")
+    with pytest.raises(SystemExit) as err:
+        train_sft.main(["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", str(tmp_path / "none.json"),
+                        "--output_dir", str(tmp_path / "old"), "--sift_rate", "1.5", "--step_in_backward",
+                        "--gradient_accumulation_steps", "4", "--sift_selection", "best"])
+    message = str(err.value)
+    for needle in ("--sift_rate 1.5", "--sift_selection best", "--gradient_accumulation_steps 1",
+                   "--max_grad_norm 0", "none.json: no such file", "no-model: no such directory",
+                   "holds another run"):
+        assert needle in message, needle
+
+
+def test_unknown_target_module_fails_before_weights_load(tiny_dir, alpaca_40, tmp_path):
+    with pytest.raises(SystemExit, match="target 'qkv_proj' matches no module"):
+        train(tiny_dir, alpaca_40, tmp_path / "x", "--sift_targets", "q_proj,qkv_proj")

@@ -1,0 +1,108 @@
+"""What a run leaves for people: the JSONL log (+ TensorBoard / W&B), memory figures, plot, model."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+
+import torch
+
+from .args import split_list
+
+LOG = "train_log.jsonl"
+
+
+def write_json_atomic(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=str, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def memory_stats(device: str) -> dict:
+    """Peak memory since the last call: allocator figures on CUDA, process peak RSS on the CPU."""
+    if device.startswith("cuda"):
+        stats = {"peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+                 "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+        torch.cuda.reset_peak_memory_stats()
+        return stats
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class Logger:
+    """train_log.jsonl, one object per logged step; on resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, output_dir: str, report_to: str, resume_step: int = 0):
+        self.path = os.path.join(output_dir, LOG)
+        rows = []
+        if resume_step and os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [r for r in map(json.loads, f) if r["step"] <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.sinks = []
+        for backend in split_list(report_to):
+            if backend == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(os.path.join(output_dir, "runs"))
+                self.sinks.append(lambda row, w=writer: [w.add_scalar(f"train/{k}", v, row["step"])
+                                                         for k, v in row.items() if isinstance(v, (int, float))])
+            elif backend == "wandb":
+                import wandb
+
+                wandb.init(dir=output_dir)
+                self.sinks.append(lambda row: wandb.log(row, step=row["step"]))
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for sink in self.sinks:
+            sink(row)
+
+    def close(self) -> None:
+        self.sinks = []
+
+
+def plot_loss(output_dir: str) -> str | None:
+    """loss.png from train_log.jsonl (training loss and learning rate against step)."""
+    path = os.path.join(output_dir, LOG)
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over label tokens)")
+    lr_ax = ax.twinx()
+    lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="gray", alpha=0.5, label="lr")
+    lr_ax.set_ylabel("learning rate")
+    ax.set_title(os.path.basename(os.path.abspath(output_dir)))
+    fig.tight_layout()
+    out = os.path.join(output_dir, "loss.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def save_merged(model, tokenizer, target: str) -> None:
+    """save_pretrained + tokenizer into a temp directory, then renamed into place."""
+    parent = os.path.dirname(os.path.abspath(target))
+    tmp = tempfile.mkdtemp(prefix=".merged-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
