@@ -1,0 +1,96 @@
+"""Plumbing shared by the converter commands: common arguments, read → clean → write, the summary.
+
+Output is written atomically (a temporary file in the same directory, fsynced, then renamed), so
+an interrupted run never leaves a half-written JSONL where a complete one is expected. The summary
+(`report.Report.to_dict()` plus the command's options) goes to `<output without suffix>.summary.json`
+and is printed. Exit status: 0 written, 1 bad data (strict mode, or an unreadable JSON file),
+2 missing input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .clean import deduplicate
+from .formats import iter_conversations
+from .report import DataError, Report
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="IN",
+                        help="JSON or JSONL files, or hub dataset ids (owner/name)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="unified JSONL to write; the summary goes next to it as <name>.summary.json")
+    parser.add_argument("--split", default="train", help="split to read from hub datasets")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad record instead of skipping and counting it")
+    parser.add_argument("--keep_duplicates", action="store_true",
+                        help="keep conversations whose id or messages repeat an earlier one")
+    return parser
+
+
+def convert(args: argparse.Namespace, fmt: str, role_map: dict[str, str] | None = None,
+            transform: Callable[[str], str] | None = None,
+            postprocess: Callable[[list[dict], Report], list[dict]] | None = None) -> int:
+    """Run the pipeline for parsed `args`; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    report = Report(strict=args.strict)
+    try:
+        items = list(iter_conversations(args.inputs, report, fmt=fmt, role_map=role_map,
+                                        transform=transform, split=args.split))
+        if not args.keep_duplicates:
+            items = deduplicate(items, report)
+        conversations = [conv for _, conv in items]
+        if postprocess is not None:
+            conversations = postprocess(conversations, report)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report.kept = len(conversations)
+    output = Path(args.output)
+    write_text_atomic(output, "".join(json.dumps(unified_record(c), ensure_ascii=False) + "\n"
+                                      for c in conversations))
+    summary = {"format": fmt, "inputs": args.inputs, "output": str(output), **report.to_dict(),
+               "options": {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}}
+    write_text_atomic(summary_path(output), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(report.summary())
+    print(f"wrote {len(conversations)} conversations to {output} (summary: {summary_path(output)})")
+    return 0
+
+
+def unified_record(conv: dict) -> dict:
+    """The unified JSONL record: id, messages with role and content only, source."""
+    return {"id": conv["id"], "messages": [{"role": m["role"], "content": m["content"]} for m in conv["messages"]],
+            "source": conv["source"]}
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".summary.json")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the data next
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
