@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .clean import deduplicate
@@ -59,11 +59,10 @@ def convert(args: argparse.Namespace, fmt: str, role_map: dict[str, str] | None 
         return 2
     report.kept = len(conversations)
     output = Path(args.output)
-    write_text_atomic(output, "".join(json.dumps(unified_record(c), ensure_ascii=False) + "\n"
-                                      for c in conversations))
+    write_lines_atomic(output, (json.dumps(unified_record(c), ensure_ascii=False) + "\n" for c in conversations))
     summary = {"format": fmt, "inputs": args.inputs, "output": str(output), **report.to_dict(),
                "options": {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}}
-    write_text_atomic(summary_path(output), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_lines_atomic(summary_path(output), [json.dumps(summary, indent=2, ensure_ascii=False) + "\n"])
     print(report.summary())
     print(f"wrote {len(conversations)} conversations to {output} (summary: {summary_path(output)})")
     return 0
@@ -79,12 +78,13 @@ def summary_path(output: Path) -> Path:
     return output.with_name(output.stem + ".summary.json")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
+    """Write `lines` to a temporary file next to `path`, fsync, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.writelines(lines)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -10,8 +10,8 @@
 per file) or hub dataset ids. `BUNDLED_ALPACA` is the default training data shipped in the package.
 
 Records that cannot be used (malformed, no complete round, no label left after truncation to
-`max_length`, a chat template that cannot be split into turns) are counted in the report by reason
-and skipped, or raised with `strict=True`. Truncations that keep a sample are counted in
+`max_length`, a chat template that refuses the conversation or cannot be split into turns) are
+counted in the report by reason and skipped, or raised with `strict=True`. Truncations that keep a sample are counted in
 `report.notes` ("dropped_rounds", "cut_first_round"). If nothing usable remains, ValueError.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def load_dataset_for_training(path: str | Path | Sequence[str | Path], tokenizer
         try:
             sample, status = encode_with_status(conv["messages"], tokenizer, template, max_length)
         except ValueError as e:
-            report.drop(DataError("template_mismatch", where, str(e)))
+            report.drop(DataError("template_error", where, str(e)))
             continue
         if sample is None:
             report.drop(DataError(NO_LABEL, where, f"no assistant token left within max_length={max_length}"

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
+
 TEMPLATES = ("auto", "chat", "alpaca")
 
 PROMPT_DICT = {
@@ -79,7 +81,10 @@ def render(messages: list[dict], tokenizer, template: str) -> Rendered:
 
 def _render_chat(messages: list[dict], tokenizer) -> Rendered:
     def chat(msgs, generation_prompt=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except jinja2.TemplateError as e:  # raise_exception(...) in the template, e.g. "no system role"
+            raise ValueError(f"the chat template refused the conversation: {e}") from e
 
     text = chat(messages)
     specials = _special_strings(tokenizer)

@@ -133,6 +133,18 @@ def test_template_that_rewrites_earlier_turns_is_refused(smol):
         encode_conversation(CONVERSATION[1:5], tokenizer, "chat")
 
 
+def test_conversation_refused_by_the_template_is_counted(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"messages": CONVERSATION[1:]}) + "\n")
+    samples, report = load_dataset_for_training(path, tokenizer)
+    assert (len(samples), dict(report.dropped)) == (1, {"template_error": 1})
+    assert report.examples["template_error"] == [
+        f"{path}:1: the chat template refused the conversation: System role not supported"]
+
+
 def test_offsets_free_fallback_matches_on_chatml(smol):
     class NoOffsets:
         """The SmolLM2 tokenizer seen as a slow tokenizer: no offsets, so tokenized span by span."""
