@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .clean import deduplicate
 from .encode import FULL, IGNORE_INDEX, NO_LABEL, encode_with_status
 from .formats import iter_conversations
 from .report import DataError, Report
@@ -29,12 +30,17 @@ BUNDLED_ALPACA = Path(__file__).resolve().parent / "samples" / "alpaca_en_demo.j
 
 def load_dataset_for_training(path: str | Path | Sequence[str | Path], tokenizer, template: str = "auto",
                               max_length: int | None = 2048, strict: bool = False, fmt: str = "auto",
-                              split: str = "train") -> tuple[list[dict], Report]:
-    """Encoded samples of every usable conversation in `path` and the report of what was dropped."""
+                              split: str = "train", dedupe: bool = True) -> tuple[list[dict], Report]:
+    """Encoded samples of every usable conversation in `path` and the report of what was dropped.
+    With `dedupe`, repeated ids and repeated conversations are dropped (a duplicate would otherwise
+    land on both sides of a train / held-out split)."""
     template = resolve_template(tokenizer, template)
     report = Report(strict=strict)
     samples = []
-    for where, conv in iter_conversations(path, report, fmt=fmt, split=split):
+    conversations = list(iter_conversations(path, report, fmt=fmt, split=split))
+    if dedupe:
+        conversations = deduplicate(conversations, report)
+    for where, conv in conversations:
         try:
             sample, status = encode_with_status(conv["messages"], tokenizer, template, max_length)
         except ValueError as e:

@@ -16,6 +16,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .optimizer import shape
+
 FORMAT, VERSION = "sift-increment", "1"
 FILENAME = "sift_increment.safetensors"
 
@@ -38,7 +40,7 @@ def increment_tensors(opt) -> dict[str, torch.Tensor]:
 def save_increment(opt, path: str, base_model: str = "", extra: dict | None = None) -> None:
     """Write atomically (temp file + rename): an interrupted save never leaves a torn file."""
     cfg = opt.cfg
-    shapes = {s.name: list(s.param.shape) for s in opt.slots if s.ready()}
+    shapes = {s.name: list(shape(s.param)) for s in opt.slots if s.ready()}
     meta = {"format": FORMAT, "version": VERSION, "base_model": base_model, "rate": str(cfg.rate),
             "targets": json.dumps(list(cfg.targets)), "dense": json.dumps(list(cfg.dense)),
             "selection": cfg.selection, "shapes": json.dumps(shapes), **(extra or {})}

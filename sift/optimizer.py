@@ -11,6 +11,7 @@ import math
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from bitsandbytes import functional as bnbf
 
@@ -25,8 +26,20 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int64 if numel >= 2**31 else torch.int32
 
 
+def numel(p: nn.Parameter) -> int:
+    """Entries of the full parameter (ZeRO-3 leaves `p.data` empty between gathers)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def shape(p: nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", None) or p.shape
+
+
 def flat_weight(p: nn.Parameter) -> torch.Tensor:
-    """The storage the update is written to, as a flat view (a hook point for ZeRO partitions)."""
+    """The persistent storage of the weight as a flat view: `p.data`, or under ZeRO-3 the parameter's
+    own partition `ds_tensor` (on the host with offload_param; one rank holds every entry)."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.data.view(-1)[:p.ds_numel]
     return p.data.view(-1)
 
 
@@ -35,7 +48,7 @@ class _Slot:
 
     def __init__(self, name: str, param: nn.Parameter, k: int | None, eightbit: bool):
         self.name, self.param = name, param
-        self.k = param.numel() if k is None else k  # k is None: trained densely
+        self.k = numel(param) if k is None else k  # k is None: trained densely
         self.sparse = k is not None
         self.eightbit = eightbit
         self.step = 0
@@ -71,14 +84,18 @@ class _Slot:
         """Current trained values in fp32 (a new tensor unless the dense weight is fp32)."""
         if self.master is not None:
             return self.master
-        return self.gather(flat_weight(self.param)).float()
+        flat = flat_weight(self.param)
+        return self.gather(flat).float().to(self.param.device)
 
     def write_back(self, values: torch.Tensor):
-        flat = flat_weight(self.param)
-        if self.sparse:
-            flat.index_put_((self.indices,), values.to(flat.dtype))  # indexed copy: no dense temporary
-        elif values.data_ptr() != flat.data_ptr():
-            flat.copy_(values)
+        targets = [flat_weight(self.param)]
+        if hasattr(self.param, "ds_tensor") and self.param.data.numel() == self.k:
+            targets.append(self.param.data.view(-1))  # a ZeRO-3 persistent (or gathered) copy too
+        for flat in targets:
+            if self.sparse:  # indexed copy: no dense temporary of the weight
+                flat.index_put_((self.indices.to(flat.device),), values.to(flat.device, flat.dtype))
+            elif values.data_ptr() != flat.data_ptr():
+                flat.copy_(values)
 
     def state(self) -> dict:
         """Self-contained: the trained values travel too, so a fresh base model can resume."""
@@ -100,13 +117,13 @@ class _Slot:
 
 def _select(slot: _Slot, how: str, generator: torch.Generator, grad: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted flat indices of the k entries to train."""
-    p, k = slot.param, slot.k
+    p, k, n = slot.param, slot.k, numel(slot.param)
     if how == "random":
-        idx = torch.randperm(p.numel(), generator=generator)[:k].to(p.device)
+        idx = torch.randperm(n, generator=generator)[:k].to(p.device)
     else:
-        score = (grad if how == "grad" else p.detach()).reshape(-1).abs()  # dense temporary: one |grad| copy, once
-        idx = torch.topk(score, k, sorted=False).indices
-    return idx.sort().values.to(index_dtype(p.numel()))
+        score = (grad if how == "grad" else flat_weight(p)).reshape(-1).abs()  # dense temporary: one |grad| copy, once
+        idx = torch.topk(score, k, sorted=False).indices.to(p.device)
+    return idx.sort().values.to(index_dtype(n))
 
 
 class SIFT(torch.optim.Optimizer):
@@ -120,12 +137,15 @@ class SIFT(torch.optim.Optimizer):
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         eightbit = cfg.optimizer == "adamw8bit"
-        self.slots = [_Slot(n, p, math.ceil(cfg.rate * p.numel()), eightbit) for n, p in sparse]
+        self.slots = [_Slot(n, p, math.ceil(cfg.rate * numel(p)), eightbit) for n, p in sparse]
         self.slots += [_Slot(n, p, None, eightbit) for n, p in dense]
         defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         super().__init__([s.param for s in self.slots], defaults)
         self.skipped_steps = 0
         self.last_grad_norm = None
+        # Data parallel (DeepSpeed ZeRO-2, DDP-style launch): ranks sum their sparse gradients.
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.comm_bytes = 0  # bytes all-reduced by SIFT so far (k values per tensor, not the dense size)
         self._qmaps = {}
         self._nonfinite = None  # step_in_backward only: a device flag, read once in step()
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -144,10 +164,16 @@ class SIFT(torch.optim.Optimizer):
         def hook(p: nn.Parameter):
             grad, p.grad = p.grad, None  # the dense gradient dies with this hook
             if not slot.ready():
-                slot.init_state(_select(slot, "grad", None, grad))
+                score = grad
+                if self.world > 1:  # every rank must pick the same entries: those of the summed
+                    score = grad.clone()  # gradient (a dense all-reduce, once per tensor, first micro-batch)
+                    dist.all_reduce(score)
+                slot.init_state(_select(slot, "grad", None, score))
+                del score
             g = slot.gather(grad).float()
             del grad
             if self.cfg.step_in_backward:
+                self._all_reduce([g])
                 if slot.stepped:
                     raise RuntimeError(
                         f"SIFT step_in_backward: {slot.name} received a second gradient before opt.step(); "
@@ -213,6 +239,7 @@ class SIFT(torch.optim.Optimizer):
         pending = [s for s in self.slots if s.grad is not None]
         if not pending:
             return loss
+        self._all_reduce([s.grad for s in pending])
         dev = pending[0].grad.device
         norm = torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(s.grad).to(dev) for s in pending]))
@@ -232,6 +259,15 @@ class SIFT(torch.optim.Optimizer):
             s.write_back(self._update(s, s.grad, scale, group))
             s.grad = None
         return loss
+
+    def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        """Sum compact gradients over ranks, in place (async, no concatenated copy)."""
+        if self.world == 1:
+            return
+        handles = [dist.all_reduce(t, async_op=True) for t in tensors]
+        for h in handles:
+            h.wait()
+        self.comm_bytes += sum(t.nbytes for t in tensors)
 
     def _finish_backward_step(self):
         for s in self.slots:

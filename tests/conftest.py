@@ -1,5 +1,7 @@
 import os
 
+import json
+
 import pytest
 import torch
 
@@ -25,6 +27,37 @@ def batch(seed: int, size: int = 2, length: int = 12, vocab: int = 64):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-@pytest.fixture
-def make_llama():
-    return tiny_llama
+def train_args(model_dir, data, out, *extra) -> list[str]:
+    """train_sft.py flags for a 4-step run of a tiny model (overridable: later flags win)."""
+    return ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+            "--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--model_max_length", "96", "--eval_samples", "4", "--logging_steps", "1",
+            "--generate_tokens", "4", "--learning_rate", "1e-3", "--sift_rate", "0.05", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from sift.modeling import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab=len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def alpaca_40(tmp_path_factory):
+    from data_prep import BUNDLED_ALPACA
+
+    with open(BUNDLED_ALPACA) as f:
+        rows = json.load(f)[:40]
+    path = tmp_path_factory.mktemp("data") / "alpaca40.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+

@@ -7,44 +7,15 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from conftest import tiny_llama
+from conftest import train_args, tiny_llama
 from sift import apply_increment
-from trainer.args import DEFAULT_DATA
 from trainer.checkpoint import find_checkpoint, save_checkpoint
 from data_prep.dataset import collate
 from trainer.data import batches_for_window
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from sift.modeling import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_llama(vocab=len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def alpaca_40(tmp_path_factory):
-    with open(DEFAULT_DATA) as f:
-        rows = json.load(f)[:40]
-    path = tmp_path_factory.mktemp("data") / "alpaca40.json"
-    path.write_text(json.dumps(rows))
-    return str(path)
-
-
 def train(tiny_dir, data, out, *extra):
-    argv = ["--model_name_or_path", tiny_dir, "--data_path", data, "--output_dir", str(out),
-            "--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-            "--model_max_length", "96", "--eval_samples", "4", "--logging_steps", "1",
-            "--generate_tokens", "4", "--learning_rate", "1e-3", "--sift_rate", "0.05", *extra]
-    return train_sft.main(argv)
+    return train_sft.main(train_args(tiny_dir, data, out, *extra))
 
 
 def log_losses(out):
@@ -163,3 +134,15 @@ def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
 def test_unknown_target_module_fails_before_weights_load(tiny_dir, alpaca_40, tmp_path):
     with pytest.raises(SystemExit, match="target 'qkv_proj' matches no module"):
         train(tiny_dir, alpaca_40, tmp_path / "x", "--sift_targets", "q_proj,qkv_proj")
+
+
+def test_step_in_backward_run_equals_deferred_run(tiny_dir, alpaca_40, tmp_path):
+    runs = {}
+    for mode in ("deferred", "in_backward"):
+        out = tmp_path / mode
+        extra = ("--gradient_accumulation_steps", "1", "--max_grad_norm", "0", "--generate_tokens", "0")
+        train(tiny_dir, alpaca_40, out, *extra, *(("--step_in_backward",) if mode == "in_backward" else ()))
+        runs[mode] = (log_losses(out), load_file(out / "sift_increment.safetensors"))
+    (la, a), (lb, b) = runs["deferred"], runs["in_backward"]
+    assert la == lb
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

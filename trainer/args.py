@@ -69,6 +69,12 @@ class TrainArguments:
     generate_tokens: int = _help("tokens of the before/after sample generation (0 = skip)", default=48)
 
 
+def use_bf16(t: TrainArguments) -> bool:
+    import torch
+
+    return t.bf16 or torch.cuda.is_available()
+
+
 def split_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -79,6 +85,8 @@ def parse(argv=None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
 
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
+    launcher = [a for a in argv if a.startswith("--local_rank=")]  # the deepspeed launcher's, first
+    argv = [a for a in argv if a not in launcher]
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         import yaml  # JSON is YAML
 
@@ -92,7 +100,7 @@ def parse(argv=None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
         for key, value in values.items():
             flags += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
         argv = flags + argv[1:]
-    return tuple(parser.parse_args_into_dataclasses(args=argv))
+    return tuple(parser.parse_args_into_dataclasses(args=argv + launcher))
 
 
 def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str]:
@@ -141,6 +149,10 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
             out.append(f"--report_to {backend}: the package is not installed (pip install {module})")
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         out.append(f"--deepspeed {t.deepspeed}: no such config file")
+    elif t.deepspeed:
+        from .ds import resolve_config
+
+        out += resolve_config(t.deepspeed, m, t, use_bf16(t))[1]
     out += _output_dir_problems(t)
     return out
 

@@ -12,7 +12,7 @@ from data_prep.dataset import collate, load_dataset_for_training
 from data_prep.encode import IGNORE_INDEX
 
 
-def build_datasets(d, tokenizer, seed: int) -> tuple[list[dict], list[dict], dict]:
+def build_datasets(d, tokenizer, seed: int, verbose: bool = True) -> tuple[list[dict], list[dict], dict]:
     """(train samples, held-out samples, data report); held-out samples carry `prompt_ids` (the
     tokens before the first assistant token) for the before/after sample generation."""
     samples, report = load_dataset_for_training(d.data_path, tokenizer, d.template, d.model_max_length, d.strict)
@@ -26,7 +26,8 @@ def build_datasets(d, tokenizer, seed: int) -> tuple[list[dict], list[dict], dic
     train = [samples[i] for i in order[d.eval_samples:]]
     if d.max_train_samples:
         train = train[:d.max_train_samples]
-    print(f"data {d.data_path}: {report.summary()}\n  train {len(train)}, held-out {len(held)}")
+    if verbose:
+        print(f"data {d.data_path}: {report.summary()}\n  train {len(train)}, held-out {len(held)}")
     return train, held, report.to_dict()
 
 
