@@ -9,7 +9,6 @@ setup (arguments, data, model, method) → train loop → save. See DESIGN.md fo
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -111,7 +110,7 @@ def main(argv=None):
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None
     model, opt = methods.build(model, m, t)
     per_epoch = micro_batches_per_epoch(len(train_set), t.per_device_train_batch_size * world)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch / t.gradient_accumulation_steps)
+    total_steps = targs.total_steps(m, t, per_epoch)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=int(t.warmup_ratio * total_steps),

@@ -146,3 +146,19 @@ def test_step_in_backward_run_equals_deferred_run(tiny_dir, alpaca_40, tmp_path)
     (la, a), (lb, b) = runs["deferred"], runs["in_backward"]
     assert la == lb
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_options_from_a_yaml_file_with_flag_overrides_and_launcher_rank(tmp_path):
+    from trainer.args import parse, total_steps
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 3.0e-4\nsift_targets: [q_proj, v_proj]\nbf16: true\nmax_steps: 7\n")
+    m, d, t = parse(["--local_rank=1", str(cfg), "--learning_rate", "1e-4"])
+    assert (t.learning_rate, m.sift_targets, t.bf16, t.max_steps, t.local_rank) == (1e-4, "q_proj,v_proj", True, 7, 1)
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
+    with pytest.raises(SystemExit, match="unknown option.*learning_rat"):
+        parse([str(tmp_path / "bad.yaml")])
+    m, d, t = parse([])
+    assert total_steps(m, t, 100) == 20  # the demo default
+    m, d, t = parse(["--model_name_or_path", "org/model", "--num_train_epochs", "2", "--gradient_accumulation_steps", "4"])
+    assert total_steps(m, t, 100) == 50

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field, fields
 
 from data_prep.dataset import BUNDLED_ALPACA
 from sift.config import LLAMA_LINEARS, OPTIMIZERS, SELECTIONS
+from sift.modeling import EMBEDDED
 
 DEFAULT_DATA = str(BUNDLED_ALPACA)
 FINETUNING_TYPES = ("sift", "full", "lora")
+DEMO_STEPS = 20  # the no-argument run: about ten minutes on two CPU cores
 
 
 def _help(text, **kw):
@@ -36,8 +38,8 @@ class ModelArguments:
 class DataArguments:
     data_path: str = _help("Alpaca / ShareGPT / unified JSON(L) file or hub dataset id", default=DEFAULT_DATA)
     template: str = _help("auto | chat (tokenizer chat template) | alpaca (Stanford Alpaca prompt)", default="auto")
-    model_max_length: int = _help("tokens per sample; longer conversations keep whole rounds", default=512)
-    eval_samples: int = _help("held-out samples for the before/after loss (taken from the data)", default=48)
+    model_max_length: int = _help("tokens per sample; longer conversations keep whole rounds", default=256)
+    eval_samples: int = _help("held-out samples for the before/after loss (taken from the data)", default=32)
     max_train_samples: int = _help("use at most this many training samples (0 = all)", default=0)
     strict: bool = _help("fail on the first malformed record instead of skipping and counting", default=False)
 
@@ -47,18 +49,19 @@ class TrainArguments:
     output_dir: str = _help("where the increment, merged model, checkpoints and logs go", default="outputs/sift-smollm2")
     overwrite_output_dir: bool = _help("allow writing into a directory that holds another run", default=False)
     num_train_epochs: float = _help("epochs (ignored when max_steps > 0)", default=1.0)
-    max_steps: int = _help("optimizer steps; > 0 overrides num_train_epochs", default=80)
+    max_steps: int | None = _help("optimizer steps; > 0 overrides num_train_epochs (unset: "
+                                     f"{DEMO_STEPS} for the embedded demo model, else epochs)", default=None)
     per_device_train_batch_size: int = _help("micro-batch size", default=4)
     per_device_eval_batch_size: int = _help("batch size of the held-out loss", default=8)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=2)
     learning_rate: float = _help("peak learning rate", default=2e-4)
     weight_decay: float = _help("decoupled weight decay", default=0.0)
-    warmup_ratio: float = _help("fraction of steps of linear warm-up", default=0.03)
+    warmup_ratio: float = _help("fraction of steps of linear warm-up", default=0.1)
     lr_scheduler_type: str = _help("transformers scheduler name (cosine, linear, constant, ...)", default="cosine")
     max_grad_norm: float = _help("global L2 clipping; 0 = off", default=1.0)
     bf16: bool = _help("bf16 weights (fp32 masters keep the updates); default on CUDA", default=False)
     gradient_checkpointing: bool = _help("recompute activations in backward", default=False)
-    logging_steps: int = _help("log every N steps", default=5)
+    logging_steps: int = _help("log every N steps", default=2)
     save_steps: int = _help("checkpoint every N steps (0 = only at the end)", default=0)
     save_total_limit: int = _help("keep at most N checkpoints (0 = all)", default=2)
     seed: int = _help("seed of data order, selection and init", default=42)
@@ -73,6 +76,14 @@ def use_bf16(t: TrainArguments) -> bool:
     import torch
 
     return t.bf16 or torch.cuda.is_available()
+
+
+def total_steps(m: ModelArguments, t: TrainArguments, micro_batches_per_epoch: int) -> int:
+    if t.max_steps is None and m.model_name_or_path in (None, "", EMBEDDED):
+        return DEMO_STEPS
+    if t.max_steps and t.max_steps > 0:
+        return t.max_steps
+    return max(1, round(t.num_train_epochs * micro_batches_per_epoch / t.gradient_accumulation_steps))
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -128,7 +139,7 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(t, name) < 1:
             out.append(f"--{name} {getattr(t, name)}: must be >= 1")
-    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+    if (t.max_steps or 0) <= 0 and t.num_train_epochs <= 0:
         out.append("set --max_steps > 0 or --num_train_epochs > 0")
     if not 0 <= t.warmup_ratio < 1:
         out.append(f"--warmup_ratio {t.warmup_ratio}: must be in [0, 1)")
