@@ -1,0 +1,127 @@
+"""What both evaluations share: loading the model under test (optionally base + SIFT increment) and
+crash-safe file writes (temp file + os.replace, so a reader never sees half a file)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """"auto" = bf16 on CUDA (the memory-optimised target), fp32 on CPU (bf16 matmuls are slow there)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_eval_model(model: str | None, increment: str | None = None, device: str = "auto",
+                    dtype: str = "auto"):
+    """(model, tokenizer) in eval mode: an HF directory, a hub id or the embedded default (None),
+    with a SIFT increment written into the weights when `increment` is given."""
+    from sift.modeling import load_model_and_tokenizer
+
+    if increment is not None and not os.path.isfile(increment):  # before a multi-GB load, not after
+        raise FileNotFoundError(f"--increment {increment}: no such file")
+    device = resolve_device(device)
+    net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device)
+    if increment is not None:
+        from sift.increment import apply_increment  # lazily: only this path needs the core library
+
+        apply_increment(net, increment)
+    net.eval()
+    return net, tokenizer
+
+
+def default_model_id(model: str | None, increment: str | None = None) -> str:
+    """A file-name-safe id: the model directory's name (its parent's for a `.../merged` export),
+    plus the increment's run directory when an increment is applied."""
+    from sift.modeling import EMBEDDED
+
+    def tail(path: str) -> str:
+        parts = Path(path.rstrip("/")).parts
+        if len(parts) >= 2 and parts[-1] in ("merged", "final"):
+            return f"{parts[-2]}-{parts[-1]}"
+        return parts[-1] if parts else path
+
+    name = "smollm2-135m-instruct" if not model or model == EMBEDDED else tail(model)
+    if increment:
+        name += "+" + tail(str(Path(increment).resolve().parent))
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def context_length(model, tokenizer) -> int:
+    """The longest sequence the model was built for (tokenizers often report a huge sentinel)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit is not None and tok_limit < 10**7:
+        limit = min(limit, tok_limit) if limit else tok_limit
+    if not limit:
+        raise ValueError("cannot tell the model's context length; pass --max_length")
+    return int(limit)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> list[tuple[int, dict]]:
+    """[(line number, object)]; a bad line raises naming file and line. With `tolerate_torn_tail`, a
+    malformed *last* line (an append cut short by a crash) is dropped instead: the caller redoes it."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if tolerate_torn_tail and i == last:
+                print(f"warning: {path}:{i + 1}: dropping a truncated last line (interrupted write)")
+                continue
+            raise ValueError(f"{path}:{i + 1}: not valid JSON: {e}") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((i + 1, obj))
+    return rows
+
+
+def raise_if_problems(problems: list[str], what: str) -> None:
+    """Fail fast with every problem at once rather than one per run."""
+    if problems:
+        raise ValueError(f"{what}:\n  - " + "\n  - ".join(problems))
