@@ -1,0 +1,205 @@
+"""MT-bench (Zheng et al., 2023): answers from our models, grades from an LLM judge, FastChat's files.
+
+    python eval/mt_bench.py gen   [--model DIR|HUB_ID] [--increment FILE] [--model_id NAME]
+    python eval/mt_bench.py judge --judge_model gpt-4 [--judge_base_url URL] [--model_list A B]
+    python eval/mt_bench.py show  [--judge_model gpt-4] [--model_list A B]
+
+Layout under --output_dir (default outputs/mt_bench), as FastChat's data/mt_bench/:
+    model_answer/<model_id>.jsonl  model_judgment/<judge>_single.jsonl  mt_bench_results.json  *.png
+The judge is any OpenAI-compatible chat-completions endpoint; its key is read from the environment
+variable named by --judge_api_key_env (default OPENAI_API_KEY) and is never printed or written.
+Nothing asks for confirmation: every step runs unattended and can be rerun to resume.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python eval/mt_bench.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.common import DTYPES, atomic_write_json, raise_if_problems  # noqa: E402
+from eval.mt_bench_data import (DEFAULT_JUDGE_FILE, DEFAULT_QUESTION_FILE, DEFAULT_REF_ANSWER_FILE,  # noqa: E402
+                                load_questions)
+
+OUTPUT_DIR = "outputs/mt_bench"
+
+
+def _judgment_file(output_dir: str, judge_model: str) -> str:
+    return f"{output_dir}/model_judgment/{judge_model.replace('/', '_')}_single.jsonl"
+
+
+@dataclass
+class GenArgs:
+    model: str | None = field(default=None, metadata={
+        "help": "HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct"})
+    increment: str | None = field(default=None, metadata={
+        "help": "a sift_increment.safetensors to apply onto --model before generating"})
+    model_id: str | None = field(default=None, metadata={
+        "help": "name of the answer file and the `model_id` field; default: from --model / --increment"})
+    output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "bench directory (model_answer/ goes here)"})
+    question_file: str = field(default=str(DEFAULT_QUESTION_FILE), metadata={
+        "help": "questions in FastChat's format; default: the 80 MT-bench questions shipped in eval/data"})
+    question_begin: int | None = field(default=None, metadata={"help": "debug: first question index"})
+    question_end: int | None = field(default=None, metadata={"help": "debug: one past the last question index"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "per turn (FastChat's default)"})
+    batch_size: int = field(default=8, metadata={"help": "conversations generated together"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (writing/roleplay/stem/humanities sample)"})
+    template: str = field(default="auto", metadata={
+        "help": "prompt format, as train_sft.py uses it: chat (the tokenizer's chat template) | alpaca (the "
+                "Stanford Alpaca prompt, for tuned base models) | auto (chat if the tokenizer has one)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            problems.append("--max_new_tokens and --batch_size must be >= 1")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.template not in ("auto", "chat", "alpaca"):
+            problems.append(f"--template must be auto, chat or alpaca, got {self.template!r}")
+        for name in ("question_file", "increment"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                problems.append(f"--{name} {path}: no such file")
+        raise_if_problems(problems, "invalid gen arguments")
+
+
+@dataclass
+class JudgeArgs:
+    judge_model: str = field(default="gpt-4", metadata={"help": "model name sent to the endpoint (FastChat: gpt-4)"})
+    judge_base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible base URL (.../v1); default: $OPENAI_BASE_URL, else https://api.openai.com/v1"})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "environment variable holding the API key (unset: no Authorization header, e.g. local vLLM)"})
+    output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "bench directory with model_answer/"})
+    model_list: list[str] | None = field(default=None, metadata={"help": "model ids to judge; default: all answer files"})
+    question_file: str = field(default=str(DEFAULT_QUESTION_FILE), metadata={"help": "the questions"})
+    judge_file: str = field(default=str(DEFAULT_JUDGE_FILE), metadata={"help": "FastChat's judge_prompts.jsonl"})
+    ref_answer_file: str = field(default=str(DEFAULT_REF_ANSWER_FILE), metadata={
+        "help": "reference answers for math / reasoning / coding (FastChat's GPT-4 ones)"})
+    parallel: int = field(default=4, metadata={"help": "concurrent API requests at most"})
+    max_tokens: int = field(default=2048, metadata={"help": "judge reply length limit (FastChat: 2048)"})
+    max_retries: int = field(default=8, metadata={"help": "retries per request on 429 / 5xx / network errors"})
+    retry_base_delay: float = field(default=2.0, metadata={"help": "first backoff in seconds, doubled per retry"})
+    retry_max_delay: float = field(default=60.0, metadata={"help": "longest backoff in seconds"})
+    timeout: float = field(default=120.0, metadata={"help": "seconds per HTTP request"})
+    first_n: int | None = field(default=None, metadata={"help": "debug: only the first N questions"})
+
+    def __post_init__(self):
+        self.judge_base_url = self.judge_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        problems = []
+        if self.parallel < 1 or self.max_tokens < 1 or self.max_retries < 0:
+            problems.append("--parallel and --max_tokens must be >= 1, --max_retries >= 0")
+        if not self.judge_base_url.startswith(("http://", "https://")):
+            problems.append(f"--judge_base_url must be an http(s) URL, got {self.judge_base_url!r}")
+        for name in ("question_file", "judge_file", "ref_answer_file"):
+            if not Path(getattr(self, name)).is_file():
+                problems.append(f"--{name} {getattr(self, name)}: no such file")
+        if not Path(self.output_dir, "model_answer").is_dir():
+            problems.append(f"--output_dir {self.output_dir}: no model_answer/ (run `gen` first)")
+        raise_if_problems(problems, "invalid judge arguments")
+
+
+@dataclass
+class ShowArgs:
+    judge_model: str = field(default="gpt-4", metadata={"help": "selects model_judgment/<judge>_single.jsonl"})
+    output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "bench directory; results and plots go here"})
+    input_file: str | None = field(default=None, metadata={"help": "a judgment file to read instead"})
+    model_list: list[str] | None = field(default=None, metadata={"help": "models to show; default: all judged"})
+    question_file: str = field(default=str(DEFAULT_QUESTION_FILE), metadata={"help": "for the categories"})
+    plot: bool = field(default=True, metadata={"help": "write the radar and bar PNGs (--no_plot to skip)"})
+
+
+def run_gen(args: GenArgs) -> int:
+    from tqdm import tqdm
+
+    from data_prep.templates import resolve_template
+    from eval.common import context_length, default_model_id, load_eval_model
+    from eval.mt_bench_gen import generate_answers
+
+    questions = load_questions(args.question_file)[args.question_begin: args.question_end]
+    model_id = args.model_id or default_model_id(args.model, args.increment)
+    model, tokenizer = load_eval_model(args.model, args.increment, args.device, args.dtype)
+    template = resolve_template(tokenizer, args.template)
+    answer_file = f"{args.output_dir}/model_answer/{model_id}.jsonl"
+    print(f"{model_id}: {template} prompts, {model.device} {model.dtype}")
+    with tqdm(total=len(questions), unit="question", dynamic_ncols=True, desc=model_id) as progress:
+        generate_answers(model, tokenizer, questions, answer_file, model_id, template, args.max_new_tokens,
+                         args.batch_size, args.seed, context_length(model, tokenizer), progress)
+    print(f"wrote {answer_file}")
+    return 0
+
+
+def run_judge(args: JudgeArgs) -> int:
+    from tqdm import tqdm
+
+    from eval.judge_client import ChatClient
+    from eval.mt_bench_data import check_answers, load_answer_file, load_judge_prompts, load_model_answers
+    from eval.mt_bench_judge import make_matches, run_judging
+
+    questions = load_questions(args.question_file)[: args.first_n]
+    answers = load_model_answers(f"{args.output_dir}/model_answer", args.model_list)
+    refs = load_answer_file(args.ref_answer_file)
+    prompts = load_judge_prompts(args.judge_file)
+    check_answers(questions, answers, refs)
+    matches = make_matches(questions, answers, prompts, refs)
+    client = ChatClient(args.judge_base_url, args.judge_model, os.environ.get(args.judge_api_key_env) or None,
+                        timeout=args.timeout, max_retries=args.max_retries, base_delay=args.retry_base_delay,
+                        max_delay=args.retry_max_delay)
+    if client.api_key is None:
+        print(f"note: ${args.judge_api_key_env} is not set; sending requests without an API key")
+    output_file = _judgment_file(args.output_dir, args.judge_model)
+    print(f"judge {args.judge_model} at {args.judge_base_url}: models {list(answers)}, "
+          f"{len(questions)} questions, {len(matches)} judgments -> {output_file}")
+    with tqdm(total=len(matches), unit="judgment", dynamic_ncols=True) as progress:
+        rows = run_judging(client, matches, output_file, args.parallel, args.max_tokens, progress)
+    wanted = {(m.question["question_id"], m.model, m.turn) for m in matches}
+    mine = [r for r in rows.values() if (r["question_id"], r["model"], r["turn"]) in wanted]
+    api_errors = sum(r.get("error") is not None for r in mine)
+    unparseable = sum(r["score"] == -1 for r in mine) - api_errors
+    print(f"{len(mine)} judgments: {api_errors} API failures (rerun to retry them), "
+          f"{unparseable} without a parseable rating (score -1)")
+    return 1 if api_errors else 0
+
+
+def run_show(args: ShowArgs) -> int:
+    from eval.mt_bench_judge import load_judgments
+    from eval.mt_bench_show import format_summary, plot, summarize
+
+    input_file = args.input_file or _judgment_file(args.output_dir, args.judge_model)
+    if not Path(input_file).is_file():
+        raise FileNotFoundError(f"{input_file}: no judgment file (run `judge` first, or pass --input_file)")
+    rows = list(load_judgments(input_file).values())
+    summary = summarize(rows, load_questions(args.question_file), args.model_list)
+    print(f"Input file: {input_file}\n")
+    print(format_summary(summary))
+    atomic_write_json(f"{args.output_dir}/mt_bench_results.json", {"judgment_file": input_file, "models": summary})
+    if args.plot:
+        plot(summary, f"{args.output_dir}/mt_bench_radar.png", f"{args.output_dir}/mt_bench_scores.png")
+        print(f"\nplots: {args.output_dir}/mt_bench_radar.png, {args.output_dir}/mt_bench_scores.png")
+    return 0
+
+
+COMMANDS = {"gen": (GenArgs, run_gen), "judge": (JudgeArgs, run_judge), "show": (ShowArgs, run_show)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"usage: mt_bench.py {{{','.join(COMMANDS)}}} [--help | options]")
+        return 2
+    args_cls, run = COMMANDS[argv[0]]
+    parser = HfArgumentParser(args_cls, prog=f"mt_bench.py {argv[0]}")
+    (args,) = parser.parse_args_into_dataclasses(args=argv[1:])
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

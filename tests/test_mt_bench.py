@@ -1,0 +1,351 @@
+"""eval/mt_bench.py: FastChat-format answers and judgments, the judge's parse rules, retries, resume
+and `show` averages. The judge is a real HTTP server on 127.0.0.1 speaking the OpenAI chat-
+completions protocol; what it replies is steered by markers the test plants in the answers."""
+import json
+import os
+import re
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from eval import mt_bench  # noqa: E402
+from eval.judge_client import ChatClient, JudgeConfigError  # noqa: E402
+from eval.mt_bench_data import DEFAULT_JUDGE_FILE, DEFAULT_QUESTION_FILE, DEFAULT_REF_ANSWER_FILE  # noqa: E402
+from eval.mt_bench_judge import parse_rating  # noqa: E402
+from test_mmlu import one_thread, sentencepiece_tokenizer, smollm2_tokenizer, tiny_model_dir  # noqa: E402,F401
+
+KEY = "sk-test-secret-0123456789"
+QUESTION_IDS = (81, 101, 111, 151)  # writing, reasoning (reference), math (reference), humanities
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the judge server
+
+class JudgeServer:
+    """OpenAI-compatible /v1/chat/completions. The last `<<KIND[:N]>>` marker in the user message
+    picks the reply; every request is recorded, and in-flight requests are counted."""
+
+    def __init__(self):
+        self.requests, self.calls, self.lock = [], Counter(), threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.down = True
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, payload, headers=()):
+                body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                try:
+                    threading.Event().wait(0.03)  # keep requests overlapping, so concurrency is observable
+                    self.answer(body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def answer(self, body):
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, {"error": {"message": "no such route"}})
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    return self.reply(401, {"error": {"message": "Incorrect API key provided: sk-te***789"}})
+                user = body["messages"][-1]["content"]
+                kind, arg = (re.findall(r"<<(\w+)(?::(\d+))?>>", user) or [("R", "5")])[-1]
+                with server.lock:
+                    server.calls[user] += 1
+                    n = server.calls[user]
+
+                def ok(text):
+                    return self.reply(200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                            "choices": [{"index": 0, "finish_reason": "stop",
+                                                         "message": {"role": "assistant", "content": text}}]})
+                if kind == "R":
+                    return ok(f"The response is adequate.\n\nRating: [[{arg}]]")
+                if kind == "BACKUP":
+                    return ok(f"Rating: [{arg}]")
+                if kind == "FIRST":
+                    return ok("Rating: [[3]]. Had it been complete it would earn [[9]].")
+                if kind == "NONE":
+                    return ok("I will not give this a number.")
+                if kind == "FLAKY":
+                    return self.reply(500, {"error": {"message": "overloaded"}}) if n <= 2 else ok("[[6]]")
+                if kind == "RATE":
+                    if n == 1:
+                        return self.reply(429, {"error": {"message": "slow down"}}, [("Retry-After", arg or "0")])
+                    return ok("Rating: [[8]]")
+                if kind == "DOWN":
+                    return self.reply(503, {"error": {"message": "down"}}) if server.down else ok("Rating: [[2]]")
+                if kind == "BAD":
+                    return self.reply(400, {"error": {"message": "context length exceeded"}})
+                if kind == "MALFORMED":
+                    return self.reply(200, b"<html>gateway</html>") if n == 1 else ok("Rating: [[4]]")
+                raise AssertionError(kind)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+
+@pytest.fixture
+def judge_server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = JudgeServer()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+# ----------------------------------------------------------------------------- a bench directory
+
+ANSWERS = {  # model -> question id -> (turn 1, turn 2); markers steer the judge server
+    "alpha": {81: ("<<R:7>>", "<<R:9>>"), 101: ("<<BACKUP:4>>", "<<FIRST>>"), 111: ("<<NONE>>", "<<FLAKY>>"),
+              151: ("<<RATE>>", "<<R:10>>")},
+    "beta": {81: ("<<DOWN>>", "<<R:1>>"), 101: ("<<R:5>>", "<<MALFORMED>>"), 111: ("<<R:3>>", "<<BAD>>"),
+             151: ("<<R:6>>", "<<R:2>>")},
+}
+
+
+@pytest.fixture
+def bench(tmp_path):
+    questions = [q for q in _jsonl(DEFAULT_QUESTION_FILE) if q["question_id"] in QUESTION_IDS]
+    _write_jsonl(tmp_path / "question.jsonl", questions)
+    for model, rows in ANSWERS.items():
+        _write_jsonl(tmp_path / "model_answer" / f"{model}.jsonl",
+                     [{"question_id": qid, "answer_id": f"{model}{qid}", "model_id": model,
+                       "choices": [{"index": 0, "turns": [f"My answer. {t1}", f"Second answer. {t2}"]}],
+                       "tstamp": 1.0} for qid, (t1, t2) in rows.items()])
+    return tmp_path
+
+
+def _judge(bench, url, *extra):
+    return mt_bench.main(["judge", "--judge_model", "judge-x", "--judge_base_url", url, "--judge_api_key_env",
+                          "SIFT_TEST_JUDGE_KEY", "--output_dir", str(bench), "--question_file",
+                          str(bench / "question.jsonl"), "--parallel", "2", "--max_retries", "2",
+                          "--retry_base_delay", "0.001", "--retry_max_delay", "0.01", *extra])
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_parse_rating_follows_fastchat():
+    assert parse_rating("Rating: [[7]]") == 7
+    assert parse_rating("Rating: [[8.5]]") == 8.5
+    assert parse_rating("Rating: [3]") == 3                               # single-bracket fallback
+    assert parse_rating("first [[2]] then [[9]]") == 2                    # first match wins
+    assert parse_rating("see [1] ... final [[5]]") == 5                   # [[x]] preferred over an earlier [x]
+    assert parse_rating("no number here") == -1
+    assert parse_rating("[[ten]]") == -1
+
+
+def test_judge_writes_fastchat_judgments_with_parse_rules_retries_and_resume(bench, judge_server, monkeypatch,
+                                                                             capsys):
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", KEY)
+    assert _judge(bench, judge_server.url) == 1                           # API failures remain -> non-zero
+    out_file = bench / "model_judgment" / "judge-x_single.jsonl"
+    rows = _jsonl(out_file)
+    assert len(rows) == 16                                                # 2 models x 4 questions x 2 turns
+    by = {(r["model"], r["question_id"], r["turn"]): r for r in rows}
+    expected = {("alpha", 81, 1): 7, ("alpha", 101, 1): 4, ("alpha", 111, 1): -1, ("alpha", 151, 1): 8,
+                ("alpha", 81, 2): 9, ("alpha", 101, 2): 3, ("alpha", 111, 2): 6, ("alpha", 151, 2): 10,
+                ("beta", 81, 1): -1, ("beta", 101, 1): 5, ("beta", 111, 1): 3, ("beta", 151, 1): 6,
+                ("beta", 81, 2): 1, ("beta", 101, 2): 4, ("beta", 111, 2): -1, ("beta", 151, 2): 2}
+    assert {k: r["score"] for k, r in by.items()} == expected
+    fields = {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
+    assert all(set(r) == fields for k, r in by.items() if k not in {("beta", 81, 1), ("beta", 111, 2)})
+    assert by["alpha", 111, 1]["judgment"] == "I will not give this a number."   # unparseable: kept, -1
+    for k in (("beta", 81, 1), ("beta", 111, 2)):                          # API failures: FastChat's marker
+        assert by[k]["judgment"] == "$ERROR$" and by[k]["score"] == -1 and "HTTP" in by[k]["error"]
+    # judge prompts: general vs reference-based, single vs multi-turn, formatted as FastChat does
+    prompts = {p["name"]: p for p in _jsonl(DEFAULT_JUDGE_FILE)}
+    refs = {r["question_id"]: r["choices"][0]["turns"] for r in _jsonl(DEFAULT_REF_ANSWER_FILE)}
+    questions = {q["question_id"]: q["turns"] for q in _jsonl(bench / "question.jsonl")}
+    assert by["alpha", 81, 1]["judge"] == ["judge-x", "single-v1"]
+    assert by["alpha", 111, 1]["judge"] == ["judge-x", "single-math-v1"]
+    assert by["alpha", 151, 2]["judge"] == ["judge-x", "single-v1-multi-turn"]
+    assert by["alpha", 101, 2]["judge"] == ["judge-x", "single-math-v1-multi-turn"]
+    assert by["alpha", 111, 1]["user_prompt"] == prompts["single-math-v1"]["prompt_template"].format(
+        question=questions[111][0], answer="My answer. <<NONE>>", ref_answer_1=refs[111][0])
+    assert by["beta", 101, 2]["user_prompt"] == prompts["single-math-v1-multi-turn"]["prompt_template"].format(
+        question_1=questions[101][0], question_2=questions[101][1], answer_1="My answer. <<R:5>>",
+        answer_2="Second answer. <<MALFORMED>>", ref_answer_1=refs[101][0], ref_answer_2=refs[101][1])
+    # the wire: system + user message, temperature 0, FastChat's max_tokens, bearer key, concurrency cap
+    calls = judge_server.requests
+    assert all(c["temperature"] == 0 and c["max_tokens"] == 2048 and c["model"] == "judge-x" for c in calls)
+    assert all(c["auth"] == f"Bearer {KEY}" and c["path"] == "/v1/chat/completions" for c in calls)
+    first = next(c for c in calls if "<<R:7>>" in c["messages"][1]["content"])
+    assert first["messages"][0] == {"role": "system", "content": prompts["single-v1"]["system_prompt"]}
+    assert judge_server.max_in_flight == 2
+    count = Counter(re.findall(r"<<(\w+)", c["messages"][1]["content"])[-1] for c in calls)
+    assert count["FLAKY"] == 3 and count["RATE"] == 2 and count["MALFORMED"] == 2  # retried, then succeeded
+    assert count["DOWN"] == 3 and count["BAD"] == 1                      # 1 + max_retries; a 400 is final
+
+    # resume: only the two API failures are asked again; the DOWN one now succeeds, the 400 fails again
+    judge_server.down, before = False, len(calls)
+    assert _judge(bench, judge_server.url) == 1
+    assert len(judge_server.requests) - before == 2
+    again = {(r["model"], r["question_id"], r["turn"]): r for r in _jsonl(out_file)}
+    assert again["beta", 81, 1]["score"] == 2 and again["beta", 111, 2]["score"] == -1
+    assert all(again[k] == by[k] for k in by if k not in {("beta", 81, 1), ("beta", 111, 2)})  # untouched
+
+    # a crash mid-append leaves a torn last line: it is dropped on resume and its judgment redone
+    with open(out_file, "a", encoding="utf-8") as f:
+        f.write('{"question_id": 81, "model": "al')
+    _judge(bench, judge_server.url)
+    assert len(_jsonl(out_file)) == 16
+    # the key is never printed nor written
+    assert KEY not in capsys.readouterr().out
+    assert all(KEY not in p.read_text(encoding="utf-8") for p in bench.rglob("*") if p.is_file())
+
+
+def test_judge_stops_at_once_on_a_rejected_key(bench, judge_server, monkeypatch):
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", "sk-wrong")
+    with pytest.raises(JudgeConfigError, match="HTTP 401") as e:
+        _judge(bench, judge_server.url)
+    assert "sk-wrong" not in str(e.value)
+    prompts = [c["messages"][1]["content"] for c in judge_server.requests]
+    assert len(set(prompts)) == len(prompts) <= 4                          # no retries; the queue is cancelled
+
+
+def test_judge_refuses_incomplete_answers(bench, judge_server):
+    _write_jsonl(bench / "model_answer" / "gamma.jsonl",
+                 [{"question_id": 81, "answer_id": "g", "model_id": "gamma",
+                   "choices": [{"index": 0, "turns": ["only one turn"]}], "tstamp": 1.0}])
+    with pytest.raises(ValueError) as e:
+        _judge(bench, judge_server.url)
+    assert "model gamma: question 81 has 1 answer turn(s)" in str(e.value)
+    assert "model gamma: no answer to question 101" in str(e.value)
+    assert judge_server.requests == []
+
+
+def test_client_honours_retry_after_and_backs_off(judge_server):
+    delays = []
+    client = ChatClient(judge_server.url, "judge-x", KEY, max_retries=3, base_delay=1.0, max_delay=30.0,
+                        sleep=delays.append)
+    assert client.complete([{"role": "user", "content": "<<RATE:7>>"}]) == "Rating: [[8]]"
+    assert delays == [7.0]                                                   # the server's Retry-After
+    delays.clear()
+    assert client.complete([{"role": "user", "content": "<<FLAKY>>"}]) == "[[6]]"
+    assert len(delays) == 2 and 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0  # exponential, jittered
+    assert KEY not in repr(client)
+
+
+def test_show_reports_turn_overall_category_averages_and_failures(bench, judge_server, monkeypatch, capsys):
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", KEY)
+    _judge(bench, judge_server.url)
+    capsys.readouterr()
+    assert mt_bench.main(["show", "--judge_model", "judge-x", "--output_dir", str(bench),
+                          "--question_file", str(bench / "question.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((bench / "mt_bench_results.json").read_text())["models"]
+    alpha, beta = result["alpha"], result["beta"]
+    assert (alpha["turn_1"], alpha["turn_2"], alpha["overall"]) == (round(19 / 3, 4), 7.0, round(47 / 7, 4))
+    assert (beta["turn_1"], beta["turn_2"], beta["overall"]) == (round(14 / 3, 4), round(7 / 3, 4), 3.5)
+    assert alpha["categories"] == {"writing": 8.0, "reasoning": 3.5, "math": 6.0, "humanities": 9.0}
+    assert beta["categories"] == {"writing": 1.0, "reasoning": 4.5, "math": 3.0, "humanities": 4.0}
+    assert (alpha["num_failed"], alpha["num_unparseable"], alpha["num_api_errors"]) == (1, 1, 0)
+    assert (beta["num_failed"], beta["num_unparseable"], beta["num_api_errors"]) == (2, 0, 2)
+    assert "alpha" in printed and "6.714" in printed and "(2 / 0)" in printed
+    for png in ("mt_bench_radar.png", "mt_bench_scores.png"):
+        assert (bench / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- generation
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), smollm2_tokenizer(), seed=1)
+
+
+def test_gen_writes_fastchat_answers_conditioned_on_own_turn_one_and_resumes(tmp_path, tiny_chat_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    questions = [q for q in _jsonl(DEFAULT_QUESTION_FILE) if q["question_id"] in (81, 101, 111)]
+    _write_jsonl(tmp_path / "q.jsonl", questions)
+    argv = ["gen", "--model", tiny_chat_model, "--model_id", "tiny", "--output_dir", str(tmp_path / "bench"),
+            "--question_file", str(tmp_path / "q.jsonl"), "--max_new_tokens", "6", "--batch_size", "2"]
+    assert mt_bench.main(argv) == 0
+    answer_file = tmp_path / "bench" / "model_answer" / "tiny.jsonl"
+    rows = _jsonl(answer_file)
+    assert [r["question_id"] for r in rows] == [81, 101, 111]
+    for r in rows:
+        assert set(r) == {"question_id", "answer_id", "model_id", "choices", "tstamp"} and r["model_id"] == "tiny"
+        assert r["choices"][0]["index"] == 0 and len(r["choices"][0]["turns"]) == 2
+
+    # greedy categories (reasoning, math): the same text as an unbatched generate over the conversation
+    # that carries the model's own turn-1 answer
+    tok, model = AutoTokenizer.from_pretrained(tiny_chat_model), AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    for r, q in zip(rows[1:], questions[1:]):
+        conversation, turns = [], []
+        for turn in q["turns"]:
+            conversation.append({"role": "user", "content": turn})
+            ids = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)["input_ids"]
+            with torch.no_grad():
+                out = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id)
+            turns.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            conversation.append({"role": "assistant", "content": turns[-1]})
+        assert r["choices"][0]["turns"] == turns
+
+    # resume: nothing to do on a rerun; a lost row is regenerated, the others keep their answer ids
+    before = {r["question_id"]: r["answer_id"] for r in rows}
+    _write_jsonl(answer_file, [r for r in rows if r["question_id"] != 101])
+    assert mt_bench.main(argv) == 0
+    after = {r["question_id"]: r["answer_id"] for r in _jsonl(answer_file)}
+    assert after[81] == before[81] and after[111] == before[111] and after[101] != before[101]
+
+
+def test_gen_uses_the_alpaca_prompt_for_a_template_less_model(tmp_path):
+    """A base model tuned on Alpaca data (no chat template) is asked in the training format, BOS and all."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_model_dir(tmp_path / "sp", sentencepiece_tokenizer(tmp_path))
+    q = next(q for q in _jsonl(DEFAULT_QUESTION_FILE) if q["question_id"] == 111)  # math: greedy
+    _write_jsonl(tmp_path / "q.jsonl", [q])
+    argv = ["gen", "--model", model_dir, "--output_dir", str(tmp_path / "b"), "--question_file",
+            str(tmp_path / "q.jsonl"), "--max_new_tokens", "5", "--model_id", "sp"]
+    with pytest.raises(ValueError, match="has none"):
+        mt_bench.main(argv + ["--template", "chat"])
+    assert mt_bench.main(argv) == 0  # auto -> alpaca
+    [row] = _jsonl(tmp_path / "b" / "model_answer" / "sp.jsonl")
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    preamble = ("Below is an instruction that describes a task. "
+                "Write a response that appropriately completes the request.\n\n")
+    text, turns = preamble, []
+    for turn in q["turns"]:
+        text += f"### Instruction:\n{turn}\n\n### Response:"
+        ids = tok(text, return_tensors="pt").input_ids
+        assert ids[0, 0] == tok.bos_token_id
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=5, pad_token_id=tok.eos_token_id)
+        turns.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        text += turns[-1] + tok.eos_token + "\n\n"
+    assert row["choices"][0]["turns"] == turns
