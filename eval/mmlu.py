@@ -20,11 +20,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/mmlu.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.common import DTYPES, context_length, load_eval_model, raise_if_problems  # noqa: E402
+from eval.common import DTYPES, atomic_write_text, context_length, load_eval_model, raise_if_problems  # noqa: E402
 from eval.mmlu_data import CHOICES, DEFAULT_DATA_DIR, Subject, load_hub, load_local  # noqa: E402
 from eval.mmlu_forward import next_token_logits  # noqa: E402
 from eval.mmlu_prompts import answer_token_ids, encode, render, render_answered  # noqa: E402
-from eval.mmlu_report import Prediction, aggregate, format_table, write_outputs  # noqa: E402
+from eval.mmlu_report import Prediction, aggregate, format_table, predictions_csv, write_outputs  # noqa: E402
+from sift.modeling import EMBEDDED  # noqa: E402
 
 
 @dataclass
@@ -134,22 +135,26 @@ def main(argv: list[str] | None = None) -> dict:
           f"context {max_length}, {model.device} {model.dtype}")
 
     predictions = []
+    partial = Path(args.output_dir, "mmlu_predictions.partial.csv")
     with tqdm(total=sum(len(s.test) for s in subjects), unit="q", dynamic_ncols=True) as progress:
         for subject in subjects:
             progress.set_description(subject.name)
             predictions += evaluate_subject(model, tokenizer, subject, args, max_length, pad_id, progress)
+            progress.set_postfix(acc=f"{sum(p.correct for p in predictions) / len(predictions):.4f}")
+            atomic_write_text(partial, predictions_csv(predictions))  # progress survives an interrupted run
 
     results = aggregate(predictions)
     truncated = sum(p.truncated for p in predictions)
     results.update(ntrain=args.ntrain, chat_template=args.chat_template,
                    num_fewer_shots=sum(p.shots < args.ntrain for p in predictions),
-                   num_truncated=truncated, model=args.model or "embedded:smollm2-135m-instruct",
+                   num_truncated=truncated, model=args.model or EMBEDDED,
                    increment=args.increment, max_length=max_length, wall_time_s=round(time.time() - start, 1),
                    args=asdict(args))
     # the documented keys first, provenance after
     order = ["accuracy", "num_questions", "ntrain", "subjects", "subcategories", "categories"]
     results = {k: results[k] for k in order} | {k: v for k, v in results.items() if k not in order}
     write_outputs(args.output_dir, results, predictions)
+    partial.unlink(missing_ok=True)
     print(format_table(results))
     if truncated:
         print(f"warning: {truncated} prompts exceeded {max_length} tokens even 0-shot and were left-truncated")

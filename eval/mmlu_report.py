@@ -81,7 +81,7 @@ def format_table(results: dict) -> str:
     lines = []
     for level in ("subjects", "subcategories", "categories"):
         rows = results[level]
-        width = max(len(k) for k in rows)
+        width = max(len(level), *(len(k) for k in rows))
         lines.append(f"\n{level:<{width}}  accuracy      n")
         lines += [f"{k:<{width}}  {v['accuracy'] * 100:7.2f}  {v['num_questions']:5d}" for k, v in rows.items()]
     lines.append(f"\nMMLU accuracy (micro, {results['num_questions']} questions, {results['ntrain']}-shot"

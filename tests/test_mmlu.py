@@ -282,7 +282,7 @@ def test_cli_matches_the_reference_loop(tmp_path, smol_tok):
     assert saved["num_questions"] == 14 and set(saved["subjects"]) == {"management", "abstract_algebra"}
     assert set(saved["categories"]) == {"STEM", "other (business, health, misc.)"}
     rows = list(csv.DictReader(open(out / "mmlu_predictions.csv", encoding="utf-8")))
-    assert len(rows) == 14
+    assert len(rows) == 14 and not (out / "mmlu_predictions.partial.csv").exists()
     assert saved["accuracy"] == pytest.approx(sum(r["prediction"] == r["answer"] for r in rows) / 14)
     for subject in ("abstract_algebra", "management"):
         mine = [r for r in rows if r["subject"] == subject]
