@@ -6,10 +6,31 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelArgs:
+    """The model under test; both CLIs' argument dataclasses extend this."""
+    model: str | None = field(default=None, metadata={
+        "help": "HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct"})
+    increment: str | None = field(default=None, metadata={
+        "help": "a sift_increment.safetensors to apply onto --model before evaluating"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
+
+    def model_problems(self) -> list[str]:
+        problems = []
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.increment is not None and not Path(self.increment).is_file():
+            problems.append(f"--increment {self.increment}: no such file")
+        return problems
 
 
 def resolve_device(device: str) -> str:

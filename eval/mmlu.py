@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/mmlu.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.common import DTYPES, atomic_write_text, context_length, load_eval_model, raise_if_problems  # noqa: E402
+from eval.common import ModelArgs, atomic_write_text, context_length, load_eval_model, raise_if_problems  # noqa: E402
 from eval.mmlu_data import CHOICES, DEFAULT_DATA_DIR, Subject, load_hub, load_local  # noqa: E402
 from eval.mmlu_forward import next_token_logits  # noqa: E402
 from eval.mmlu_prompts import answer_token_ids, encode, render, render_answered  # noqa: E402
@@ -29,11 +29,7 @@ from sift.modeling import EMBEDDED  # noqa: E402
 
 
 @dataclass
-class MMLUArgs:
-    model: str | None = field(default=None, metadata={
-        "help": "HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct"})
-    increment: str | None = field(default=None, metadata={
-        "help": "a sift_increment.safetensors to apply onto --model before evaluating"})
+class MMLUArgs(ModelArgs):
     output_dir: str = field(default="outputs/mmlu", metadata={"help": "where the result files go"})
     data_dir: str = field(default=str(DEFAULT_DATA_DIR), metadata={
         "help": "directory with dev/<subject>_dev.csv and test/<subject>_test.csv (hendrycks layout); "
@@ -54,11 +50,9 @@ class MMLUArgs:
     prefix_cache: bool = field(default=True, metadata={
         "help": "run the few-shot prefix shared by a subject's prompts once (exact; --no_prefix_cache "
                 "runs every full prompt, e.g. for architectures without a DynamicCache)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
 
     def __post_init__(self):
-        problems = []
+        problems = self.model_problems()
         if self.ntrain < 0:
             problems.append(f"--ntrain must be >= 0, got {self.ntrain}")
         if self.limit is not None and self.limit < 1:
@@ -67,12 +61,8 @@ class MMLUArgs:
             problems.append(f"--max_length must be >= 8, got {self.max_length}")
         if self.max_batch_tokens < 1 or self.max_batch_size < 1:
             problems.append("--max_batch_tokens and --max_batch_size must be >= 1")
-        if self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.hf_dataset is None and not Path(self.data_dir, "test").is_dir():
             problems.append(f"--data_dir {self.data_dir}: no test/ subdirectory")
-        if self.increment is not None and not Path(self.increment).is_file():
-            problems.append(f"--increment {self.increment}: no such file")
         raise_if_problems(problems, "invalid MMLU arguments")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/mt_bench.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.common import DTYPES, atomic_write_json, raise_if_problems  # noqa: E402
+from eval.common import ModelArgs, atomic_write_json, raise_if_problems  # noqa: E402
 from eval.mt_bench_data import (DEFAULT_JUDGE_FILE, DEFAULT_QUESTION_FILE, DEFAULT_REF_ANSWER_FILE,  # noqa: E402
                                 load_questions)
 
@@ -32,11 +32,7 @@ def _judgment_file(output_dir: str, judge_model: str) -> str:
 
 
 @dataclass
-class GenArgs:
-    model: str | None = field(default=None, metadata={
-        "help": "HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct"})
-    increment: str | None = field(default=None, metadata={
-        "help": "a sift_increment.safetensors to apply onto --model before generating"})
+class GenArgs(ModelArgs):
     model_id: str | None = field(default=None, metadata={
         "help": "name of the answer file and the `model_id` field; default: from --model / --increment"})
     output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "bench directory (model_answer/ goes here)"})
@@ -50,21 +46,15 @@ class GenArgs:
     template: str = field(default="auto", metadata={
         "help": "prompt format, as train_sft.py uses it: chat (the tokenizer's chat template) | alpaca (the "
                 "Stanford Alpaca prompt, for tuned base models) | auto (chat if the tokenizer has one)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
 
     def __post_init__(self):
-        problems = []
+        problems = self.model_problems()
         if self.max_new_tokens < 1 or self.batch_size < 1:
             problems.append("--max_new_tokens and --batch_size must be >= 1")
-        if self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.template not in ("auto", "chat", "alpaca"):
             problems.append(f"--template must be auto, chat or alpaca, got {self.template!r}")
-        for name in ("question_file", "increment"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                problems.append(f"--{name} {path}: no such file")
+        if not Path(self.question_file).is_file():
+            problems.append(f"--question_file {self.question_file}: no such file")
         raise_if_problems(problems, "invalid gen arguments")
 
 

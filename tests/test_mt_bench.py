@@ -65,18 +65,17 @@ class JudgeServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                try:
-                    threading.Event().wait(0.03)  # keep requests overlapping, so concurrency is observable
-                    self.answer(body)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                threading.Event().wait(0.03)  # keep requests overlapping, so concurrency is observable
+                status, payload, headers = self.answer(body)
+                with server.lock:  # before replying: the client may send its next request at once
+                    server.in_flight -= 1
+                self.reply(status, payload, headers)
 
             def answer(self, body):
                 if self.path != "/v1/chat/completions":
-                    return self.reply(404, {"error": {"message": "no such route"}})
+                    return 404, {"error": {"message": "no such route"}}, ()
                 if self.headers.get("Authorization") != f"Bearer {KEY}":
-                    return self.reply(401, {"error": {"message": "Incorrect API key provided: sk-te***789"}})
+                    return 401, {"error": {"message": "Incorrect API key provided: sk-te***789"}}, ()
                 user = body["messages"][-1]["content"]
                 kind, arg = (re.findall(r"<<(\w+)(?::(\d+))?>>", user) or [("R", "5")])[-1]
                 with server.lock:
@@ -84,9 +83,10 @@ class JudgeServer:
                     n = server.calls[user]
 
                 def ok(text):
-                    return self.reply(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                                            "choices": [{"index": 0, "finish_reason": "stop",
-                                                         "message": {"role": "assistant", "content": text}}]})
+                    return 200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}]}, ()
+                error = {"error": {"message": kind.lower()}}
                 if kind == "R":
                     return ok(f"The response is adequate.\n\nRating: [[{arg}]]")
                 if kind == "BACKUP":
@@ -96,17 +96,15 @@ class JudgeServer:
                 if kind == "NONE":
                     return ok("I will not give this a number.")
                 if kind == "FLAKY":
-                    return self.reply(500, {"error": {"message": "overloaded"}}) if n <= 2 else ok("[[6]]")
+                    return (500, error, ()) if n <= 2 else ok("[[6]]")
                 if kind == "RATE":
-                    if n == 1:
-                        return self.reply(429, {"error": {"message": "slow down"}}, [("Retry-After", arg or "0")])
-                    return ok("Rating: [[8]]")
+                    return (429, error, [("Retry-After", arg or "0")]) if n == 1 else ok("Rating: [[8]]")
                 if kind == "DOWN":
-                    return self.reply(503, {"error": {"message": "down"}}) if server.down else ok("Rating: [[2]]")
+                    return (503, error, ()) if server.down else ok("Rating: [[2]]")
                 if kind == "BAD":
-                    return self.reply(400, {"error": {"message": "context length exceeded"}})
+                    return 400, {"error": {"message": "context length exceeded"}}, ()
                 if kind == "MALFORMED":
-                    return self.reply(200, b"<html>gateway</html>") if n == 1 else ok("Rating: [[4]]")
+                    return (200, b"<html>gateway</html>", ()) if n == 1 else ok("Rating: [[4]]")
                 raise AssertionError(kind)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
