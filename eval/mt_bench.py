@@ -66,7 +66,8 @@ class JudgeArgs:
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "help": "environment variable holding the API key (unset: no Authorization header, e.g. local vLLM)"})
     output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "bench directory with model_answer/"})
-    model_list: list[str] | None = field(default=None, metadata={"help": "model ids to judge; default: all answer files"})
+    model_list: list[str] | None = field(default=None, metadata={
+        "help": "model ids to judge; default: all answer files"})
     question_file: str = field(default=str(DEFAULT_QUESTION_FILE), metadata={"help": "the questions"})
     judge_file: str = field(default=str(DEFAULT_JUDGE_FILE), metadata={"help": "FastChat's judge_prompts.jsonl"})
     ref_answer_file: str = field(default=str(DEFAULT_REF_ANSWER_FILE), metadata={
@@ -106,15 +107,18 @@ class ShowArgs:
 
 def run_gen(args: GenArgs) -> int:
     from tqdm import tqdm
+    from transformers import AutoTokenizer
 
     from data_prep.templates import resolve_template
     from eval.common import context_length, default_model_id, load_eval_model
     from eval.mt_bench_gen import generate_answers
+    from sift.modeling import resolve_model_path
 
     questions = load_questions(args.question_file)[args.question_begin: args.question_end]
     model_id = args.model_id or default_model_id(args.model, args.increment)
+    # the prompt format is settled from the tokenizer alone, before a multi-GB model load
+    template = resolve_template(AutoTokenizer.from_pretrained(resolve_model_path(args.model)), args.template)
     model, tokenizer = load_eval_model(args.model, args.increment, args.device, args.dtype)
-    template = resolve_template(tokenizer, args.template)
     answer_file = f"{args.output_dir}/model_answer/{model_id}.jsonl"
     print(f"{model_id}: {template} prompts, {model.device} {model.dtype}")
     with tqdm(total=len(questions), unit="question", dynamic_ncols=True, desc=model_id) as progress:

@@ -2,9 +2,10 @@
 
 Each question is a conversation in the format the model was tuned with: its chat template, or, for
 a template-less base model tuned by train_sft.py, the same Alpaca prompt data_prep trained it on
-(`--template auto` picks as the trainer does). Turn 2 sees the model's own turn-1 answer. Sampling follows FastChat's per-category temperature (0 = greedy) with the top_k=50,
-top_p=1 that its bare `generate(temperature=...)` call got from transformers' defaults; pinned here
-so a model's own generation_config cannot change the benchmark. Questions are batched by
+(`--template auto` picks as the trainer does). Turn 2 sees the model's own turn-1 answer.
+Sampling follows FastChat's per-category temperature (0 = greedy) with the top_k=50, top_p=1 that
+its bare `generate(temperature=...)` call got from transformers' defaults; pinned here so a model's
+own generation_config cannot change the benchmark. Questions are batched by
 temperature and prompt length (left padding); the answer file is rewritten (atomically, sorted by
 question id) after every batch, and a rerun skips the questions already answered.
 """

@@ -52,10 +52,10 @@ def tiny_model_dir(directory, tokenizer, seed=0, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -141,6 +141,26 @@ def test_csv_reader_keeps_literal_none_and_reports_bad_rows(tmp_path):
     with pytest.raises(ValueError) as e:
         read_split(bad, "x")
     assert f"{bad}:2: field 6 (answer) is 'E'" in str(e.value) and f"{bad}:4: expected 6 fields" in str(e.value)
+
+
+def test_hub_loader_groups_cais_mmlu_rows_like_the_csvs(monkeypatch):
+    """`--hf_dataset cais/mmlu` (config "all": question, subject, choices, answer index) yields the same
+    questions as the CSVs; `datasets.load_dataset` is replaced by the same rows in memory."""
+    import datasets
+
+    local = load_local(DEFAULT_DATA_DIR, ["management", "virology"])
+    rows = {split: [{"question": q.question, "subject": s.name, "choices": list(q.choices),
+                     "answer": LETTERS.index(q.answer)} for s in local for q in getattr(s, split)]
+            for split in ("dev", "test")}
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows[split])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert mmlu.load_hub("cais/mmlu", ["virology", "management"]) == local
+    assert calls == [("cais/mmlu", "all", "dev"), ("cais/mmlu", "all", "test")]
 
 
 def test_hub_records_become_questions():
@@ -260,7 +280,8 @@ def _reference_predictions(model_dir, subject, n, ntrain):
 
     dev = list(csv.reader(open(DEFAULT_DATA_DIR / "dev" / f"{subject}_dev.csv", newline="", encoding="utf-8")))
     test = list(csv.reader(open(DEFAULT_DATA_DIR / "test" / f"{subject}_test.csv", newline="", encoding="utf-8")))
-    header = f"The following are multiple choice questions (with answers) about {' '.join([''] + subject.split('_'))}.\n\n"
+    topic = " ".join([""] + subject.split("_"))  # " abstract algebra", as the reference's format_subject
+    header = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
     out = []
     for row in test[:n]:
         prompt = header + "".join(example(r) for r in dev[:ntrain]) + example(row, answer=False)
