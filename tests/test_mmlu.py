@@ -327,6 +327,22 @@ def test_cli_zero_shot_with_a_sentencepiece_model_and_chat_flag_errors(tmp_path,
                    "--output_dir", str(tmp_path / "out2")])
 
 
+def test_the_script_runs_as_a_program(tmp_path, smol_tok):
+    """`python eval/mmlu.py ...` from the repository root, as users and the acceptance run call it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = tiny_model_dir(tmp_path / "model", smol_tok)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "eval/mmlu.py", "--model", model_dir, "--subjects", "virology",
+                           "--limit", "3", "--output_dir", str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MMLU accuracy (micro, 3 questions, 5-shot)" in done.stdout
+    assert json.loads((tmp_path / "out" / "mmlu_results.json").read_text())["subjects"]["virology"]["num_questions"] == 3
+
+
 def test_cli_rejects_bad_arguments_all_at_once(tmp_path):
     with pytest.raises(ValueError) as e:
         mmlu.main(["--ntrain", "-1", "--limit", "0", "--data_dir", str(tmp_path), "--increment", str(tmp_path / "x")])
