@@ -39,18 +39,21 @@ def summarize(rows: list[dict], questions: list[dict], models: list[str] | None 
 
 
 def format_summary(summary: dict) -> str:
-    def cell(x):
-        return f"{x:7.3f}" if x is not None else "      -"
+    """Models best-first: the FastChat numbers and failures, then per-category means."""
+    def cell(x, width=8):
+        return f"{x:{width}.3f}" if x is not None else f"{'-':>{width}}"
 
-    width = max(12, *(len(m) for m in summary))
-    lines = [f"{'model':<{width}}  turn 1  turn 2  average  scored  failed (api / unparseable)"]
-    for model, s in sorted(summary.items(), key=lambda kv: -(kv[1]["overall"] or 0)):
-        lines.append(f"{model:<{width}} {cell(s['turn_1'])} {cell(s['turn_2'])} {cell(s['overall'])}  "
-                     f"{s['num_scored']:6d}  {s['num_failed']:6d} ({s['num_api_errors']} / {s['num_unparseable']})")
-    cats = list(dict.fromkeys(c for s in summary.values() for c in s["categories"]))
-    lines.append("\n" + f"{'category':<{width}}" + "".join(f" {m[:10]:>10}" for m in summary))
-    for c in cats:
-        lines.append(f"{c:<{width}}" + "".join(f" {cell(s['categories'].get(c)):>10}" for s in summary.values()))
+    models = sorted(summary, key=lambda m: -(summary[m]["overall"] or 0))
+    width = max(5, *(len(m) for m in models))
+    lines = [f"{'model':<{width}}{'turn 1':>8}{'turn 2':>8}{'average':>9}{'scored':>8}  failed (api / unparseable)"]
+    for m in models:
+        s = summary[m]
+        lines.append(f"{m:<{width}}{cell(s['turn_1'])}{cell(s['turn_2'])}{cell(s['overall'], 9)}{s['num_scored']:>8}"
+                     f"  {s['num_failed']} ({s['num_api_errors']} / {s['num_unparseable']})")
+    cats = list(dict.fromkeys(c for m in models for c in summary[m]["categories"]))
+    lines.append("\n" + f"{'model':<{width}}" + "".join(f"{c[:11]:>12}" for c in cats))
+    for m in models:
+        lines.append(f"{m:<{width}}" + "".join(cell(summary[m]["categories"].get(c), 12) for c in cats))
     flagged = {m: s["num_out_of_range"] for m, s in summary.items() if s["num_out_of_range"]}
     if flagged:
         lines.append(f"\nnote: ratings outside 1-10 (kept, as FastChat does): {flagged}")
@@ -86,6 +89,7 @@ def plot(summary: dict, radar_path: str, bars_path: str) -> None:
     ax.set_xticks(x, list(summary), rotation=20, ha="right")
     ax.set_ylim(0, 10)
     ax.set_ylabel("mean judge score (1-10)")
+    ax.set_title("MT-bench score per turn")
     ax.legend(fontsize=8)
     fig.savefig(bars_path, dpi=120, bbox_inches="tight")
     plt.close(fig)
