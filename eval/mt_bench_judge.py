@@ -120,7 +120,7 @@ def run_judging(client: ChatClient, matches: list[Match], output_file: str | Pat
     todo = [m for m in matches if pending(m)]
     print(f"{len(matches)} judgments wanted, {len(matches) - len(todo)} already in {output_file}, "
           f"{len(todo)} to run with {parallel} in parallel")
-    Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+    _write_canonical(output_file, done)  # drops a torn last line before anything is appended after it
     lock = threading.Lock()
 
     def work(match: Match) -> None:
@@ -132,15 +132,20 @@ def run_judging(client: ChatClient, matches: list[Match], output_file: str | Pat
             if progress is not None:
                 progress.update(1)
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(work, m) for m in todo]
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    futures = [pool.submit(work, m) for m in todo]
+    try:
         finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in finished if f.exception() is not None), None)
         if failed is not None:       # e.g. JudgeConfigError (bad key or URL): stop, keep what is done
-            for f in futures:
-                f.cancel()
             raise failed.exception()
-    # canonical file: one row per key, sorted (the appends came in completion order)
-    rows = sorted(done.values(), key=lambda r: (r["model"], r["turn"], r["question_id"], r["judge"][1]))
-    atomic_write_jsonl(output_file, rows)
-    return {judgment_key(r["question_id"], r["model"], r["turn"], r["judge"]): r for r in rows}
+    finally:                         # also on Ctrl-C: drop the queue, let the requests in flight land
+        pool.shutdown(wait=True, cancel_futures=True)
+    _write_canonical(output_file, done)  # the appends came in completion order
+    return done
+
+
+def _write_canonical(output_file: str | Path, rows: dict[tuple, dict]) -> None:
+    """One row per key, sorted by model, turn, question."""
+    atomic_write_jsonl(output_file, sorted(rows.values(), key=lambda r: (r["model"], r["turn"], r["question_id"],
+                                                                       r["judge"][1])))
