@@ -51,7 +51,7 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def load_eval_model(model: str | None, increment: str | None = None, device: str = "auto",
-                    dtype: str = "auto"):
+                    dtype: str = "auto", attn_implementation: str | None = None):
     """(model, tokenizer) in eval mode: an HF directory, a hub id or the embedded default (None),
     with a SIFT increment written into the weights when `increment` is given."""
     from sift.modeling import load_model_and_tokenizer
@@ -59,7 +59,8 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
     if increment is not None and not os.path.isfile(increment):  # before a multi-GB load, not after
         raise FileNotFoundError(f"--increment {increment}: no such file")
     device = resolve_device(device)
-    net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device)
+    net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
+                                              attn_implementation=attn_implementation)
     if increment is not None:
         from sift.increment import apply_increment  # lazily: only this path needs the core library
 
