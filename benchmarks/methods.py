@@ -1,0 +1,230 @@
+"""The training methods the benchmarks compare, each reduced to one `train_step` on one model.
+
+    floor          forward + backward with the target weights' gradients dropped in their hooks:
+                   what any method that trains those weights must at least spend
+    full           all parameters, torch AdamW (fp32 moments) or bitsandbytes AdamW8bit
+    lora           PEFT LoRA on the same target modules, torch AdamW on the adapters
+    original       the SIFT paper's implementation's memory profile (benchmarks/original_sift.py)
+    sift           ours: sift.SIFT, deferred (`step()` after backward) or step_in_backward
+
+Every method trains the same targets (sift.config.LLAMA_LINEARS), so trainable counts compare.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from sift import SIFT, SIFTConfig
+from sift.config import LLAMA_LINEARS
+from sift.targets import find_trainable
+
+from .original_sift import OriginalSIFTProfile
+
+KINDS = ("floor", "full", "lora", "original", "sift")
+# torch AdamW (moments in the weights' dtype), bitsandbytes AdamW with fp32 / 8-bit moments
+FULL_OPTIMIZERS = ("adamw", "adamw32bit", "adamw8bit")
+SIFT_STATE = ("indices", "master", "state1", "state2", "absmax1", "absmax2")  # sift.optimizer._Slot
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    optimizer: str | None = None      # full: adamw (default) | adamw32bit | adamw8bit;
+                                      # sift: adamw8bit (default) | adamw
+    rate: float | None = None         # sift / original: fraction of each target's entries
+    rank: int | None = None           # lora
+    step_in_backward: bool = False    # sift only
+    selection: str = "grad"           # sift only
+    lr: float = 1e-5
+
+    def __post_init__(self):
+        if self.optimizer is None:
+            object.__setattr__(self, "optimizer", "adamw8bit" if self.kind == "sift" else "adamw")
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"kind={self.kind!r}: one of {KINDS}")
+        if self.kind in ("sift", "original") and not (self.rate and 0 < self.rate <= 1):
+            problems.append(f"{self.name}: rate in (0, 1] required")
+        if self.kind == "lora" and not (self.rank and self.rank > 0):
+            problems.append(f"{self.name}: a positive LoRA rank required")
+        if self.kind == "full" and self.optimizer not in FULL_OPTIMIZERS:
+            problems.append(f"{self.name}: full fine-tuning optimizer is one of {FULL_OPTIMIZERS}")
+        if problems:
+            raise ValueError("invalid Method:\n  - " + "\n  - ".join(problems))
+
+
+def targets_of(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return find_trainable(model, LLAMA_LINEARS, ())[0]
+
+
+def target_shape_sums(model: nn.Module) -> tuple[int, int]:
+    """(sum of numel, sum of in+out features) over the target weights."""
+    ts = [p for _, p in targets_of(model)]
+    return sum(p.numel() for p in ts), sum(p.shape[0] + p.shape[1] for p in ts)
+
+
+def lora_rank_for_rate(model: nn.Module, rate: float) -> int:
+    """The LoRA rank whose adapter count is closest to SIFT's at `rate`:
+    r * sum(in + out) ~= rate * sum(in * out) over the same targets."""
+    numel, sides = target_shape_sums(model)
+    return max(1, round(rate * numel / sides))
+
+
+def sift_rate_for_rank(model: nn.Module, rank: int) -> float:
+    """The SIFT rate that trains as many entries as LoRA of `rank` on the same targets."""
+    numel, sides = target_shape_sums(model)
+    return rank * sides / numel
+
+
+def item1_methods(model: nn.Module, rates=(0.01, 0.05), lora_rate: float = 0.05,
+                  original_rate: float = 0.05) -> list[Method]:
+    """Item 1 of issue 6: floor, full AdamW / AdamW8bit, LoRA (rank matched to SIFT at
+    `lora_rate`), the original SIFT profile, and SIFT at each rate in both step modes."""
+    rank = lora_rank_for_rate(model, lora_rate)
+    methods = [Method("floor", "floor"),
+               Method("full AdamW", "full"),
+               Method("full AdamW8bit", "full", "adamw8bit"),
+               Method(f"LoRA r={rank}", "lora", rank=rank),
+               Method(f"original SIFT {original_rate:.0%} (profile)", "original", rate=original_rate)]
+    for rate in rates:
+        methods.append(Method(f"SIFT {rate:.0%} deferred", "sift", rate=rate))
+        methods.append(Method(f"SIFT {rate:.0%} in-backward", "sift", rate=rate, step_in_backward=True))
+    return methods
+
+
+class Trainee:
+    """One method bound to one model: `train_step(batch, tracker)` and what the tracker should name."""
+
+    def __init__(self, method: Method, model: nn.Module, seed: int = 0, max_grad_norm: float | None = 1.0):
+        self.method, self.model = method, model
+        self.opt = None
+        self._hooks = []
+        self.phase_times = {}
+        self._clip = []  # parameters clipped by global norm before the step (SIFT clips its own)
+        self.max_grad_norm = max_grad_norm
+        kind = method.kind
+        if kind == "floor":
+            targets = targets_of(model)
+            self._train_only([p for _, p in targets])
+            self._hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for _, p in targets]
+            self.entries = 0
+        elif kind == "full":
+            params = list(model.parameters())
+            self._train_only(params)
+            if method.optimizer in ("adamw8bit", "adamw32bit"):
+                import bitsandbytes as bnb
+                cls = bnb.optim.AdamW8bit if method.optimizer == "adamw8bit" else bnb.optim.AdamW32bit
+                self.opt = cls(params, lr=method.lr, weight_decay=0.0)
+            else:
+                self.opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
+            self.entries = sum(p.numel() for p in _unique(params))
+            self._clip = params
+        elif kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(seed)  # LoRA's A matrices are random
+            cfg = LoraConfig(r=method.rank, lora_alpha=2 * method.rank, lora_dropout=0.0,
+                             target_modules=list(LLAMA_LINEARS), bias="none")
+            self.model = get_peft_model(model, cfg)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
+            self.entries = sum(p.numel() for p in params)
+            self._clip = params
+        elif kind == "original":
+            targets = targets_of(model)
+            self._train_only([p for _, p in targets])
+            self.opt = OriginalSIFTProfile(targets, method.rate, lr=method.lr)
+            self.entries = self.opt.entries
+            self._clip = self.opt.deltas
+        else:
+            self.opt = SIFT(model, SIFTConfig(
+                rate=method.rate, optimizer=method.optimizer, selection=method.selection, lr=method.lr,
+                step_in_backward=method.step_in_backward, seed=seed,
+                max_grad_norm=None if method.step_in_backward else max_grad_norm))
+            self.entries = sum(s.k for s in self.opt.slots)
+
+    def _train_only(self, params):
+        keep = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: dict, tracker=None) -> torch.Tensor:
+        """forward, backward, optimizer step, zero_grad; phases and names reported to `tracker`."""
+        phase = tracker.phase if tracker is not None else _no_phase
+        t0 = time.perf_counter()
+        with phase("forward"):
+            loss = self.model(**batch).loss
+        t1 = time.perf_counter()
+        with phase("backward"):
+            loss.backward()  # SIFT's hooks (and its whole update, in step_in_backward mode) run here
+        t2 = time.perf_counter()
+        if tracker is not None:
+            tracker.tag(self.grads(), "grads")  # before the step frees them
+        with phase("step"):
+            if self._clip and self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self._clip, self.max_grad_norm)
+            if self.opt is not None:
+                self.opt.step()
+                self.opt.zero_grad()
+        # CPU: each phase has finished when its call returns; on a GPU these would need syncs
+        self.phase_times = {"forward": t1 - t0, "backward": t2 - t1, "step": time.perf_counter() - t2}
+        if tracker is not None:
+            tracker.tag(self.state_tensors(), "optimizer")
+            if self.method.kind == "original":
+                tracker.tag(self.opt.host_tensors(), "host")
+            tracker.tag(list(self.model.parameters()), "params")  # LoRA adapters; merged weights
+        return loss.detach()
+
+    # ------------------------------------------------------------------ naming for the tracker
+    def grads(self) -> list[torch.Tensor]:
+        """Gradients alive between backward and step (SIFT: its sparse k-vectors)."""
+        kind = self.method.kind
+        if kind == "sift":
+            return [s.grad for s in self.opt.slots if s.grad is not None]
+        if kind == "original":
+            return self.opt.grads()
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Optimizer-side state (SIFT: indices, fp32 masters, 8-bit moments and their scales)."""
+        kind = self.method.kind
+        if kind == "sift":
+            quantile_maps = list(self.opt._qmaps.values())  # 2 x 256 fp32, shared by all slots
+            return quantile_maps + [getattr(s, k) for s in self.opt.slots for k in SIFT_STATE
+                                    if getattr(s, k) is not None]
+        if kind == "original":
+            return self.opt.state_tensors()
+        if self.opt is None:
+            return []
+        return [t for st in self.opt.state.values() for t in st.values() if torch.is_tensor(t)]
+
+    def sift_report(self) -> dict | None:
+        return self.opt.memory_report() if self.method.kind == "sift" else None
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        if self.method.kind in ("sift", "original"):
+            self.opt.remove_hooks()
+
+
+def _drop_grad(p: nn.Parameter):
+    p.grad = None
+
+
+@contextlib.contextmanager
+def _no_phase(_name):
+    yield
+
+
+def _unique(params):
+    seen = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
