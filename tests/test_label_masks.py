@@ -247,8 +247,10 @@ def test_loader_on_real_alpaca_with_sentencepiece(spm_llama):
     samples, report = load_dataset_for_training(FIXTURES / "alpaca_en_demo_sample.json", spm_llama,
                                                 max_length=None)
     records = json.loads((FIXTURES / "alpaca_en_demo_sample.json").read_text())
-    assert (report.read, report.kept, len(samples)) == (42, 42, 42)
-    for record, sample in zip(records, samples):
+    # record 41 repeats record 40: the loader drops it (it could straddle a train / held-out split)
+    assert (report.read, report.kept, len(samples)) == (42, 41, 41)
+    assert report.dropped == {"duplicate_content": 1}
+    for record, sample in zip(records[:41], samples):
         prompt = PROMPT_DICT["prompt_input" if record["input"] else "prompt_no_input"].format_map(record)
         assert sample["input_ids"] == spm_llama(prompt + record["output"] + "</s>")["input_ids"]
         assert len(labelled_runs(sample)) == 1
