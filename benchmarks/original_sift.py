@@ -78,7 +78,8 @@ class OriginalSIFTProfile:
         if p.is_meta:  # no sparse kernels on meta (aten::_coalesce): the same dense result, for the planner
             p.data = p.data.index_put((coords[0], coords[1]), delta.detach(), accumulate=True)
         else:
-            p.data = p.data + torch.sparse_coo_tensor(coords, delta.detach(), p.shape)
+            update = torch.sparse_coo_tensor(coords, delta.detach(), p.shape, check_invariants=False)
+            p.data = p.data + update
         delta.zero_()
 
     def step(self):

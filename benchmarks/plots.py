@@ -14,6 +14,12 @@ PARTS = (("params", "weights"), ("grads", "grads"), ("optimizer", "optimizer sta
          ("other", "other"))
 
 
+def _save(fig, path: Path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def stacked_peaks(ax, rows, unit, unit_name, floor_peak=None):
     names = [r["name"] for r in rows]
     left = [0.0] * len(rows)
@@ -35,27 +41,30 @@ def memory_figure(memory: dict, path: Path):
     stacked_peaks(ax, rows, MIB, "MiB", rows[0]["memory"]["peak"])
     ax.set_title(f"{memory['model']}: batch {memory['batch']} x {memory['seq']} tokens, fp32, CPU "
                  f"(checkpointing {'on' if memory['gradient_checkpointing'] else 'off'})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def speed_figure(memory: dict, path: Path):
-    rows = [r for r in memory["results"] if r["time_vs_floor"]]
+    """Median seconds per phase (stacked), with the floor's step time and 1.05 x that."""
+    rows = [r for r in memory["results"] if r["median_phase_s"]]
     names = [r["name"] for r in rows]
-    y = range(len(rows))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.barh([i - 0.2 for i in y], [r["time_vs_floor"] for r in rows], height=0.4, label="wall time / floor")
-    ax.barh([i + 0.2 for i in y], [r["cpu_time_vs_floor"] for r in rows], height=0.4, label="CPU time / floor")
-    ax.axvline(1.05, color="r", lw=0.8, ls="--", label="goal 1.05")
-    ax.set_yticks(list(y), names)
+    left = [0.0] * len(rows)
+    for phase in ("forward", "backward", "step"):
+        vals = [r["median_phase_s"][phase] for r in rows]
+        ax.barh(names, vals, left=left, label=f"{phase} (median)")
+        left = [a + b for a, b in zip(left, vals)]
+    floor = rows[0]["median_step_s"]
+    ax.axvline(floor, color="k", lw=0.8, ls="--", label="floor step")
+    ax.axvline(1.05 * floor, color="r", lw=0.8, ls="--", label="goal: 1.05 x floor")
+    for i, r in enumerate(rows):
+        ax.text(left[i], i, f" {r['time_vs_floor']:.2f}x", va="center", fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("median step time relative to the floor")
-    ax.legend(fontsize=7)
-    ax.set_title(f"{memory['model']}: step time (median of {memory['timed_steps']} interleaved steps)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.set_xlabel("seconds per step (SIFT in-backward updates inside backward)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{memory['model']}: batch {memory['batch']} x {memory['seq']} tokens, "
+                 f"median of {memory['timed_steps']} interleaved steps", fontsize=9)
+    _save(fig, path)
 
 
 def plan_figure(plan: dict, path: Path):
@@ -66,9 +75,7 @@ def plan_figure(plan: dict, path: Path):
         ax.axvline(gb, color="gray", lw=0.8, ls=":")
         ax.text(gb, len(rows) - 0.5, f" paper {label}: {gb}", fontsize=7, rotation=90, va="bottom")
     ax.set_title("LLaMA-7B planned peak: seq 2048, batch 1, checkpointing, bf16 (meta tensors)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def quality_figure(q: dict, path: Path):
@@ -83,7 +90,8 @@ def quality_figure(q: dict, path: Path):
                         yerr=[s["std"] for s in rows], fmt=fmt, capsize=3, label=label)
     for s in q["summary"]:
         if s["kind"] == "full":
-            ax.axhline(s["mean"], color="k", lw=0.8, ls="--", label=f"full fine-tuning ({s['trainable_entries'] / 1e6:.0f} M)")
+            label = f"full fine-tuning ({s['trainable_entries'] / 1e6:.0f} M)"
+            ax.axhline(s["mean"], color="k", lw=0.8, ls="--", label=label)
     ax.axhline(q["base_heldout_loss"], color="gray", lw=0.8, ls=":", label="before fine-tuning")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
@@ -92,9 +100,7 @@ def quality_figure(q: dict, path: Path):
     ax.set_title(f"SmolLM2-135M on Alpaca: {c['steps']} steps x {c['batch_size']} conversations, "
                  f"mean ± std over {len(c['seeds'])} seeds", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sparsity_figure(sp: dict, path: Path):
@@ -108,21 +114,22 @@ def sparsity_figure(sp: dict, path: Path):
         a.bar([j + (i - 1) * w for j in x], [sp["by_module"][m][key] for m in mods], width=w, label=label)
     for rate in sp["rates"]:
         a.axhline(rate, color="gray", lw=0.7, ls=":")
-    a.set_xticks(list(x), mods)
+    a.set_xticks(list(x), mods, rotation=30)
     a.set_ylabel("share of ||grad||^2")
     a.set_ylim(0, 1)
     a.set_title("gradient energy in the largest entries (dotted: uniform)", fontsize=9)
     a.legend(fontsize=7)
     layers = sorted(sp["by_layer"], key=int)
-    for rate in sp["rates"]:
-        b.plot([int(l) for l in layers], [sp["by_layer"][l][f"top{rate:g}_overlap"] for l in layers],
-               marker="o", ms=3, label=f"top {rate:.0%} overlap between batches")
-        b.plot([int(l) for l in layers], [sp["by_layer"][l][f"top{rate:g}_share"] for l in layers],
-               ls="--", label=f"top {rate:.0%} energy share")
+    depth = [int(layer) for layer in layers]
+    for rate, color in zip(sp["rates"], ("C0", "C1")):
+        b.plot(depth, [sp["by_layer"][l][f"top{rate:g}_share"] for l in layers], color=color, ls="--",
+               label=f"top {rate:.0%}: energy share")
+        b.plot(depth, [sp["by_layer"][l][f"first_batch_top{rate:g}_share"] for l in layers], color=color,
+               ls=":", label=f"top {rate:.0%} of batch 1: share of later batches")
+        b.plot(depth, [sp["by_layer"][l][f"top{rate:g}_overlap"] for l in layers], color=color,
+               marker="o", ms=3, label=f"top {rate:.0%}: overlap between batches")
     b.set_xlabel("layer")
-    b.set_ylim(0, 1)
+    b.set_ylim(0, 1.2)
     b.set_title(f"by depth ({sp['n_batches']} batches; chance overlap = rate)", fontsize=9)
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    b.legend(fontsize=6, ncol=2, loc="upper center")
+    _save(fig, path)

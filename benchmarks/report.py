@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -91,13 +92,32 @@ def sparsity_table(sp: dict) -> str:
 
 
 def quality_table(q: dict) -> str:
-    lines = ["| method | trainable | held-out loss (mean ± std) | Δ vs before | per seed |",
-             "|---|---:|---:|---:|---|"]
+    """Mean ± std over seeds, and for SIFT the paired difference to LoRA at the same count
+    (same seed = same batches in the same order), which removes the data-order variance."""
+    runs = {(r["method"], r["seed"]): r["heldout_loss"] for r in q["runs"]}
+    loras = [s for s in q["summary"] if s["kind"] == "lora"]
+    lines = ["| method | trainable | held-out loss (mean ± std) | Δ vs before | paired Δ vs LoRA (mean ± std) "
+             "| per seed |", "|---|---:|---:|---:|---:|---|"]
     base = q["base_heldout_loss"]
-    lines.append(f"| before fine-tuning | 0 | {base:.4f} | 0 | |")
+    lines.append(f"| before fine-tuning | 0 | {base:.4f} | 0 | | |")
     for s in sorted(q["summary"], key=lambda s: (s["kind"] != "full", s["trainable_entries"], s["method"])):
+        paired = ""
+        if s["kind"] == "sift" and loras:
+            lora = min(loras, key=lambda x: abs(x["trainable_entries"] - s["trainable_entries"]))
+            d = [runs[(s["method"], seed)] - runs[(lora["method"], seed)] for seed in q["config"]["seeds"]]
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            paired = f"{statistics.fmean(d):+.4f} ± {sd:.4f} ({lora['method']})"
         lines.append(f"| {s['method']} | {s['trainable_entries'] / 1e6:,.2f} M | {s['mean']:.4f} ± {s['std']:.4f} | "
-                     f"{s['mean'] - base:+.4f} | {', '.join(f'{x:.4f}' for x in s['losses'])} |")
+                     f"{s['mean'] - base:+.4f} | {paired} | {', '.join(f'{x:.4f}' for x in s['losses'])} |")
+    return "\n".join(lines)
+
+
+def lr_probe_table(q: dict) -> str:
+    lines = ["| family (probed at the largest budget, seed 0) | learning rate | validation loss | chosen |",
+             "|---|---:|---:|:-:|"]
+    for r in q["lr_probe"]:
+        chosen = "✓" if q["lrs"][r["kind"]] == r["lr"] else ""
+        lines.append(f"| {r['method']} | {r['lr']:.0e} | {r['heldout_loss']:.4f} | {chosen} |")
     return "\n".join(lines)
 
 
@@ -120,13 +140,15 @@ def tables(d: Path) -> dict[str, str]:
     q = _load(d, "quality")
     if q:
         out["quality"] = quality_table(q)
+        out["lr_probe"] = lr_probe_table(q)
     run = _load(d, "run")
     if run:
         mc = run["machine_start"]
         stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in run["stages"].items())
         out["machine"] = (f"{mc['cpu']}, {mc['cores']} cores ({mc['torch_threads']} torch threads), "
                           f"{mc['ram_bytes'] / GIB:.0f} GiB RAM, torch {mc['torch']}, Python {mc['python']}; "
-                          f"load average at start {mc['loadavg'][0]:.1f}, at end {run['machine_end']['loadavg'][0]:.1f}. "
+                          f"load average at start {mc['loadavg'][0]:.1f}, "
+                          f"at end {run['machine_end']['loadavg'][0]:.1f}. "
                           f"Wall time {run['seconds'] / 60:.1f} min ({stages}).")
     return out
 

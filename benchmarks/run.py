@@ -99,7 +99,7 @@ def stage_plan(log, models=("llama-7b", "llama-13b")) -> dict:
         rows = [memory_plan.plan(config, m, 1, 2048, torch.bfloat16, True)
                 for m in memory_plan.table1_methods(config, 0.05)]
         rows += [memory_plan.plan(config, m, 1, 2048, torch.bfloat16, True)
-                 for m in memory_plan.table1_methods(config, 0.01, which="sift")[1:]]
+                 for m in memory_plan.table1_methods(config, 0.01, which="sift") if m.kind == "sift"]
         log(f"[plan] {name}, seq 2048, batch 1, checkpointing, bf16\n" + memory_plan.render_table(rows))
         out[name] = {"seq": 2048, "batch": 1, "gradient_checkpointing": True, "dtype": "bf16", "rows": rows}
     out["paper_llama7b_gb"] = memory_plan.PAPER_7B
