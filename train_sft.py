@@ -13,7 +13,11 @@ import os
 import sys
 import time
 
-import torch
+# bitsandbytes' CPU optimizer kernels each wait ~7.5 ms on spinning OpenMP threads otherwise
+# (benchmarks/README.md); must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
