@@ -1,5 +1,7 @@
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: as train_sft.py and benchmarks.run do
+
 import json
 
 import pytest
