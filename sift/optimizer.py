@@ -197,9 +197,9 @@ class SIFT(torch.optim.Optimizer):
         old = None if slot.master is not None else slot.values().clone()
         values = self._update(slot, g, 1.0, group)
         for t, b in zip(kept, backup):
-            t.copy_(torch.where(finite, t, b))
+            torch.where(finite, t, b, out=t)  # in place: no second k-sized temporary
         if old is not None:
-            values = torch.where(finite, values, old)
+            torch.where(finite, values, old, out=values)
         slot.write_back(values)
         bad = ~finite
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
