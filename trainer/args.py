@@ -12,7 +12,7 @@ from sift.modeling import EMBEDDED
 
 DEFAULT_DATA = str(BUNDLED_ALPACA)
 FINETUNING_TYPES = ("sift", "full", "lora")
-DEMO_STEPS = 20  # the no-argument run: about ten minutes on two CPU cores
+DEMO_STEPS = 20  # the no-argument run: under five minutes on two idle CPU cores (README)
 
 
 def _help(text, **kw):
