@@ -75,7 +75,9 @@ def build_model(config, device: str = "cpu", dtype: torch.dtype = torch.float32,
 
 def enable_checkpointing(model):
     """Non-reentrant activation checkpointing of every decoder layer (recomputed in backward)."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers before 5.23 (as on the GPU machine: 5.17) names it gradient_checkpointing_enable
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 def count_params(model) -> int:
