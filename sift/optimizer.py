@@ -241,8 +241,8 @@ class SIFT(torch.optim.Optimizer):
             return loss
         self._all_reduce([s.grad for s in pending])
         dev = pending[0].grad.device
-        norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(s.grad).to(dev) for s in pending]))
+        norms = torch._foreach_norm([s.grad for s in pending])  # one launch per device, not per tensor
+        norm = torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
         # The one host sync per step: skipping a non-finite step as a whole, and the clip scale the
         # kernels take as a float, both need the norm on the host.
         norm = norm.item()
