@@ -72,7 +72,7 @@ def kernel_parity_same_inputs(steps: int = 3, k: int = 100_000) -> dict:
             "entries": k}
 
 
-def llama7b(method: Method, steps: int = 4) -> dict:
+def llama7b(method: Method, steps: int = 6) -> dict:
     """Peak allocated memory and time of `method`'s step on LLaMA-7B shapes (bf16, random)."""
     model = build_model(load_config("llama-7b"), "cuda", torch.bfloat16, "sdpa")
     model.config.use_cache = False
