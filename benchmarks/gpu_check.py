@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_check --out gpu_check.json
 
 1. bitsandbytes' CUDA kernels against its CPU kernels: the same SIFT run (tiny LLaMA, fp32
-   weights, 3 steps, adamw8bit and adamw) on both devices; the trained values must agree.
+   weights, 3 steps, adamw8bit and adamw) on both devices; the trained values are compared.
    The kernel alone is also fed identical tensors on both devices.
 2. LLaMA-7B shapes (random bf16 weights), seq 2048, batch 1, gradient checkpointing: the floor,
    SIFT 5 % (adamw8bit) deferred and step_in_backward, LoRA at the same trainable count, each
