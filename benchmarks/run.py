@@ -32,6 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from . import memory_plan, memory_speed, quality, sparsity
+from sift.atomic import atomic_write
+
 from .data import fixed_batches
 from .methods import item1_methods
 from .models import SMOLLM2, load_config
@@ -169,9 +171,7 @@ def main(argv=None) -> int:
 
 
 def _write(path: Path, obj):
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, [json.dumps(obj, indent=1, default=str)])
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
+
+from sift.atomic import atomic_write
 
 from .clean import deduplicate
 from .formats import iter_conversations
@@ -59,10 +59,10 @@ def convert(args: argparse.Namespace, fmt: str, role_map: dict[str, str] | None 
         return 2
     report.kept = len(conversations)
     output = Path(args.output)
-    write_lines_atomic(output, (json.dumps(unified_record(c), ensure_ascii=False) + "\n" for c in conversations))
+    atomic_write(output, (json.dumps(unified_record(c), ensure_ascii=False) + "\n" for c in conversations))
     summary = {"format": fmt, "inputs": args.inputs, "output": str(output), **report.to_dict(),
                "options": {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}}
-    write_lines_atomic(summary_path(output), [json.dumps(summary, indent=2, ensure_ascii=False) + "\n"])
+    atomic_write(summary_path(output), [json.dumps(summary, indent=2, ensure_ascii=False) + "\n"])
     print(report.summary())
     print(f"wrote {len(conversations)} conversations to {output} (summary: {summary_path(output)})")
     return 0
@@ -78,19 +78,3 @@ def summary_path(output: Path) -> Path:
     return output.with_name(output.stem + ".summary.json")
 
 
-def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write `lines` to a temporary file next to `path`, fsync, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the data next
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

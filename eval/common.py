@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sift.atomic import atomic_write
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -98,18 +99,7 @@ def context_length(model, tokenizer) -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, [text])
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .optimizer import shape
 
 FORMAT, VERSION = "sift-increment", "1"
@@ -45,15 +45,8 @@ def save_increment(opt, path: str, base_model: str = "", extra: dict | None = No
             "targets": json.dumps(list(cfg.targets)), "dense": json.dumps(list(cfg.dense)),
             "selection": cfg.selection, "shapes": json.dumps(shapes), **(extra or {})}
     tensors = increment_tensors(opt)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".increment-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -93,4 +93,4 @@ def test_metadata_records_the_run(trained):
         meta = f.metadata()
     assert meta["format"] == "sift-increment" and float(meta["rate"]) == 0.05
     assert json.loads(meta["targets"]) == list(opt.cfg.targets)
-    assert not list(path.parent.glob(".increment-*")), "temporary file left behind"
+    assert not list(path.parent.glob(".*.tmp")), "temporary file left behind"

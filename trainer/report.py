@@ -9,16 +9,15 @@ import tempfile
 
 import torch
 
+from sift.atomic import atomic_write
+
 from .args import split_list
 
 LOG = "train_log.jsonl"
 
 
 def write_json_atomic(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_write(path, [json.dumps(obj, indent=1, default=str, ensure_ascii=False)])
 
 
 def memory_stats(device: str) -> dict:
