@@ -11,14 +11,16 @@ from pathlib import Path
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to `path` to write; it replaces `path` when the block succeeds
-    and is removed when it fails."""
+    """Yield a temporary path next to `path` to write; it is fsynced and replaces `path` when the
+    block succeeds, and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the file next
@@ -29,8 +31,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 
 def atomic_write(path: str | os.PathLike, chunks: Iterable[str]) -> None:
-    """Write text chunks (e.g. one JSON line each, streamed) atomically, fsynced before the rename."""
+    """Write text chunks (e.g. one JSON line each, streamed) atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         f.writelines(chunks)
-        f.flush()
-        os.fsync(f.fileno())
