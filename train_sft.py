@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from data_prep.dataset import collate
 from data_prep.encode import IGNORE_INDEX
-from sift.modeling import load_model_and_tokenizer, resolve_model_path
+from common.modeling import load_model_and_tokenizer, resolve_model_path
 from trainer import args as targs
 from trainer import ds, methods
 from trainer.checkpoint import find_checkpoint, load_state, save_checkpoint

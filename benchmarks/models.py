@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 FUSED_SDPA = "fused_sdpa"  # a name without "flash": transformers routes those to flash-attn packages
 
-# name -> LlamaConfig kwargs; "smollm2-135m" is the embedded model (sift.modeling)
+# name -> LlamaConfig kwargs; "smollm2-135m" is the embedded model (common.modeling)
 SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
@@ -53,7 +53,7 @@ def load_config(model: str):
     if model in SHAPES:
         return LlamaConfig(**SHAPES[model])
     if model == SMOLLM2:
-        from sift.modeling import resolve_model_path
+        from common.modeling import resolve_model_path
         return AutoConfig.from_pretrained(resolve_model_path(None))
     path = Path(model)
     if path.is_file():

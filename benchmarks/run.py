@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from . import memory_plan, memory_speed, quality, sparsity
-from sift.atomic import atomic_write
+from common.atomic import atomic_write
 
 from .data import fixed_batches
 from .methods import item1_methods
@@ -62,7 +62,7 @@ def machine() -> dict:
 def load_pristine(model_name: str):
     """(model, tokenizer): the embedded SmolLM2 weights, or a random-init shape (SmolLM2's tokenizer
     encodes the data; ids are folded into the shape's vocabulary)."""
-    from sift.modeling import load_model_and_tokenizer, resolve_model_path
+    from common.modeling import load_model_and_tokenizer, resolve_model_path
     from transformers import AutoTokenizer
 
     if model_name == SMOLLM2:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sift.atomic import atomic_write
+from common.atomic import atomic_write
 
 from .clean import deduplicate
 from .formats import iter_conversations

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 def _splitter(max_tokens: int, model_name_or_path: str | None, template: str):
     from transformers import AutoTokenizer
 
-    from sift.modeling import resolve_model_path
+    from common.modeling import resolve_model_path
 
     from .encode import encoded_length
 

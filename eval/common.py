@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sift.atomic import atomic_write
+from common.atomic import atomic_write
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -55,7 +55,7 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
                     dtype: str = "auto", attn_implementation: str | None = None):
     """(model, tokenizer) in eval mode: an HF directory, a hub id or the embedded default (None),
     with a SIFT increment written into the weights when `increment` is given."""
-    from sift.modeling import load_model_and_tokenizer
+    from common.modeling import load_model_and_tokenizer
 
     if increment is not None and not os.path.isfile(increment):  # before a multi-GB load, not after
         raise FileNotFoundError(f"--increment {increment}: no such file")
@@ -73,7 +73,7 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
 def default_model_id(model: str | None, increment: str | None = None) -> str:
     """A file-name-safe id: the model directory's name (its parent's for a `.../merged` export),
     plus the increment's run directory when an increment is applied."""
-    from sift.modeling import EMBEDDED
+    from common.modeling import EMBEDDED
 
     def tail(path: str) -> str:
         parts = Path(path.rstrip("/")).parts

@@ -25,7 +25,7 @@ from eval.mmlu_data import CHOICES, DEFAULT_DATA_DIR, Subject, load_hub, load_lo
 from eval.mmlu_forward import next_token_logits  # noqa: E402
 from eval.mmlu_prompts import answer_token_ids, encode, render, render_answered  # noqa: E402
 from eval.mmlu_report import Prediction, aggregate, format_table, predictions_csv, write_outputs  # noqa: E402
-from sift.modeling import EMBEDDED  # noqa: E402
+from common.modeling import EMBEDDED  # noqa: E402
 
 
 @dataclass

@@ -112,7 +112,7 @@ def run_gen(args: GenArgs) -> int:
     from data_prep.templates import resolve_template
     from eval.common import context_length, default_model_id, load_eval_model
     from eval.mt_bench_gen import generate_answers
-    from sift.modeling import resolve_model_path
+    from common.modeling import resolve_model_path
 
     questions = load_questions(args.question_file)[args.question_begin: args.question_end]
     model_id = args.model_id or default_model_id(args.model, args.increment)

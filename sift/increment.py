@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from common.atomic import atomic_path
 from .optimizer import shape
 
 FORMAT, VERSION = "sift-increment", "1"

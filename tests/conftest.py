@@ -41,7 +41,7 @@ def train_args(model_dir, data, out, *extra) -> list[str]:
 def tiny_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from sift.modeling import embedded_model_dir
+    from common.modeling import embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     out = tmp_path_factory.mktemp("tiny-llama")

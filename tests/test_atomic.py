@@ -1,9 +1,9 @@
-"""sift.atomic: the one crash-safe write every part of the project uses."""
+"""common.atomic: the one crash-safe write every part of the project uses."""
 import os
 
 import pytest
 
-from sift.atomic import atomic_path, atomic_write
+from common.atomic import atomic_path, atomic_write
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

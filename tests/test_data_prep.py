@@ -199,7 +199,7 @@ def test_sharegpt_cli_splits_by_real_token_budget(tmp_path):
     from transformers import AutoTokenizer
 
     from data_prep.encode import encoded_length
-    from sift.modeling import embedded_model_dir
+    from common.modeling import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     source = json.loads((FIXTURES / "sharegpt_messy.json").read_text())

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, LlamaTokenizer
 from data_prep import IGNORE_INDEX, PROMPT_DICT, collate, encode_conversation, load_dataset_for_training
 from data_prep.encode import CUT_ROUND, DROPPED_ROUNDS, FULL, NO_LABEL, encode_with_status
 from data_prep.templates import resolve_template
-from sift.modeling import embedded_model_dir
+from common.modeling import embedded_model_dir
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -27,7 +27,7 @@ LETTERS = "ABCD"
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from sift.modeling import embedded_model_dir
+    from common.modeling import embedded_model_dir
 
     return AutoTokenizer.from_pretrained(embedded_model_dir())
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from data_prep.dataset import BUNDLED_ALPACA
 from sift.config import LLAMA_LINEARS, OPTIMIZERS, SELECTIONS
-from sift.modeling import EMBEDDED
+from common.modeling import EMBEDDED
 
 DEFAULT_DATA = str(BUNDLED_ALPACA)
 FINETUNING_TYPES = ("sift", "full", "lora")

@@ -80,7 +80,7 @@ def resolve_config(path: str, m, t, bf16: bool) -> tuple[dict, list[str]]:
 def _hidden_size(m) -> int:
     from transformers import AutoConfig
 
-    from sift.modeling import resolve_model_path
+    from common.modeling import resolve_model_path
 
     try:
         return AutoConfig.from_pretrained(resolve_model_path(m.model_name_or_path)).hidden_size

@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 
-from sift.atomic import atomic_write
+from common.atomic import atomic_write
 
 from .args import split_list
 
