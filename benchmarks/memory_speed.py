@@ -53,6 +53,8 @@ def run(pristine: torch.nn.Module, batches: list[dict], methods: list[Method], t
             enable_checkpointing(model)
         model.train()
         trainee, steps, after = track_steps(method, model, batches, tracked_steps)
+        for st in steps:  # device bytes: host-resident state (tagged "host") is reported apart, as in the planner
+            st["peak_with_host"], st["peak"] = st["peak"], st["peak"] - st["breakdown"]["host"]
         result = {"name": method.name, "method": method.__dict__.copy(), "trainable_entries": trainee.entries,
                   "memory": {"steps": steps, "first_step_peak": steps[0]["peak"],
                              "peak": steps[-1]["peak"], "peak_breakdown": steps[-1]["breakdown"],

@@ -27,7 +27,6 @@ from .original_sift import OriginalSIFTProfile
 KINDS = ("floor", "full", "lora", "original", "sift")
 # torch AdamW (moments in the weights' dtype), bitsandbytes AdamW with fp32 / 8-bit moments
 FULL_OPTIMIZERS = ("adamw", "adamw32bit", "adamw8bit")
-SIFT_STATE = ("indices", "master", "state1", "state2", "absmax1", "absmax2")  # sift.optimizer._Slot
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class Trainee:
                 rate=method.rate, optimizer=method.optimizer, selection=method.selection, lr=method.lr,
                 step_in_backward=method.step_in_backward, seed=seed,
                 max_grad_norm=None if method.step_in_backward else max_grad_norm))
-            self.entries = sum(s.k for s in self.opt.slots)
+            self.entries = self.opt.trained_entries()
 
     def _train_only(self, params):
         keep = {id(p) for p in params}
@@ -176,7 +175,7 @@ class Trainee:
         self.phase_times = {"forward": t1 - t0, "backward": t2 - t1, "step": time.perf_counter() - t2}
         if tracker is not None:
             tracker.tag(self.state_tensors(), "optimizer")
-            if self.method.kind == "original":
+            if self.method.kind in ("original", "sift"):
                 tracker.tag(self.opt.host_tensors(), "host")
             tracker.tag(list(self.model.parameters()), "params")  # LoRA adapters; merged weights
         return loss.detach()
@@ -186,7 +185,7 @@ class Trainee:
         """Gradients alive between backward and step (SIFT: its sparse k-vectors)."""
         kind = self.method.kind
         if kind == "sift":
-            return [s.grad for s in self.opt.slots if s.grad is not None]
+            return self.opt.grad_tensors()
         if kind == "original":
             return self.opt.grads()
         return [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -195,9 +194,7 @@ class Trainee:
         """Optimizer-side state (SIFT: indices, fp32 masters, 8-bit moments and their scales)."""
         kind = self.method.kind
         if kind == "sift":
-            quantile_maps = list(self.opt._qmaps.values())  # 2 x 256 fp32, shared by all slots
-            return quantile_maps + [getattr(s, k) for s in self.opt.slots for k in SIFT_STATE
-                                    if getattr(s, k) is not None]
+            return self.opt.state_tensors()
         if kind == "original":
             return self.opt.state_tensors()
         if self.opt is None:

@@ -1,6 +1,7 @@
 """SIFTConfig: the one place where SIFT's options are defined and checked."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 SELECTIONS = ("grad", "random", "magnitude")
@@ -27,28 +28,34 @@ class SIFTConfig:
         self.targets, self.dense, self.betas = tuple(self.targets), tuple(self.dense), tuple(self.betas)
         problems = self.problems()
         if problems:
-            raise ValueError("invalid SIFTConfig:\n  - " + "\n  - ".join(problems))
+            raise ValueError("invalid SIFTConfig:\n  - " + "\n  - ".join(f"{f}={getattr(self, f)!r}: {msg}"
+                                                                       for f, msg in problems))
 
-    def problems(self) -> list[str]:
-        """Every inconsistency at once, each saying what to change."""
+    def problems(self) -> list[tuple[str, str]]:
+        """Every inconsistency at once, as (field name, what to change): the CLI translates the
+        field names to its flag names, so this is the one place these rules are written."""
         out = []
         if not 0.0 < self.rate <= 1.0:
-            out.append(f"rate={self.rate}: must be in (0, 1], e.g. 0.05 for 5 % of each target's entries")
+            out.append(("rate", "must be in (0, 1], e.g. 0.05 for 5 % of each target's entries"))
         if self.selection not in SELECTIONS:
-            out.append(f"selection={self.selection!r}: choose one of {', '.join(SELECTIONS)}")
+            out.append(("selection", f"choose one of {', '.join(SELECTIONS)}"))
         if self.optimizer not in OPTIMIZERS:
-            out.append(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+            out.append(("optimizer", f"choose one of {', '.join(OPTIMIZERS)}"))
         if not self.targets and not self.dense:
-            out.append("targets and dense are both empty: name at least one module to train")
+            out.append(("targets", "targets and dense are both empty: name at least one module to train"))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            out.append(f"betas={self.betas}: two values in [0, 1)")
-        if self.lr < 0 or self.eps <= 0 or self.weight_decay < 0:
-            out.append(f"lr={self.lr}, eps={self.eps}, weight_decay={self.weight_decay}: lr, weight_decay >= 0 and eps > 0")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            out.append(f"max_grad_norm={self.max_grad_norm}: positive, or None to disable clipping")
+            out.append(("betas", "two values in [0, 1)"))
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            out.append(("lr", "must be a finite number > 0, e.g. 2e-4"))
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            out.append(("eps", "must be a finite number > 0"))
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            out.append(("weight_decay", "must be a finite number >= 0"))
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            out.append(("max_grad_norm", "a finite positive number, or None to disable clipping"))
         if self.step_in_backward and self.max_grad_norm is not None:
-            out.append("step_in_backward=True cannot clip by the global norm (each tensor steps before the "
-                       "others' gradients exist): set max_grad_norm=None, or step_in_backward=False")
+            out.append(("step_in_backward", "cannot clip by the global norm (each tensor steps before the "
+                        "others' gradients exist): set max_grad_norm=None, or step_in_backward=False"))
         return out
 
     def to_dict(self) -> dict:

@@ -56,6 +56,7 @@ class _Slot:
         self.indices = None  # sorted flat indices (int32 unless numel >= 2^31); None until selected / dense
         self.master = None   # fp32 copy of the trained entries; None when the weight is fp32 itself
         self.grad = None     # fp32 accumulated sparse gradient, alive only within an accumulation window
+        self.base = None     # host copy of the trained entries' base values (weight dtype): the increment's deltas
         self.state1 = self.state2 = self.absmax1 = self.absmax2 = None
 
     def ready(self) -> bool:
@@ -65,6 +66,7 @@ class _Slot:
         """Allocate master and moments once the trained entries are known."""
         dev = self.param.device
         self.indices = indices
+        self.base = _to_host(self.gather(flat_weight(self.param)))
         if self.param.dtype != torch.float32:
             # bf16 loses updates below half an ulp (~0.4 % of |w|), hence the fp32 master.
             self.master = self.values().clone()
@@ -100,7 +102,7 @@ class _Slot:
     def state(self) -> dict:
         """Self-contained: the trained values travel too, so a fresh base model can resume."""
         st = {k: getattr(self, k) for k in _STATE_KEYS if getattr(self, k) is not None}
-        return {"step": self.step, "values": self.values().clone(), **st}
+        return {"step": self.step, "values": self.values().clone(), "base": self.base, **st}
 
     def load(self, st: dict):
         if self.sparse and st["indices"].numel() != self.k:
@@ -110,9 +112,20 @@ class _Slot:
         for key in _STATE_KEYS:
             setattr(self, key, st[key].to(dev).clone() if key in st else None)
         self.step = st["step"]
+        self.base = st["base"].clone() if "base" in st else None
         values = st["values"].to(dev)
         self.master = values.clone() if self.param.dtype != torch.float32 else None
         self.write_back(values)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy; from CUDA into pinned memory without a host sync (once per tensor, at selection)."""
+    if t.device.type == "meta":  # the memory planner: a stand-in it tags as host memory
+        return torch.empty_like(t)
+    if t.device.type != "cuda":
+        return t.detach().to("cpu", copy=True)
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
 
 
 def _select(slot: _Slot, how: str, generator: torch.Generator, grad: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,6 +303,29 @@ class SIFT(torch.optim.Optimizer):
     def trained_values(self) -> dict[str, torch.Tensor]:
         """{name: fp32 values} of every trained entry: what an increment file stores."""
         return {s.name: s.values() for s in self.slots if s.ready()}
+
+    def base_values(self) -> dict[str, torch.Tensor]:
+        """{name: base values (weight dtype, on the host)} of every trained entry, as they were
+        before training: what an increment's deltas are taken against."""
+        return {s.name: s.base for s in self.slots if s.ready()}
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every persistent device tensor of SIFT's state (indices, masters, moments, their scales,
+        quantile maps): what a memory count should call optimizer state."""
+        keys = ("indices", "master", "state1", "state2", "absmax1", "absmax2")
+        return list(self._qmaps.values()) + [getattr(s, k) for s in self.slots for k in keys
+                                             if getattr(s, k) is not None]
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """State kept in host memory (the base values of the trained entries)."""
+        return [s.base for s in self.slots if s.base is not None]
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """The sparse gradients alive between backward and step()."""
+        return [s.grad for s in self.slots if s.grad is not None]
+
+    def trained_entries(self) -> int:
+        return sum(s.k for s in self.slots)
 
     def state_dict(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
