@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
-import tempfile
 
 import torch
 
-from common.atomic import atomic_write
+from common.atomic import atomic_dir, atomic_write
 
 from .args import split_list
 
@@ -93,15 +91,7 @@ def plot_loss(output_dir: str) -> str | None:
 
 
 def save_merged(model, tokenizer, target: str) -> None:
-    """save_pretrained + tokenizer into a temp directory, then renamed into place."""
-    parent = os.path.dirname(os.path.abspath(target))
-    tmp = tempfile.mkdtemp(prefix=".merged-", dir=parent)
-    try:
+    """save_pretrained + tokenizer into a temp directory, then renamed into place (0644 files)."""
+    with atomic_dir(target, prefix=".merged-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
