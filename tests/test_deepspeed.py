@@ -79,8 +79,8 @@ def test_zero2_two_ranks_equal_one_process_with_twice_the_batch(tiny_dir, alpaca
     assert_increments_close(single, ranks)
 
     inc = load_file(os.path.join(ranks, "sift_increment.safetensors"))
-    selected = sum(v.numel() for k, v in inc.items() if k.endswith(".values") and k.replace("values", "indices") in inc)
-    dense = sum(v.numel() for k, v in inc.items() if k.endswith(".values") and k.replace("values", "indices") not in inc)
+    selected = sum(v.numel() for k, v in inc.items() if k.endswith(".delta") and k.replace("delta", "indices") in inc)
+    dense = sum(v.numel() for k, v in inc.items() if k.endswith(".delta") and k.replace("delta", "indices") not in inc)
     assert dense == 5 * 32  # 2 layers x 2 norms + the final norm, hidden 32
     assert log(ranks, "allreduce_bytes_per_step") == [4 * (selected + dense)] * 4
 
