@@ -44,9 +44,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def exact_deltas(trained: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_deltas(trained: torch.Tensor, base: torch.Tensor,
+                 delta_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 delta, unreachable mask) with `(base.float() + delta).to(base.dtype)` bitwise equal to
-    `trained.to(base.dtype)` wherever the mask is False.
+    `trained.to(base.dtype)` wherever the mask is False. `delta_dtype` other than fp32: the delta is
+    representable in it (peft rounds its values to the weight dtype before adding them).
 
     delta = want - base is exact in fp32 when the two lie within ~15 binades of each other (bf16:
     8 + 8 significant bits) or, in fp32, when the difference fits 24 bits; otherwise a nextafter
@@ -57,15 +59,15 @@ def exact_deltas(trained: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tenso
     """
     want = trained.to(base.dtype)
     b = base.float()
-    delta = torch.where(_bits(want) == _bits(base), torch.tensor(-0.0), want.float() - b)
+    delta = torch.where(_bits(want) == _bits(base), torch.tensor(-0.0), want.float() - b).to(delta_dtype)
     for attempt in range(_NUDGES + 1):
-        got = (b + delta).to(base.dtype)
+        got = (b + delta.float()).to(base.dtype)
         off = _bits(got) != _bits(want)
         if attempt == _NUDGES or not bool(off.any()):
             break
-        toward = torch.where(got.float() < want.float(), math.inf, -math.inf)
+        toward = torch.where(got.float() < want.float(), math.inf, -math.inf).to(delta_dtype)
         delta = torch.where(off, torch.nextafter(delta, toward), delta)
-    return delta, off
+    return delta.float(), off
 
 
 # ------------------------------------------------------------------ fingerprint
@@ -93,7 +95,7 @@ def model_fingerprint(model: nn.Module, tensors: dict[str, torch.Tensor]) -> str
     """The fingerprint of `model` at the entries an increment's tensors name (before applying it)."""
     params = dict(model.named_parameters())
     samples = {}
-    for name in _names(tensors):
+    for name in tensor_names(tensors):
         flat = params[name].data.view(-1)
         indices = tensors.get(f"{name}.indices")
         k = flat.numel() if indices is None else indices.numel()
@@ -177,7 +179,8 @@ def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def _names(tensors: dict) -> list[str]:
+def tensor_names(tensors: dict) -> list[str]:
+    """The parameter names an increment's tensors belong to."""
     return sorted({k.rsplit(".", 1)[0] for k in tensors})
 
 
@@ -222,26 +225,13 @@ def _check(path: str, name: str, param: torch.Tensor, tensors: dict, shapes: dic
         _check_values(f"{where}.exact_values", tensors[f"{name}.exact_values"], exact.numel(), "exact_indices")
 
 
-@torch.no_grad()
-def apply_increment(model: nn.Module, increment, force: bool = False, scale: float = 1.0) -> dict:
-    """Apply the increment onto `model` (its base) in place; `increment` is a path or (tensors, meta).
-    Returns the metadata.
-
-    Everything is validated before the first weight changes, so a bad file leaves the model intact:
-    shapes, indices, finite values, and (version 2) the base fingerprint; `force=True` applies onto
-    a model whose fingerprint differs (another copy of the base: 4-bit, another dtype's rounding).
-    `scale` multiplies the deltas (version 2 only); the exact entries are then skipped, being values.
-    Cost: one gather / add / scatter of the trained entries per tensor, no dense temporary.
-    """
-    path, (tensors, meta) = (str(increment), load_increment(increment)) if isinstance(increment, (str, os.PathLike)) \
-        else ("<in memory>", increment)
+def check_base(model: nn.Module, tensors: dict, meta: dict, path: str = "<in memory>", force: bool = False) -> None:
+    """Raise IncrementError unless the increment fits `model`: names, shapes, indices, finite values,
+    and (version 2) the base fingerprint; with `force`, a fingerprint mismatch only warns."""
     version = meta.get("version", VERSION)
-    if version == "1" and scale != 1.0:
-        raise IncrementError(f"{path}: a version 1 file holds absolute values; it cannot be scaled")
     params = dict(model.named_parameters())
     shapes = json.loads(meta.get("shapes", "{}"))
-    names = _names(tensors)
-    for name in names:
+    for name in tensor_names(tensors):
         if name not in params:
             raise IncrementError(f"{path}: tensor {name} is not a parameter of {type(model).__name__}")
         _check(path, name, params[name], tensors, shapes, version)
@@ -254,21 +244,56 @@ def apply_increment(model: nn.Module, increment, force: bool = False, scale: flo
             if not force:
                 raise IncrementError(message + "; use force=True (--force) to apply anyway")
             warnings.warn(message + "; applying anyway (force)")
-    for name in names:
+
+
+def read(increment) -> tuple[str, dict, dict]:
+    """(path for messages, tensors, metadata) from a path or a (tensors, meta) pair."""
+    if isinstance(increment, (str, os.PathLike)):
+        return (str(increment), *load_increment(str(increment)))
+    return ("<in memory>", *increment)
+
+
+@torch.no_grad()
+def apply_increment(model: nn.Module, increment, force: bool = False, scale: float = 1.0) -> dict:
+    """Apply the increment onto `model` (its base) in place; `increment` is a path or (tensors, meta).
+    Returns the metadata.
+
+    Everything is validated (`check_base`) before the first weight changes, so a bad file leaves the
+    model intact; `force=True` applies onto a model whose fingerprint differs (another copy of the
+    base: 4-bit, or rounded another way). `scale` multiplies the deltas (version 2 only); the exact
+    entries are then skipped, being values. Cost: one gather / add / scatter of the trained entries
+    per tensor, no dense temporary.
+    """
+    path, tensors, meta = read(increment)
+    version = meta.get("version", VERSION)
+    if version == "1" and scale != 1.0:
+        raise IncrementError(f"{path}: a version 1 file holds absolute values; it cannot be scaled")
+    check_base(model, tensors, meta, path, force)
+    params = dict(model.named_parameters())
+    for name in tensor_names(tensors):
         flat = params[name].data.view(-1)
+        new = applied_values(tensors, meta, name, flat, scale)
         indices = tensors.get(f"{name}.indices")
-        indices = None if indices is None else indices.to(flat.device)
-        if version == "1":
-            new = tensors[f"{name}.values"].to(flat.device, flat.dtype)
-        else:
-            base = flat if indices is None else flat.index_select(0, indices)
-            delta = tensors[f"{name}.delta"].to(flat.device)
-            new = (base.float() + (delta if scale == 1.0 else delta * scale)).to(flat.dtype)
         if indices is None:
             flat.copy_(new)
         else:
-            flat.index_put_((indices,), new)
-        exact = tensors.get(f"{name}.exact_indices")
-        if exact is not None and scale == 1.0:
-            flat.index_put_((exact.to(flat.device),), tensors[f"{name}.exact_values"].to(flat.device, flat.dtype))
+            flat.index_put_((indices.to(flat.device),), new)
     return meta
+
+
+def applied_values(tensors: dict, meta: dict, name: str, flat: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """What applying writes at `name`'s trained entries (in order, flat's dtype), `flat` being the
+    base weight as a flat view: fl32(base + scale * delta), and the exact values where recorded."""
+    indices = tensors.get(f"{name}.indices")
+    indices = None if indices is None else indices.to(flat.device)
+    if meta.get("version", VERSION) == "1":
+        return tensors[f"{name}.values"].to(flat.device, flat.dtype)
+    base = flat if indices is None else flat.index_select(0, indices)
+    delta = tensors[f"{name}.delta"].to(flat.device)
+    new = (base.float() + (delta if scale == 1.0 else delta * scale)).to(flat.dtype)
+    exact = tensors.get(f"{name}.exact_indices")
+    if exact is not None and scale == 1.0:
+        exact = exact.to(flat.device)
+        at = exact if indices is None else torch.searchsorted(indices, exact)
+        new[at.long()] = tensors[f"{name}.exact_values"].to(flat.device, flat.dtype)
+    return new
