@@ -247,15 +247,16 @@ def check_base(model: nn.Module, tensors: dict, meta: dict, path: str = "<in mem
 
 
 def read(increment) -> tuple[str, dict, dict]:
-    """(path for messages, tensors, metadata) from a path or a (tensors, meta) pair."""
+    """(path for messages, tensors, metadata) from a path, a (tensors, meta) pair as load_increment
+    returns it, or (path, tensors, meta)."""
     if isinstance(increment, (str, os.PathLike)):
         return (str(increment), *load_increment(str(increment)))
-    return ("<in memory>", *increment)
+    return tuple(increment) if len(increment) == 3 else ("<in memory>", *increment)
 
 
 @torch.no_grad()
 def apply_increment(model: nn.Module, increment, force: bool = False, scale: float = 1.0) -> dict:
-    """Apply the increment onto `model` (its base) in place; `increment` is a path or (tensors, meta).
+    """Apply the increment onto `model` (its base) in place; `increment` is a path or `read`'s tuples.
     Returns the metadata.
 
     Everything is validated (`check_base`) before the first weight changes, so a bad file leaves the

@@ -280,3 +280,37 @@ def test_version_1_files_still_load_and_apply(tmp_path):
     assert torch.equal(params["model.norm.weight"].detach(), torch.full((32,), 2.0))
     with pytest.raises(IncrementError, match="cannot be scaled"):
         apply_increment(tiny_llama(), str(path), scale=0.5)
+
+
+def test_eval_cli_checks_the_base_and_says_so_in_one_line(tiny_dir, tmp_path, capsys):
+    """eval/mmlu.py --increment: a wrong base (or a broken file) is one line and exit 2, before any
+    scoring; --force applies it anyway."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval import mmlu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    opt = SIFT(model, SIFTConfig(rate=0.05, lr=1e-2))
+    model(**batch(0, vocab=model.config.vocab_size)).loss.backward()
+    opt.step()
+    inc = tmp_path / "run" / "sift_increment.safetensors"
+    save_increment(opt, str(inc), base_model=tiny_dir)
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).apply(
+        lambda m: [p.data.add_(0.01) for p in m.parameters(recurse=False)]).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(other)
+    (tmp_path / "cut.safetensors").write_bytes(inc.read_bytes()[:100])
+
+    def run(*argv):
+        out = tmp_path / "o"
+        mmlu.main(["--subjects", "management", "--limit", "2", "--output_dir", str(out), *argv])
+        return json.loads((out / "mmlu_results.json").read_text())
+
+    for model_dir, path, message in ((other, inc, "not the base the increment was trained from"),
+                                     (tiny_dir, tmp_path / "cut.safetensors", "truncated or corrupt")):
+        with pytest.raises(SystemExit) as e:
+            run("--model", str(model_dir), "--increment", str(path))
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert e.value.code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("error: --increment")
+    assert run("--model", str(other), "--increment", str(inc), "--force")["subjects"]["management"]["num_questions"] == 2
+    assert run("--model", tiny_dir, "--increment", str(inc))["increment"] == str(inc)
