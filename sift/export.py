@@ -96,7 +96,7 @@ def export_merged(increment: str, output_dir: str, model: str | None = None, dty
 
     tensors, meta = load_increment(increment)
     net, tokenizer, _ = load_base(model, meta, _train_dtype(meta))  # the dtype training saw: exact
-    apply_increment(net, (tensors, meta), force=force)
+    apply_increment(net, (increment, tensors, meta), force=force)
     if dtype != "auto":
         net = net.to(getattr(torch, dtype))
     with atomic_dir(output_dir) as tmp:
