@@ -125,18 +125,20 @@ def peft_sparsity(counts: dict[int, int]) -> float:
     return s
 
 
-def _padded(indices, delta, count: int, numel: int):
-    """indices/delta grown to `count` entries: unselected positions with delta -0.0, still sorted."""
+def _padded(indices, delta, count: int):
+    """indices/delta grown to `count` entries: the first unselected positions, delta -0.0, appended
+    (peft needs unique indices, not sorted ones). O(extra) unless the first entries are all taken."""
     import torch
 
     extra = count - indices.numel()
     if extra == 0:
         return indices, delta
-    free = torch.ones(numel, dtype=torch.bool)  # one bool per entry of this weight, briefly
-    free[indices.long()] = False
-    pad = free.nonzero().flatten()[:extra].to(indices.dtype)
-    order = torch.cat([indices, pad]).argsort()
-    return torch.cat([indices, pad])[order], torch.cat([delta, torch.full((extra,), -0.0)])[order]
+    window = extra
+    while window - int(torch.searchsorted(indices, window)) < extra:  # free positions below `window`
+        window *= 2
+    candidates = torch.arange(window, dtype=indices.dtype)
+    pad = candidates[~torch.isin(candidates, indices[:int(torch.searchsorted(indices, window))])][:extra]
+    return torch.cat([indices, pad]), torch.cat([delta, torch.full((extra,), -0.0)])
 
 
 def export_peft(increment: str, output_dir: str, model: str | None = None, dtype: str = "auto",
@@ -187,7 +189,7 @@ def export_peft(increment: str, output_dir: str, model: str | None = None, dtype
     for n in sparse:
         layer = wrapped[n.removesuffix(".weight")]
         count = layer.supertuning_values["default"].numel()
-        idx, delta = _padded(tensors[f"{n}.indices"], deltas[n], count, params[n].numel())
+        idx, delta = _padded(tensors[f"{n}.indices"], deltas[n], count)
         padding += count - tensors[f"{n}.indices"].numel()
         layer.supertuning_indices["default"] = idx.to(torch.int32)
         layer.supertuning_values["default"].data = delta
