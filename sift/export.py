@@ -154,6 +154,8 @@ def export_peft(increment: str, output_dir: str, model: str | None = None, dtype
     from .increment import apply_increment, applied_values, check_base, exact_deltas, load_increment, tensor_names
 
     tensors, meta = load_increment(increment)
+    if not any(k.endswith(".indices") for k in tensors):  # peft would fall back to its default targets, whole
+        raise ExportError(f"{increment}: no sparsely trained tensor, nothing for Super-Tuning; export merged instead")
     net, _, name = load_base(model, meta, _train_dtype(meta))
     check_base(net, tensors, meta, increment, force)
     target = _train_dtype(meta) if dtype == "auto" else getattr(torch, dtype)
@@ -178,8 +180,8 @@ def export_peft(increment: str, output_dir: str, model: str | None = None, dtype
     sizes = {}
     for n in sparse:
         sizes[params[n].numel()] = max(sizes.get(params[n].numel(), 0), tensors[f"{n}.indices"].numel())
-    sparsity = peft_sparsity(sizes) if sparse else 0.0
-    config = SupertuningConfig(target_modules=[n.removesuffix(".weight") for n in sparse] or None,
+    sparsity = peft_sparsity(sizes)
+    config = SupertuningConfig(target_modules=[n.removesuffix(".weight") for n in sparse],
                                modules_to_save=sorted({n.rsplit(".", 1)[0] for n in dense}) or None,
                                sparsity=sparsity, save_precomputed_indices=True, task_type="CAUSAL_LM",
                                base_model_name_or_path=name)

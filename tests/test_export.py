@@ -176,7 +176,12 @@ def test_bad_inputs_are_one_line_with_exit_2(run, tmp_path, capsys):
     (full / "keep.txt").write_text("mine")
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    tensors, meta = load_increment(inc)
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in tensors.items() if "norm" in k}, str(tmp_path / "dense.safetensors"), metadata=meta)
     cases = [
+        (["peft", "--increment", str(tmp_path / "dense.safetensors"), "--output_dir", str(tmp_path / "o")],
+         "no sparsely trained tensor"),
         (["merged", "--increment", str(tmp_path / "none.safetensors"), "--output_dir", str(tmp_path / "o")],
          "--increment .*none.safetensors: no such file"),
         (["merged", "--increment", inc, "--output_dir", str(full)], "not empty; pass --overwrite"),
@@ -198,7 +203,7 @@ def test_bad_inputs_are_one_line_with_exit_2(run, tmp_path, capsys):
     assert (full / "keep.txt").read_text() == "mine" and (tmp_path / "a-file").read_text() == "x"
     assert os.path.exists(inc) and not (tmp_path / "o").exists()
     # As a program: the same one line, no traceback.
-    done = subprocess.run([sys.executable, "-m", "sift.export", *cases[4][0]], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "sift.export", *cases[5][0]], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("python -m sift.export: error: ")
