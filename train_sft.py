@@ -4,7 +4,7 @@
     python train_sft.py --model_name_or_path meta-llama/Llama-2-7b-hf --data_path alpaca.json --bf16 ...
     deepspeed train_sft.py ... --deepspeed ds_configs/zero3_offload.json
 
-setup (arguments, data, model, method) → train loop → save. See DESIGN.md for the output directory.
+setup (arguments, data, model, method) → train loop → save. See docs/DESIGN.md for the output directory.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from data_prep.dataset import collate
 from data_prep.encode import IGNORE_INDEX
-from common.modeling import load_model_and_tokenizer, resolve_model_path
+from common.modeling import EMBEDDED, load_model_and_tokenizer, resolve_model_path
 from trainer import args as targs
 from trainer import ds, methods
 from trainer.checkpoint import find_checkpoint, load_state, save_checkpoint
@@ -102,6 +102,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
     main_process = rank == 0
     model_path = resolve_model_path(m.model_name_or_path)
+    base_id = m.model_name_or_path or EMBEDDED  # what the increment records: the id users load, not our cache path
     targs.check_targets(model_path, m)  # on a meta-device model: before any weight is read
 
     ds_cfg = ds.resolve_config(t.deepspeed, m, t, bf16)[0] if t.deepspeed else None
@@ -180,7 +181,7 @@ def main(argv=None):
         if t.save_steps and done % t.save_steps == 0 and done < total_steps:
             if main_process:  # SIFT's state is replicated: one rank writes it
                 state = {"step": done, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state().tolist()}
-                save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, model_path),
+                save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, base_id),
                                 state, t.save_total_limit)
             if world > 1:
                 dist.barrier()
@@ -192,7 +193,7 @@ def main(argv=None):
             log.close()
             print(f"after: {json.dumps(after, ensure_ascii=False)}")
             if isinstance(opt, methods.SIFT):
-                methods.save_increment(opt, os.path.join(t.output_dir, methods.FILENAME), base_model=model_path)
+                methods.save_increment(opt, os.path.join(t.output_dir, methods.FILENAME), base_model=base_id)
                 print(f"memory: {json.dumps(opt.memory_report())}")
             save_merged(methods.merged_model(model, opt), tokenizer, os.path.join(t.output_dir, "merged"))
             write_json_atomic(os.path.join(t.output_dir, "results.json"),

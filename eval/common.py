@@ -21,6 +21,8 @@ class ModelArgs:
         "help": "HF model directory or hub id; default: the embedded SmolLM2-135M-Instruct"})
     increment: str | None = field(default=None, metadata={
         "help": "a sift_increment.safetensors to apply onto --model before evaluating"})
+    force: bool = field(default=False, metadata={
+        "help": "apply --increment even if --model's fingerprint is not the base it was trained from"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
@@ -52,22 +54,38 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def load_eval_model(model: str | None, increment: str | None = None, device: str = "auto",
-                    dtype: str = "auto", attn_implementation: str | None = None):
+                    dtype: str = "auto", attn_implementation: str | None = None, force: bool = False):
     """(model, tokenizer) in eval mode: an HF directory, a hub id or the embedded default (None),
-    with a SIFT increment written into the weights when `increment` is given."""
+    with a SIFT increment applied onto it when `increment` is given (its base fingerprint checked;
+    `force` applies it anyway). A bad increment is one line on stderr and exit status 2: the file is
+    read and validated before the multi-GB model load, the fingerprint right after it."""
     from common.modeling import load_model_and_tokenizer
 
-    if increment is not None and not os.path.isfile(increment):  # before a multi-GB load, not after
-        raise FileNotFoundError(f"--increment {increment}: no such file")
+    loaded = None
+    if increment is not None:
+        from sift.increment import IncrementError, apply_increment, load_increment  # only this path needs sift
+
+        try:
+            loaded = load_increment(increment)
+        except IncrementError as e:
+            _increment_error(e)
     device = resolve_device(device)
     net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
                                               attn_implementation=attn_implementation)
-    if increment is not None:
-        from sift.increment import apply_increment  # lazily: only this path needs the core library
-
-        apply_increment(net, increment)
+    if loaded is not None:
+        try:
+            apply_increment(net, (increment, *loaded), force=force)
+        except IncrementError as e:
+            _increment_error(e)
     net.eval()
     return net, tokenizer
+
+
+def _increment_error(e: Exception):
+    import sys
+
+    print(f"error: --increment {e}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def default_model_id(model: str | None, increment: str | None = None) -> str:

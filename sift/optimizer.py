@@ -140,7 +140,7 @@ def _select(slot: _Slot, how: str, generator: torch.Generator, grad: torch.Tenso
 
 
 class SIFT(torch.optim.Optimizer):
-    """Sparse increment fine-tuning optimizer (see DESIGN.md for the contract)."""
+    """Sparse increment fine-tuning optimizer (see docs/DESIGN.md for the contract)."""
 
     def __init__(self, model: nn.Module, cfg: SIFTConfig | None = None):
         cfg = cfg or SIFTConfig()
