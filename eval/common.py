@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.atomic import atomic_write
+from common.jsonl import read_jsonl  # noqa: F401  (the eval modules import it from here)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -108,29 +109,6 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 def atomic_write_jsonl(path: str | os.PathLike, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> list[tuple[int, dict]]:
-    """[(line number, object)]; a bad line raises naming file and line. With `tolerate_torn_tail`, a
-    malformed *last* line (an append cut short by a crash) is dropped instead: the caller redoes it."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    rows = []
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if tolerate_torn_tail and i == last:
-                print(f"warning: {path}:{i + 1}: dropping a truncated last line (interrupted write)")
-                continue
-            raise ValueError(f"{path}:{i + 1}: not valid JSON: {e}") from e
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((i + 1, obj))
-    return rows
 
 
 def raise_if_problems(problems: list[str], what: str) -> None:
