@@ -184,6 +184,7 @@ def main(argv=None):
         return path
 
     def stop(status: str, done: int, message: str, code: int):
+        interrupts.restore()
         if main_process:
             log.close()
             rundir.set_status(t.output_dir, run_id, status, done)
