@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write
 from common.jsonl import read_jsonl  # noqa: F401  (the eval modules import it from here)
+from trainer.rundir import warn_if_unfinished
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,15 +59,27 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
     with a SIFT increment written into the weights when `increment` is given."""
     from common.modeling import load_model_and_tokenizer
 
-    if increment is not None and not os.path.isfile(increment):  # before a multi-GB load, not after
-        raise FileNotFoundError(f"--increment {increment}: no such file")
+    if increment is not None:  # a bad file is found before a multi-GB load, not after
+        from sift.increment import IncrementError, load_increment  # lazily: only this path needs the core library
+
+        if not os.path.isfile(increment):
+            raise FileNotFoundError(f"--increment {increment}: no such file")
+        try:
+            load_increment(increment)
+        except IncrementError as e:
+            raise IncrementError(f"--increment {e}") from None
+    for output in (p for p in (model, increment) if p and os.path.exists(p)):
+        warn_if_unfinished(output)
     device = resolve_device(device)
     net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
                                               attn_implementation=attn_implementation)
     if increment is not None:
-        from sift.increment import apply_increment  # lazily: only this path needs the core library
+        from sift.increment import IncrementError, apply_increment
 
-        apply_increment(net, increment)
+        try:
+            apply_increment(net, increment)
+        except IncrementError as e:
+            raise IncrementError(f"--increment {e}") from None
     net.eval()
     return net, tokenizer
 
@@ -113,5 +126,7 @@ def atomic_write_jsonl(path: str | os.PathLike, rows) -> None:
 
 def raise_if_problems(problems: list[str], what: str) -> None:
     """Fail fast with every problem at once rather than one per run."""
+    if len(problems) == 1:
+        raise ValueError(f"{what}: {problems[0]}")
     if problems:
         raise ValueError(f"{what}:\n  - " + "\n  - ".join(problems))
