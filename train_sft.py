@@ -116,7 +116,7 @@ def main(argv=None):
     try:  # the data is settled with the tokenizer alone, before a multi-GB model load
         train_set, eval_set, data_report = build_datasets(d, load_tokenizer(model_path), t.seed, verbose=main_process)
     except (ValueError, FileNotFoundError) as e:
-        raise cli.UsageError(f"train_sft.py: --data_path {d.data_path}: {e}") from None
+        raise cli.UsageError(f"train_sft.py: {e}") from None  # the data errors name their file (and line)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                 device="cpu" if zero3 else device)  # ZeRO-3 places it
     if t.gradient_checkpointing:

@@ -267,7 +267,8 @@ def check_targets(model_path: str, m: ModelArguments) -> None:
         try:
             find_trainable(skeleton, split_list(m.sift_targets), dense)
         except ValueError as e:
-            raise UsageError(f"train_sft.py: --sift_targets/--sift_dense: {e}") from None
+            detail = "; ".join(line.strip(" -") for line in str(e).splitlines() if line.strip())
+            raise UsageError(f"train_sft.py: --sift_targets/--sift_dense: {detail}") from None
 
 
 def _output_dir_problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str]:
