@@ -161,3 +161,26 @@ def test_bad_input_gets_one_clear_line(results, name):
     assert "sk-secret-key-4242" not in r["err"] + r["out"]
     assert r["after"] == r["before"], "files changed: " + ", ".join(
         sorted(k for k in r["before"].keys() | r["after"].keys() if r["before"].get(k) != r["after"].get(k)))
+
+
+def test_hub_ids_are_checked_in_the_cache_first_then_with_one_short_request(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from common.hub import hub_problem
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE" in hub_problem("nobody-sift/no-such-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    asked = []
+
+    def unreachable(repo_id, timeout):
+        asked.append(timeout)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    assert "cannot be reached (this machine seems offline" in hub_problem("nobody-sift/no-such-model")
+    assert asked == [10]
+    monkeypatch.setattr(huggingface_hub, "dataset_info", lambda repo_id, timeout: object())
+    assert hub_problem("somebody/some-data", "dataset") is None  # reachable: loading will download it

@@ -206,10 +206,25 @@ _SHARED = ("lr", "weight_decay", "max_grad_norm")
 
 
 def schedulers_available() -> list[str]:
-    """transformers' scheduler names, less reduce_lr_on_plateau (it steps on a metric, this loop on steps)."""
-    from transformers import SchedulerType
+    """transformers' scheduler names that run in this loop: built and stepped once on a one-entry
+    optimizer (milliseconds), so the ones needing extra arguments (min_lr, num_decay_steps) or a
+    metric per step (reduce_lr_on_plateau, greedy) are left out, whatever transformers adds next."""
+    import warnings
 
-    return [s.value for s in SchedulerType if s.value != "reduce_lr_on_plateau"]
+    import torch
+    from transformers import SchedulerType, get_scheduler
+
+    def runs(name: str) -> bool:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=4).step()
+            return True
+        except (TypeError, ValueError):
+            return False
+
+    return [s.value for s in SchedulerType if runs(s.value)]
 
 
 def number_problems(m: ModelArguments, t: TrainArguments) -> list[str]:
