@@ -239,10 +239,9 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ save
     after = measure()
-    skipped = getattr(opt, "skipped_steps", 0)
     if main_process and hasattr(opt, "skipped_steps"):
-        print(f"skipped steps (non-finite gradients): {skipped} of {total_steps}")
-    if not (math.isfinite(after["heldout_loss"]) and math.isfinite(last_loss if last_loss is not None else 0.0)):
+        print(f"skipped steps (non-finite gradients): {opt.skipped_steps} of {total_steps}")
+    if not (math.isfinite(after["heldout_loss"]) and (last_loss is None or math.isfinite(last_loss))):
         stop("failed", total_steps, f"train_sft.py: the loss is not finite at the end (held-out {after['heldout_loss']}, "
              f"last step {last_loss}): the run diverged (lower --learning_rate?); no merged model written", 1)
     with ds.gathered(model):  # ZeRO-3: every rank takes part in the gather

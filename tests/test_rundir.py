@@ -93,8 +93,11 @@ def test_finished_run_extends_and_falls_back_past_a_damaged_checkpoint(tiny_dir,
     # options that decide what is trained are compared with the checkpoint's, before any weight loads
     with pytest.raises(SystemExit) as err:
         train(tiny_dir, alpaca_40, run, "--max_steps", "6", "--resume_from_checkpoint", "latest",
-              "--learning_rate", "2e-3", "--seed", "1", "--per_device_train_batch_size", "1")
-    for needle in ("--learning_rate 0.001 -> 0.002", "--seed 42 -> 1", "--per_device_train_batch_size 2 -> 1"):
+              "--learning_rate", "2e-3", "--seed", "1", "--per_device_train_batch_size", "1", "--sift_rate", "0.1",
+              "--optim", "adamw", "--sift_targets", "q_proj", "--finetuning_type", "lora")
+    for needle in ("--learning_rate 0.001 -> 0.002", "--seed 42 -> 1", "--per_device_train_batch_size 2 -> 1",
+                   "--sift_rate 0.05 -> 0.1", "--optim adamw8bit -> adamw", "--sift_targets q_proj,k_proj",
+                   "-> q_proj", "--finetuning_type sift -> lora"):
         assert needle in str(err.value), needle
 
     # the final checkpoint's optimizer state rots in place (same size): its load fails, 2 takes over

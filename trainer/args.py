@@ -264,7 +264,7 @@ def _source_problems(m: ModelArguments, d: DataArguments) -> list[str]:
         else:
             problem = hub_problem(name, "model")
             if problem:
-                out.append(f"--model_name_or_path {name}: {problem}")
+                out.append(f"--model_name_or_path {name}: no such directory, and as a hub id: {problem}")
     return out
 
 

@@ -167,8 +167,7 @@ def output_dir_problems(current_args: dict, output_dir: str, resume: str | None,
                     + ": pass the checkpoint's values (a larger --max_steps is fine) or start a new --output_dir"]
         return []
     if os.path.isdir(output_dir) and not overwrite:
-        marks = [n for n in os.listdir(output_dir) if n in (RUN_FILE, ARGS, LOG, "sift_increment.safetensors")
-                 or n.startswith("checkpoint-")]
+        marks = [n for n in os.listdir(output_dir) if n in RUN_OUTPUTS or n.startswith("checkpoint-")]
         if marks:
             return [f"--output_dir {output_dir} holds another run ({', '.join(sorted(marks)[:3])}): pass "
                     "--overwrite_output_dir, --resume_from_checkpoint latest, or another directory"]
