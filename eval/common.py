@@ -33,6 +33,16 @@ class ModelArgs:
             problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.increment is not None and not Path(self.increment).is_file():
             problems.append(f"--increment {self.increment}: no such file")
+        if self.model and not Path(self.model).is_dir():
+            from common.hub import hub_problem, looks_like_hub_id
+            from common.modeling import EMBEDDED
+
+            if self.model == EMBEDDED:
+                pass
+            elif not looks_like_hub_id(self.model):
+                problems.append(f"--model {self.model}: no such directory (a hub id is written owner/name)")
+            elif problem := hub_problem(self.model):
+                problems.append(f"--model {self.model}: no such directory, and as a hub id: {problem}")
         return problems
 
 
