@@ -108,6 +108,7 @@ def test_finished_run_extends_and_falls_back_past_a_damaged_checkpoint(tiny_dir,
     captured = capsys.readouterr()
     assert "skipping" in captured.err and "checkpoint-4: its payload fails to load" in captured.err
     assert "resumed from" in captured.out and "checkpoint-2 at step 2" in captured.out
+    assert "skipped steps (non-finite gradients): 0 of 6" in captured.out
     assert increments_equal(straight, run)
     assert [r["step"] for r in rundir.read_log(str(run))] == [1, 2, 3, 4, 5, 6]
     assert rundir.run_info(str(run))["status"] == "finished"
