@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -22,6 +23,8 @@ class Interrupts:
         self._previous = {}
 
     def install(self) -> "Interrupts":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only: its handlers stay as they are
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
