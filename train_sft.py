@@ -9,6 +9,7 @@ setup (arguments, data, model, method) → train loop → save. See docs/DESIGN.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -17,16 +18,22 @@ import time
 # (benchmarks/README.md); must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from common.quiet import silence_unrelated_warnings  # noqa: E402
+
+silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
+
 import torch  # noqa: E402
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from data_prep.dataset import collate
 from data_prep.encode import IGNORE_INDEX
-from common.modeling import EMBEDDED, load_model_and_tokenizer, resolve_model_path
+from common import cli
+from common.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from trainer import args as targs
-from trainer import ds, methods
-from trainer.checkpoint import find_checkpoint, load_state, save_checkpoint
+from trainer import ds, methods, rundir
+from trainer.checkpoint import load_state, resume_candidates, save_checkpoint
+from trainer.interrupts import Interrupts
 from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
 from trainer.report import Logger, memory_stats, plot_loss, save_merged, write_json_atomic
 
@@ -88,7 +95,7 @@ def main(argv=None):
     m, d, t = targs.parse(argv)
     problems = targs.problems(m, d, t)
     if problems:
-        sys.exit("train_sft.py: invalid options:\n  - " + "\n  - ".join(problems))
+        raise cli.problems_error("train_sft.py", problems)
     torch.manual_seed(t.seed)
     bf16 = targs.use_bf16(t)
     rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,9 +114,12 @@ def main(argv=None):
 
     ds_cfg = ds.resolve_config(t.deepspeed, m, t, bf16)[0] if t.deepspeed else None
     zero3 = bool(ds_cfg) and ds_cfg["zero_optimization"].get("stage") == 3
+    try:  # the data is settled with the tokenizer alone, before a multi-GB model load
+        train_set, eval_set, data_report = build_datasets(d, load_tokenizer(model_path), t.seed, verbose=main_process)
+    except (ValueError, FileNotFoundError) as e:
+        raise cli.UsageError(f"train_sft.py: {e}") from None  # the data errors name their file (and line)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                 device="cpu" if zero3 else device)  # ZeRO-3 places it
-    train_set, eval_set, data_report = build_datasets(d, tokenizer, t.seed, verbose=main_process)
     if t.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None
@@ -120,22 +130,32 @@ def main(argv=None):
 
     scheduler = get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=int(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    if main_process:
-        os.makedirs(t.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(t.output_dir, "args.json"),
-                          {"model": vars(m), "data": vars(d), "train": vars(t), "resolved_model_path": model_path,
-                           "total_steps": total_steps, "device": device, "world_size": world, "bf16": bf16,
-                           "deepspeed_config": ds_cfg, "data_report": data_report})
+    candidates = []
+    if t.resume_from_checkpoint:
+        candidates = resume_candidates(t.output_dir, t.resume_from_checkpoint,
+                                       rundir.run_info(t.output_dir).get("run_id"), warn=main_process)
+    run_args = targs.resolved(m, d, t, resolved_model_path=model_path, total_steps=total_steps, device=device,
+                              deepspeed_config=ds_cfg, data_report=data_report)
+    run_id = None
+    if main_process:  # the old run's files go before this run writes its first one
+        run_id = rundir.start(t.output_dir, candidates[0] if candidates else None)
+        write_json_atomic(os.path.join(t.output_dir, "args.json"), {**run_args, "run_id": run_id})
 
     start_step = 0
-    if t.resume_from_checkpoint:
-        ckpt = find_checkpoint(t.output_dir, t.resume_from_checkpoint)
-        methods.load_payload(ckpt, model, opt)
-        state = load_state(ckpt)
-        scheduler.load_state_dict(state["scheduler"])
+    for ckpt in candidates:  # newest first; a payload that fails to load falls back to the one before
+        try:
+            methods.load_payload(ckpt, model, opt)
+            state = load_state(ckpt)
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as e:  # noqa: BLE001  whatever a damaged file raises (OSError, SafetensorError, ...)
+            if t.resume_from_checkpoint != "latest" or ckpt == candidates[-1]:
+                raise SystemExit(f"train_sft.py: cannot resume from {ckpt}: {type(e).__name__}: {e}") from None
+            print(f"warning: skipping {ckpt}: its payload fails to load ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
         start_step = state["step"]
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         print(f"resumed from {ckpt} at step {start_step}")
+        break
     pad_id = tokenizer.pad_token_id
     gen_prompt = eval_set[0]["prompt_ids"]
 
@@ -151,6 +171,32 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ train
     log = Logger(t.output_dir, t.report_to, resume_step=start_step) if main_process else None
+    distributed = world > 1
+
+    def checkpoint(done: int) -> str:
+        path = os.path.join(t.output_dir, f"checkpoint-{done}")
+        if main_process:  # SIFT's state is replicated: one rank writes it
+            state = {"step": done, "run_id": run_id, "scheduler": scheduler.state_dict(),
+                     "rng": torch.get_rng_state().tolist()}
+            path = save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, base_id),
+                                   state, t.save_total_limit, args=run_args)
+        if distributed:
+            dist.barrier()
+        return path
+
+    def stop(status: str, done: int, message: str, code: int):
+        interrupts.restore()
+        if main_process:
+            log.close()
+            rundir.set_status(t.output_dir, run_id, status, done)
+            print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+    interrupts = Interrupts().install()  # from here on a signal means: checkpoint at the next step boundary
+    if start_step < total_steps and interrupts.requested(distributed):
+        stop("interrupted", start_step, f"{interrupts.name} before the first step: nothing new to save", interrupts.exit_code)
+    skip_limit = t.max_skipped_steps * total_steps
+    last_loss = None  # of the last step of this process (none when resumed at the end)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                dynamic_ncols=True, disable=not main_process)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
@@ -162,6 +208,7 @@ def main(argv=None):
         loss, tokens = train_window(model, micro, device, engine)
         grad_norm = methods.step(model, opt, t)
         scheduler.step()
+        last_loss = loss
         window_loss += loss
         window_tokens += tokens * world
         done = step + 1
@@ -178,16 +225,26 @@ def main(argv=None):
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        if t.save_steps and done % t.save_steps == 0 and done < total_steps:
-            if main_process:  # SIFT's state is replicated: one rank writes it
-                state = {"step": done, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state().tolist()}
-                save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, base_id),
-                                state, t.save_total_limit)
-            if world > 1:
-                dist.barrier()
+        if getattr(opt, "skipped_steps", 0) > skip_limit:  # replicated count: every rank stops here alike
+            stop("failed", done, f"train_sft.py: {opt.skipped_steps} of {done} steps skipped for non-finite "
+                 f"gradients, more than --max_skipped_steps {t.max_skipped_steps} of {total_steps}: the run "
+                 "diverges (lower --learning_rate?); no merged model written", 1)
+        interrupted = interrupts.requested(distributed)
+        # the final checkpoint too: a finished run can be extended with a larger --max_steps
+        if (t.save_steps and done % t.save_steps == 0) or done == total_steps or interrupted:
+            saved = checkpoint(done)
+            if interrupted:
+                stop("interrupted", done, f"{interrupts.name} at step {done} of {total_steps}: saved {saved}; resume "
+                     "with the same command and --resume_from_checkpoint latest", interrupts.exit_code)
+    interrupts.restore()
 
     # ------------------------------------------------------------------ save
     after = measure()
+    if main_process and hasattr(opt, "skipped_steps"):
+        print(f"skipped steps (non-finite gradients): {opt.skipped_steps} of {total_steps}")
+    if not (math.isfinite(after["heldout_loss"]) and (last_loss is None or math.isfinite(last_loss))):
+        stop("failed", total_steps, f"train_sft.py: the loss is not finite at the end (held-out {after['heldout_loss']}, "
+             f"last step {last_loss}): the run diverged (lower --learning_rate?); no merged model written", 1)
     with ds.gathered(model):  # ZeRO-3: every rank takes part in the gather
         if main_process:
             log.close()
@@ -199,6 +256,7 @@ def main(argv=None):
             write_json_atomic(os.path.join(t.output_dir, "results.json"),
                               {"before": before, "after": after, "steps": total_steps})
             plot_loss(t.output_dir)
+            rundir.set_status(t.output_dir, run_id, "finished", total_steps)  # last: the completion marker
             print(f"saved to {t.output_dir}")
     if world > 1:
         dist.barrier()
@@ -206,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -43,7 +43,7 @@ def _umask() -> int:
     return umask
 
 
-def _fsync_tree(root: str) -> None:
+def fsync_tree(root: str) -> None:
     """fsync and give the usual permissions (0644 files, 0755 directories under the umask) to
     everything below `root`: mkdtemp's 0700 would surprise whoever serves the directory next."""
     umask = _umask()
@@ -67,7 +67,7 @@ def atomic_dir(path: str | os.PathLike, prefix: str | None = None) -> Iterator[s
     tmp = tempfile.mkdtemp(prefix=prefix or f".{path.name}-", dir=path.parent)
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if path.exists():  # rename cannot replace a non-empty directory: move the old one aside first
             old = tempfile.mkdtemp(prefix=prefix or f".{path.name}-", dir=path.parent)
             os.rmdir(old)

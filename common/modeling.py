@@ -60,11 +60,21 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def load_tokenizer(name_or_path: str | None):
+    """The model's tokenizer, with the EOS token as pad token when it has none (cheap: no weights)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(name_or_path: str | None, dtype=None, device: str = "cpu",
                              attn_implementation: str | None = None):
     """Load a causal LM and its tokenizer; bf16 + flash-attention-2 (if installed) or SDPA on CUDA."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
     if dtype is None:
@@ -73,9 +83,7 @@ def load_model_and_tokenizer(name_or_path: str | None, dtype=None, device: str =
         attn_implementation = "sdpa"
         if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
             attn_implementation = "flash_attention_2"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                  attn_implementation=attn_implementation)
     return model.to(device), tokenizer

@@ -3,8 +3,9 @@
 Output is written atomically (a temporary file in the same directory, fsynced, then renamed), so
 an interrupted run never leaves a half-written JSONL where a complete one is expected. The summary
 (`report.Report.to_dict()` plus the command's options) goes to `<output without suffix>.summary.json`
-and is printed. Exit status: 0 written, 1 bad data (strict mode, or an unreadable JSON file),
-2 missing input.
+and is printed. Exit status: 0 written, 1 bad data (strict mode, an unreadable JSON file, or no
+conversation left: then nothing is written, an existing output stays), 2 missing input or an output
+that would overwrite an input (or is a directory).
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def convert(args: argparse.Namespace, fmt: str, role_map: dict[str, str] | None 
             postprocess: Callable[[list[dict], Report], list[dict]] | None = None) -> int:
     """Run the pipeline for parsed `args`; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    problem = output_problem(args.inputs, Path(args.output))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     report = Report(strict=args.strict)
     try:
         items = list(iter_conversations(args.inputs, report, fmt=fmt, role_map=role_map,
@@ -59,6 +64,11 @@ def convert(args: argparse.Namespace, fmt: str, role_map: dict[str, str] | None 
         return 2
     report.kept = len(conversations)
     output = Path(args.output)
+    if not conversations:
+        print(report.summary())
+        print(f"error: no usable conversation in {', '.join(map(str, args.inputs))}: nothing written to {output}",
+              file=sys.stderr)
+        return 1
     atomic_write(output, (json.dumps(unified_record(c), ensure_ascii=False) + "\n" for c in conversations))
     summary = {"format": fmt, "inputs": args.inputs, "output": str(output), **report.to_dict(),
                "options": {k: v for k, v in vars(args).items() if k not in ("inputs", "output")}}
@@ -66,6 +76,18 @@ def convert(args: argparse.Namespace, fmt: str, role_map: dict[str, str] | None 
     print(report.summary())
     print(f"wrote {len(conversations)} conversations to {output} (summary: {summary_path(output)})")
     return 0
+
+
+def output_problem(inputs: list[str], output: Path) -> str | None:
+    """Refuse an output (or its summary) that is one of the inputs: the atomic rename would replace
+    the data with its own conversion."""
+    if output.is_dir():
+        return f"-o {output}: is a directory: name the JSONL file to write"
+    targets = {output.resolve(), summary_path(output).resolve()}
+    for source in inputs:
+        if Path(source).exists() and Path(source).resolve() in targets:
+            return f"-o {output}: would overwrite the input {source}: write the output to another file"
+    return None
 
 
 def unified_record(conv: dict) -> dict:

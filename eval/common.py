@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.atomic import atomic_write
+from common.jsonl import read_jsonl  # noqa: F401  (the eval modules import it from here)
+from trainer.rundir import warn_if_unfinished
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -33,6 +35,16 @@ class ModelArgs:
             problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.increment is not None and not Path(self.increment).is_file():
             problems.append(f"--increment {self.increment}: no such file")
+        if self.model and not Path(self.model).is_dir():
+            from common.hub import hub_problem, looks_like_hub_id
+            from common.modeling import EMBEDDED
+
+            if self.model == EMBEDDED:
+                pass
+            elif not looks_like_hub_id(self.model):
+                problems.append(f"--model {self.model}: no such directory (a hub id is written owner/name)")
+            elif problem := hub_problem(self.model):
+                problems.append(f"--model {self.model}: no such directory, and as a hub id: {problem}")
         return problems
 
 
@@ -62,13 +74,15 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
     from common.modeling import load_model_and_tokenizer
 
     loaded = None
-    if increment is not None:
+    if increment is not None:  # a bad file is found before a multi-GB load, not after
         from sift.increment import IncrementError, apply_increment, load_increment  # only this path needs sift
 
         try:
             loaded = load_increment(increment)
         except IncrementError as e:
-            _increment_error(e)
+            raise IncrementError(f"--increment {e}") from None
+    for output in (p for p in (model, increment) if p and os.path.exists(p)):
+        warn_if_unfinished(output)
     device = resolve_device(device)
     net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
                                               attn_implementation=attn_implementation)
@@ -76,16 +90,9 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
         try:
             apply_increment(net, (increment, *loaded), force=force)
         except IncrementError as e:
-            _increment_error(e)
+            raise IncrementError(f"--increment {e}") from None
     net.eval()
     return net, tokenizer
-
-
-def _increment_error(e: Exception):
-    import sys
-
-    print(f"error: --increment {e}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def default_model_id(model: str | None, increment: str | None = None) -> str:
@@ -128,30 +135,9 @@ def atomic_write_jsonl(path: str | os.PathLike, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> list[tuple[int, dict]]:
-    """[(line number, object)]; a bad line raises naming file and line. With `tolerate_torn_tail`, a
-    malformed *last* line (an append cut short by a crash) is dropped instead: the caller redoes it."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    rows = []
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if tolerate_torn_tail and i == last:
-                print(f"warning: {path}:{i + 1}: dropping a truncated last line (interrupted write)")
-                continue
-            raise ValueError(f"{path}:{i + 1}: not valid JSON: {e}") from e
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((i + 1, obj))
-    return rows
-
-
 def raise_if_problems(problems: list[str], what: str) -> None:
     """Fail fast with every problem at once rather than one per run."""
+    if len(problems) == 1:
+        raise ValueError(f"{what}: {problems[0]}")
     if problems:
         raise ValueError(f"{what}:\n  - " + "\n  - ".join(problems))

@@ -20,6 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/mmlu.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.quiet import silence_unrelated_warnings  # noqa: E402
+
+silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
+
 from eval.common import ModelArgs, atomic_write_text, context_length, load_eval_model, raise_if_problems  # noqa: E402
 from eval.mmlu_data import CHOICES, DEFAULT_DATA_DIR, Subject, load_hub, load_local  # noqa: E402
 from eval.mmlu_forward import next_token_logits  # noqa: E402
@@ -155,4 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common import cli
+
+    # bad input (options, data files, an increment that does not fit) as one line and exit 2
+    sys.exit(cli.run(main, errors=(ValueError, OSError), prog="mmlu.py"))

@@ -3,6 +3,8 @@
     python eval/mt_bench.py gen   [--model DIR|HUB_ID] [--increment FILE] [--model_id NAME]
     python eval/mt_bench.py judge --judge_model gpt-4 [--judge_base_url URL] [--model_list A B]
     python eval/mt_bench.py show  [--judge_model gpt-4] [--model_list A B]
+All three take --question_begin / --question_end (a subset, e.g. for a smoke run); `judge` judges the
+answers there are and says which are missing.
 
 Layout under --output_dir (default outputs/mt_bench), as FastChat's data/mt_bench/:
     model_answer/<model_id>.jsonl  model_judgment/<judge>_single.jsonl  mt_bench_results.json  *.png
@@ -20,7 +22,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python eval/mt_bench.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.quiet import silence_unrelated_warnings  # noqa: E402
+
+silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
+
+from common import cli  # noqa: E402
 from eval.common import ModelArgs, atomic_write_json, raise_if_problems  # noqa: E402
+from eval.judge_client import JudgeAPIError, JudgeConfigError, key_problem  # noqa: E402
 from eval.mt_bench_data import (DEFAULT_JUDGE_FILE, DEFAULT_QUESTION_FILE, DEFAULT_REF_ANSWER_FILE,  # noqa: E402
                                 load_questions)
 
@@ -32,14 +40,22 @@ def _judgment_file(output_dir: str, judge_model: str) -> str:
 
 
 @dataclass
-class GenArgs(ModelArgs):
+class QuestionRange:
+    """The same subset flags for gen, judge and show (FastChat's gen_model_answer names)."""
+    question_begin: int | None = field(default=None, metadata={"help": "debug: first question index"})
+    question_end: int | None = field(default=None, metadata={"help": "debug: one past the last question index"})
+
+    def questions(self, question_file: str) -> list[dict]:
+        return load_questions(question_file)[self.question_begin: self.question_end]
+
+
+@dataclass
+class GenArgs(ModelArgs, QuestionRange):
     model_id: str | None = field(default=None, metadata={
         "help": "name of the answer file and the `model_id` field; default: from --model / --increment"})
     output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "bench directory (model_answer/ goes here)"})
     question_file: str = field(default=str(DEFAULT_QUESTION_FILE), metadata={
         "help": "questions in FastChat's format; default: the 80 MT-bench questions shipped in eval/data"})
-    question_begin: int | None = field(default=None, metadata={"help": "debug: first question index"})
-    question_end: int | None = field(default=None, metadata={"help": "debug: one past the last question index"})
     max_new_tokens: int = field(default=1024, metadata={"help": "per turn (FastChat's default)"})
     batch_size: int = field(default=8, metadata={"help": "conversations generated together"})
     seed: int = field(default=0, metadata={"help": "sampling seed (writing/roleplay/stem/humanities sample)"})
@@ -59,7 +75,7 @@ class GenArgs(ModelArgs):
 
 
 @dataclass
-class JudgeArgs:
+class JudgeArgs(QuestionRange):
     judge_model: str = field(default="gpt-4", metadata={"help": "model name sent to the endpoint (FastChat: gpt-4)"})
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible base URL (.../v1); default: $OPENAI_BASE_URL, else https://api.openai.com/v1"})
@@ -78,7 +94,6 @@ class JudgeArgs:
     retry_base_delay: float = field(default=2.0, metadata={"help": "first backoff in seconds, doubled per retry"})
     retry_max_delay: float = field(default=60.0, metadata={"help": "longest backoff in seconds"})
     timeout: float = field(default=120.0, metadata={"help": "seconds per HTTP request"})
-    first_n: int | None = field(default=None, metadata={"help": "debug: only the first N questions"})
 
     def __post_init__(self):
         self.judge_base_url = self.judge_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
@@ -92,11 +107,14 @@ class JudgeArgs:
                 problems.append(f"--{name} {getattr(self, name)}: no such file")
         if not Path(self.output_dir, "model_answer").is_dir():
             problems.append(f"--output_dir {self.output_dir}: no model_answer/ (run `gen` first)")
+        key = key_problem(os.environ.get(self.judge_api_key_env))
+        if key:  # before any request: http.client would put the key, in clear, into its error message
+            problems.append(f"${self.judge_api_key_env}: the API key {key}")
         raise_if_problems(problems, "invalid judge arguments")
 
 
 @dataclass
-class ShowArgs:
+class ShowArgs(QuestionRange):
     judge_model: str = field(default="gpt-4", metadata={"help": "selects model_judgment/<judge>_single.jsonl"})
     output_dir: str = field(default=OUTPUT_DIR, metadata={"help": "bench directory; results and plots go here"})
     input_file: str | None = field(default=None, metadata={"help": "a judgment file to read instead"})
@@ -114,7 +132,7 @@ def run_gen(args: GenArgs) -> int:
     from eval.mt_bench_gen import generate_answers
     from common.modeling import resolve_model_path
 
-    questions = load_questions(args.question_file)[args.question_begin: args.question_end]
+    questions = args.questions(args.question_file)
     model_id = args.model_id or default_model_id(args.model, args.increment)
     # the prompt format is settled from the tokenizer alone, before a multi-GB model load
     template = resolve_template(AutoTokenizer.from_pretrained(resolve_model_path(args.model)), args.template)
@@ -135,11 +153,14 @@ def run_judge(args: JudgeArgs) -> int:
     from eval.mt_bench_data import check_answers, load_answer_file, load_judge_prompts, load_model_answers
     from eval.mt_bench_judge import make_matches, run_judging
 
-    questions = load_questions(args.question_file)[: args.first_n]
+    questions = args.questions(args.question_file)
     answers = load_model_answers(f"{args.output_dir}/model_answer", args.model_list)
     refs = load_answer_file(args.ref_answer_file)
     prompts = load_judge_prompts(args.judge_file)
-    check_answers(questions, answers, refs)
+    for model, n in check_answers(questions, answers, refs).items():
+        if n < len(questions):
+            print(f"note: model {model} answered {n} of the {len(questions)} questions; judging those "
+                  "(run `gen` to answer the rest)")
     matches = make_matches(questions, answers, prompts, refs)
     client = ChatClient(args.judge_base_url, args.judge_model, os.environ.get(args.judge_api_key_env) or None,
                         timeout=args.timeout, max_retries=args.max_retries, base_delay=args.retry_base_delay,
@@ -167,8 +188,11 @@ def run_show(args: ShowArgs) -> int:
     input_file = args.input_file or _judgment_file(args.output_dir, args.judge_model)
     if not Path(input_file).is_file():
         raise FileNotFoundError(f"{input_file}: no judgment file (run `judge` first, or pass --input_file)")
-    rows = list(load_judgments(input_file).values())
-    summary = summarize(rows, load_questions(args.question_file), args.model_list)
+    questions = args.questions(args.question_file)
+    subset = args.question_begin is not None or args.question_end is not None
+    wanted = {q["question_id"] for q in questions}  # without a subset unknown ids stay, for summarize to refuse
+    rows = [r for r in load_judgments(input_file).values() if not subset or r["question_id"] in wanted]
+    summary = summarize(rows, questions, args.model_list)
     print(f"Input file: {input_file}\n")
     print(format_summary(summary))
     atomic_write_json(f"{args.output_dir}/mt_bench_results.json", {"judgment_file": input_file, "models": summary})
@@ -191,9 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args_cls, run = COMMANDS[argv[0]]
     parser = HfArgumentParser(args_cls, prog=f"mt_bench.py {argv[0]}")
-    (args,) = parser.parse_args_into_dataclasses(args=argv[1:])
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv[1:])
+    except ValueError as e:
+        raise cli.UsageError(f"mt_bench.py {argv[0]}: {e}") from None
     return run(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # bad input of any kind (files, increments, a refused key) as one line and exit 2; API failures
+    # of single judgments are recorded and give exit 1 from run_judge
+    sys.exit(cli.run(main, errors=(ValueError, OSError, JudgeConfigError, JudgeAPIError), prog="mt_bench.py"))

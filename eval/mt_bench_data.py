@@ -98,16 +98,19 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict]:
     return prompts
 
 
-def check_answers(questions: list[dict], answers: dict[str, dict[int, dict]], refs: dict[int, dict]) -> None:
-    """Every model answered every question in as many turns as it has; every question that needs a
-    reference (math / reasoning / coding) has one. All gaps reported at once."""
-    problems = []
+def check_answers(questions: list[dict], answers: dict[str, dict[int, dict]], refs: dict[int, dict]) -> dict[str, int]:
+    """Every answer has as many turns as its question; every question that needs a reference (math /
+    reasoning / coding) has one. All gaps reported at once. A question a model has not answered yet
+    (a partial answer file, e.g. from `gen --question_end`) is no error: it is not judged. Returns
+    {model: questions it answered}."""
+    problems, answered = [], {model: 0 for model in answers}
     for q in questions:
         qid = q["question_id"]
         for model, rows in answers.items():
             if qid not in rows:
-                problems.append(f"model {model}: no answer to question {qid}")
-            elif len(answer_turns(rows[qid])) < len(q["turns"]):
+                continue
+            answered[model] += 1
+            if len(answer_turns(rows[qid])) < len(q["turns"]):
                 problems.append(f"model {model}: question {qid} has {len(answer_turns(rows[qid]))} answer "
                                 f"turn(s), the question {len(q['turns'])}")
         if q["category"] in NEED_REF_CATS:
@@ -116,3 +119,4 @@ def check_answers(questions: list[dict], answers: dict[str, dict[int, dict]], re
             elif len(answer_turns(refs[qid])) < len(q["turns"]):
                 problems.append(f"question {qid}: the reference answer has fewer turns than the question")
     raise_if_problems(problems, "answers do not cover the questions")
+    return answered

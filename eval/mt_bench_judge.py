@@ -55,6 +55,8 @@ def make_matches(questions: list[dict], answers: dict[str, dict[int, dict]], pro
                 if (q["category"] in NEED_REF_CATS) != ref_based or (multi_turn and len(q["turns"]) != 2):
                     continue
                 for model, rows in answers.items():
+                    if q["question_id"] not in rows:  # not answered yet: nothing to judge
+                        continue
                     matches.append(Match(q, model, rows[q["question_id"]], prompt,
                                          refs[q["question_id"]] if ref_based else None, multi_turn))
     return matches
@@ -90,7 +92,7 @@ def judge_one(client: ChatClient, match: Match, max_tokens: int) -> dict:
         judgment = client.complete(messages, temperature=0.0, max_tokens=max_tokens)
         row.update(judgment=judgment, score=parse_rating(judgment))
     except JudgeAPIError as e:       # recorded like FastChat ($ERROR$, -1) with the cause; redone on resume
-        row.update(judgment=API_ERROR_OUTPUT, score=-1, error=str(e))
+        row.update(judgment=API_ERROR_OUTPUT, score=-1, error=client.redact(str(e)))  # whatever raised it
     row.update(turn=match.turn, tstamp=time.time())
     return row
 

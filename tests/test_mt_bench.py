@@ -6,6 +6,7 @@ import os
 import re
 import threading
 from collections import Counter
+from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -233,15 +234,71 @@ def test_judge_stops_at_once_on_a_rejected_key(bench, judge_server, monkeypatch)
     assert len(set(prompts)) == len(prompts) <= 4                          # no retries; the queue is cancelled
 
 
-def test_judge_refuses_incomplete_answers(bench, judge_server):
+def test_judge_refuses_answers_with_missing_turns(bench, judge_server):
     _write_jsonl(bench / "model_answer" / "gamma.jsonl",
                  [{"question_id": 81, "answer_id": "g", "model_id": "gamma",
                    "choices": [{"index": 0, "turns": ["only one turn"]}], "tstamp": 1.0}])
     with pytest.raises(ValueError) as e:
         _judge(bench, judge_server.url)
     assert "model gamma: question 81 has 1 answer turn(s)" in str(e.value)
-    assert "model gamma: no answer to question 101" in str(e.value)
     assert judge_server.requests == []
+
+
+def test_judge_judges_a_partial_answer_file_and_subsets_agree_across_commands(bench, judge_server, monkeypatch,
+                                                                             capsys):
+    # changed contract: questions a model has not answered yet are not an error, they are not judged
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", KEY)
+    _write_jsonl(bench / "model_answer" / "gamma.jsonl",
+                 [{"question_id": 81, "answer_id": "g", "model_id": "gamma",
+                   "choices": [{"index": 0, "turns": ["One. <<R:8>>", "Two. <<R:6>>"]}], "tstamp": 1.0}])
+    assert _judge(bench, judge_server.url, "--model_list", "gamma") == 0
+    assert "model gamma answered 1 of the 4 questions; judging those" in capsys.readouterr().out
+    rows = _jsonl(bench / "model_judgment" / "judge-x_single.jsonl")
+    assert sorted((r["model"], r["question_id"], r["turn"], r["score"]) for r in rows) == \
+        [("gamma", 81, 1, 8), ("gamma", 81, 2, 6)]
+    # gen, judge and show take the same --question_begin / --question_end
+    for command in ("gen", "judge", "show"):
+        names = {f.name for f in fields(mt_bench.COMMANDS[command][0])}
+        assert {"question_begin", "question_end"} <= names and "first_n" not in names, command
+    assert _judge(bench, judge_server.url, "--model_list", "alpha", "--question_begin", "1",
+                  "--question_end", "2") == 0  # question 101 only
+    assert mt_bench.main(["show", "--judge_model", "judge-x", "--output_dir", str(bench), "--no_plot",
+                          "--question_file", str(bench / "question.jsonl"), "--question_end", "1"]) == 0
+    shown = json.loads((bench / "mt_bench_results.json").read_text())["models"]
+    assert set(shown) == {"gamma"} and shown["gamma"]["num_judgments"] == 2
+
+
+@pytest.mark.parametrize("bad", [KEY + "\n", " " + KEY, KEY[:5] + "\t" + KEY[5:], KEY + "\x1b"])
+def test_judge_key_with_whitespace_or_control_characters_is_refused_before_any_request(bench, judge_server,
+                                                                                      monkeypatch, bad):
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", bad)
+    with pytest.raises(SystemExit) as e:
+        _judge(bench, judge_server.url)
+    assert e.value.code == 2 and "$SIFT_TEST_JUDGE_KEY: the API key contains whitespace or control" in str(e.value)
+    assert KEY not in str(e.value) and judge_server.requests == []
+    with pytest.raises(ValueError, match="whitespace or control"):
+        ChatClient(judge_server.url, "judge-x", bad)
+
+
+def test_every_stored_error_is_redacted_of_the_key_whatever_raised_it(bench, judge_server):
+    from eval.mt_bench_judge import judge_one, make_matches
+    from eval.mt_bench_data import load_answer_file, load_judge_prompts, load_model_answers, load_questions
+
+    questions = load_questions(bench / "question.jsonl")[:1]
+    matches = make_matches(questions, load_model_answers(bench / "model_answer", ["alpha"]),
+                           load_judge_prompts(DEFAULT_JUDGE_FILE), load_answer_file(DEFAULT_REF_ANSWER_FILE))
+    client = ChatClient(judge_server.url, "judge-x", KEY, max_retries=0)
+    client.api_key = KEY + "\n"  # past the check: what http.client does with it (its header error quotes it)
+    row = judge_one(client, matches[0], 16)
+    assert row["judgment"] == "$ERROR$" and "Invalid header value" in row["error"]
+    assert KEY not in row["error"] and "<redacted>" in row["error"]
+
+    class Leaky(ChatClient):  # any exception, whatever its type, that quotes the key
+        def _post(self, body):
+            raise RuntimeError(f"proxy said: bad credentials {self.api_key!r} / {self.api_key.encode()!r}")
+
+    row = judge_one(Leaky(judge_server.url, "judge-x", KEY, max_retries=0), matches[0], 16)
+    assert "RuntimeError" in row["error"] and KEY not in row["error"]
 
 
 def test_client_honours_retry_after_and_backs_off(judge_server):

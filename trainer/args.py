@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from data_prep.dataset import BUNDLED_ALPACA
 from sift.config import LLAMA_LINEARS, OPTIMIZERS, SELECTIONS
+from common.cli import UsageError
 from common.modeling import EMBEDDED
 
 DEFAULT_DATA = str(BUNDLED_ALPACA)
@@ -63,7 +64,9 @@ class TrainArguments:
     gradient_checkpointing: bool = _help("recompute activations in backward", default=False)
     logging_steps: int = _help("log every N steps", default=2)
     save_steps: int = _help("checkpoint every N steps (0 = only at the end)", default=0)
-    save_total_limit: int = _help("keep at most N checkpoints (0 = all)", default=2)
+    save_total_limit: int = _help("keep at most N checkpoints (0 = all); the final one is always written", default=2)
+    max_skipped_steps: float = _help("stop (exit 1, no merged model) when more than this share of the steps is "
+                                     "skipped for non-finite gradients", default=0.05)
     seed: int = _help("seed of data order, selection and init", default=42)
     resume_from_checkpoint: str | None = _help("a checkpoint directory, or 'latest' in output_dir", default=None)
     report_to: str = _help("none | tensorboard | wandb (comma-separated)", default="none")
@@ -99,19 +102,43 @@ def parse(argv=None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     launcher = [a for a in argv if a.startswith("--local_rank=")]  # the deepspeed launcher's, first
     argv = [a for a in argv if a not in launcher]
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
-        import yaml  # JSON is YAML
-
-        with open(argv[0]) as f:
-            values = yaml.safe_load(f) or {}
+        values = _read_options_file(argv[0])
         known = {f.name for dc in (ModelArguments, DataArguments, TrainArguments) for f in fields(dc)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"{argv[0]}: unknown option(s) {', '.join(unknown)}")
+            raise UsageError(f"{argv[0]}: unknown option(s) {', '.join(unknown)}")
         flags = []
         for key, value in values.items():
             flags += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
         argv = flags + argv[1:]
     return tuple(parser.parse_args_into_dataclasses(args=argv + launcher))
+
+
+def _read_options_file(path: str) -> dict:
+    import yaml  # JSON is YAML
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the options file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UsageError(f"{path}: not valid YAML{line} ({getattr(e, 'problem', None) or e}): fix the file") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a mapping of option: value, got a {type(values).__name__}")
+    return values
+
+
+def resolved(m: ModelArguments, d: DataArguments, t: TrainArguments, **extra) -> dict:
+    """The arguments as args.json (and every checkpoint) records them; resuming compares these."""
+    from .ds import world_size
+
+    return {"model": vars(m), "data": vars(d), "train": vars(t), "world_size": world_size(), "bf16": use_bf16(t),
+            **extra}
 
 
 def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str]:
@@ -136,6 +163,12 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
                        f"(got {t.gradient_accumulation_steps})")
         if t.max_grad_norm:
             out.append(f"--step_in_backward cannot clip by the global norm: set --max_grad_norm 0 (got {t.max_grad_norm})")
+    out += number_problems(m, t)
+    schedulers = schedulers_available()
+    if t.lr_scheduler_type not in schedulers:
+        out.append(f"--lr_scheduler_type {t.lr_scheduler_type}: choose one of {', '.join(schedulers)}")
+    if not 0 <= t.max_skipped_steps <= 1:
+        out.append(f"--max_skipped_steps {t.max_skipped_steps}: a share of the steps, in [0, 1]")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(t, name) < 1:
             out.append(f"--{name} {getattr(t, name)}: must be >= 1")
@@ -147,11 +180,7 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
         out.append(f"--template {d.template}: choose auto, chat or alpaca")
     if d.model_max_length < 16:
         out.append(f"--model_max_length {d.model_max_length}: too short to hold a prompt and an answer")
-    if not os.path.exists(d.data_path) and ("/" not in d.data_path or d.data_path.endswith((".json", ".jsonl"))):
-        out.append(f"--data_path {d.data_path}: no such file (a hub dataset is written owner/name)")
-    if m.model_name_or_path and not os.path.isdir(m.model_name_or_path) and (
-            m.model_name_or_path.startswith((".", "/", "~")) or m.model_name_or_path.count("/") != 1):
-        out.append(f"--model_name_or_path {m.model_name_or_path}: no such directory (a hub id is written owner/name)")
+    out += _source_problems(m, d)
     for backend in split_list(t.report_to):
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(backend)
         if backend != "none" and module is None:
@@ -161,10 +190,81 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         out.append(f"--deepspeed {t.deepspeed}: no such config file")
     elif t.deepspeed:
-        from .ds import resolve_config
+        from .ds import launcher_problem, resolve_config
 
-        out += resolve_config(t.deepspeed, m, t, use_bf16(t))[1]
-    out += _output_dir_problems(t)
+        out += resolve_config(t.deepspeed, m, t, use_bf16(t))[1] + [p for p in [launcher_problem(t.deepspeed)] if p]
+    out += _output_dir_problems(m, d, t)
+    return out
+
+
+# SIFTConfig's field names as this CLI spells them: its rules on the optimizer's numbers are the
+# rules of every method (full and LoRA too), written once there.
+_FLAGS = {"rate": "sift_rate", "targets": "sift_targets", "dense": "sift_dense", "selection": "sift_selection",
+          "optimizer": "optim", "lr": "learning_rate", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm",
+          "step_in_backward": "step_in_backward", "seed": "seed"}
+_SHARED = ("lr", "weight_decay", "max_grad_norm")
+
+
+def schedulers_available() -> list[str]:
+    """transformers' scheduler names that run in this loop: built and stepped once on a one-entry
+    optimizer (milliseconds), so the ones needing extra arguments (min_lr, num_decay_steps) or a
+    metric per step (reduce_lr_on_plateau, greedy) are left out, whatever transformers adds next."""
+    import warnings
+
+    import torch
+    from transformers import SchedulerType, get_scheduler
+
+    def runs(name: str) -> bool:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=4).step()
+            return True
+        except (TypeError, ValueError):
+            return False
+
+    return [s.value for s in SchedulerType if runs(s.value)]
+
+
+def number_problems(m: ModelArguments, t: TrainArguments) -> list[str]:
+    """SIFTConfig.problems() on the learning rate, weight decay and clipping of any method."""
+    from types import SimpleNamespace
+
+    from sift.config import SIFTConfig
+
+    # problems() only reads fields: a namespace of them checks without __post_init__'s raise
+    values = SimpleNamespace(**{**SIFTConfig().to_dict(), "lr": t.learning_rate, "weight_decay": t.weight_decay,
+                                "max_grad_norm": t.max_grad_norm or None})
+    return [f"--{_FLAGS[f]} {getattr(t, _FLAGS[f])}: {msg}" for f, msg in SIFTConfig.problems(values) if f in _SHARED]
+
+
+def _source_problems(m: ModelArguments, d: DataArguments) -> list[str]:
+    """The model and the data exist (locally, in the hub cache, or on a reachable hub)."""
+    from common.hub import hub_problem, looks_like_hub_id
+
+    out, path = [], d.data_path
+    if os.path.isdir(path):
+        out.append(f"--data_path {path}: is a directory: pass a JSON / JSONL file in it (or a hub id owner/name)")
+    elif not os.path.exists(path) and not looks_like_hub_id(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        missing = "" if os.path.isdir(parent) else f" (nor its directory {parent})"
+        out.append(f"--data_path {path}: no such file{missing}; a hub dataset is written owner/name")
+    elif not os.path.exists(path):
+        problem = hub_problem(path, "dataset")
+        if problem:
+            out.append(f"--data_path {path}: no such file, and as a hub dataset: {problem}")
+    name = m.model_name_or_path
+    if name and name != EMBEDDED:
+        if os.path.isdir(name):
+            if not os.path.isfile(os.path.join(name, "config.json")):
+                out.append(f"--model_name_or_path {name}: no config.json in it: pass a Hugging Face model directory")
+        elif not looks_like_hub_id(name):
+            out.append(f"--model_name_or_path {name}: no such directory (a hub id is written owner/name)")
+        else:
+            problem = hub_problem(name, "model")
+            if problem:
+                out.append(f"--model_name_or_path {name}: no such directory, and as a hub id: {problem}")
     return out
 
 
@@ -182,22 +282,11 @@ def check_targets(model_path: str, m: ModelArguments) -> None:
         try:
             find_trainable(skeleton, split_list(m.sift_targets), dense)
         except ValueError as e:
-            sys.exit(f"train_sft.py: invalid options:\n  - --sift_targets/--sift_dense: {e}")
+            detail = "; ".join(line.strip(" -") for line in str(e).splitlines() if line.strip())
+            raise UsageError(f"train_sft.py: --sift_targets/--sift_dense: {detail}") from None
 
 
-def _output_dir_problems(t: TrainArguments) -> list[str]:
-    from .checkpoint import find_checkpoint
+def _output_dir_problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str]:
+    from .rundir import output_dir_problems
 
-    if t.resume_from_checkpoint:
-        try:
-            find_checkpoint(t.output_dir, t.resume_from_checkpoint)
-        except FileNotFoundError as e:
-            return [f"--resume_from_checkpoint {t.resume_from_checkpoint}: {e}"]
-        return []
-    if os.path.isdir(t.output_dir) and not t.overwrite_output_dir:
-        marks = [n for n in os.listdir(t.output_dir)
-                 if n in ("args.json", "train_log.jsonl", "sift_increment.safetensors") or n.startswith("checkpoint-")]
-        if marks:
-            return [f"--output_dir {t.output_dir} holds another run ({', '.join(sorted(marks)[:3])}): pass "
-                    "--overwrite_output_dir, --resume_from_checkpoint latest, or another directory"]
-    return []
+    return output_dir_problems(resolved(m, d, t), t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir)

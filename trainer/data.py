@@ -18,7 +18,7 @@ def build_datasets(d, tokenizer, seed: int, verbose: bool = True) -> tuple[list[
     samples, report = load_dataset_for_training(d.data_path, tokenizer, d.template, d.model_max_length, d.strict)
     if len(samples) <= d.eval_samples:
         raise ValueError(f"{d.data_path}: {len(samples)} usable samples, need more than --eval_samples "
-                         f"{d.eval_samples}\n{report.summary()}")
+                         f"{d.eval_samples}: lower --eval_samples or add data\n{report.summary()}")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     held = [samples[i] for i in order[:d.eval_samples]]
     for s in held:

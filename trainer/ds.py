@@ -31,6 +31,9 @@ def resolve_config(path: str, m, t, bf16: bool) -> tuple[dict, list[str]]:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         return {}, [f"--deepspeed {path}: not a readable JSON config ({e})"]
+    if not isinstance(cfg, dict):
+        return {}, [f"--deepspeed {path}: expected a JSON object of DeepSpeed settings, got a {type(cfg).__name__} "
+                    "(see ds_configs/zero2.json)"]
     world = world_size()
     ours = {"train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
             "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -75,6 +78,15 @@ def resolve_config(path: str, m, t, bf16: bool) -> tuple[dict, list[str]]:
                    f"this launch has {world}: use ds_configs/zero2.json for several ranks")
     cfg["zero_allow_untested_optimizer"] = True
     return cfg, out
+
+
+def launcher_problem(path: str) -> str | None:
+    """The deepspeed launcher sets the process-group variables; without them DeepSpeed falls back
+    to MPI discovery and fails on a missing mpi4py."""
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    return (f"--deepspeed {path}: start through the DeepSpeed launcher, `deepspeed train_sft.py ... --deepspeed "
+            f"{path}` (plain `python train_sft.py` does not set up its ranks)")
 
 
 def _hidden_size(m) -> int:

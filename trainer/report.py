@@ -10,8 +10,7 @@ import torch
 from common.atomic import atomic_dir, atomic_write
 
 from .args import split_list
-
-LOG = "train_log.jsonl"
+from .rundir import LOG, read_log
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -33,12 +32,8 @@ class Logger:
 
     def __init__(self, output_dir: str, report_to: str, resume_step: int = 0):
         self.path = os.path.join(output_dir, LOG)
-        rows = []
-        if resume_step and os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = [r for r in map(json.loads, f) if r["step"] <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        rows = read_log(output_dir, resume_step) if resume_step else []
+        atomic_write(self.path, (json.dumps(r) + "\n" for r in rows))  # a kill here keeps the old log
         self.sinks = []
         for backend in split_list(report_to):
             if backend == "tensorboard":
@@ -65,9 +60,7 @@ class Logger:
 
 def plot_loss(output_dir: str) -> str | None:
     """loss.png from train_log.jsonl (training loss and learning rate against step)."""
-    path = os.path.join(output_dir, LOG)
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_log(output_dir)
     if not rows:
         return None
     import matplotlib

@@ -1,0 +1,190 @@
+"""The bad-input catalogue through the real CLIs, each in its own subprocess: the exit status (2 for
+usage errors), a line that names the option or file and says what to do, no traceback, no
+unrelated third-party warning, and no existing file modified or lost. Each process spends ~5 s of
+CPU importing torch and bitsandbytes, so the cases run three at a time, and problems that one
+check finds together share one invocation (each must get its own line)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("OPENAI_API_KEY", None)
+UNRELATED = ("gemm_4bit_forward", "Setting accelerator to CPU")
+
+
+def _train(*extra):
+    return lambda c: [sys.executable, "train_sft.py", "--model_name_or_path", c["tiny"], "--data_path", c["data"],
+                      "--output_dir", str(c["dir"] / "out"), "--max_steps", "1", *[x.format(**c) for x in extra]]
+
+
+def _eval(script, *extra):
+    return lambda c: [sys.executable, f"eval/{script}", *[x.format(**c) for x in extra]]
+
+
+def _prep(*extra):
+    return lambda c: [sys.executable, "-m", "data_prep.alpaca", *[x.format(**c) for x in extra]]
+
+
+# id: (command, exit status, [what one line of the message must say, for each problem], extra environment).
+# Problems that the option check finds together are given together: every one must get its own line.
+CASES = {
+    # train_sft.py: usage errors found before any weight is read
+    "option_problems_at_once": (_train("--data_path", "{dir}", "--learning_rate", "nan", "--lr_scheduler_type", "bogus",
+                                       "--max_skipped_steps", "3", "--sift_rate", "1.5", "--output_dir", "{dir}/user.txt",
+                                       "--deepspeed", "{dir}/list.json"), 2,
+                                [["--data_path", "is a directory"], ["--learning_rate nan", "finite number > 0"],
+                                 ["--lr_scheduler_type bogus", "choose one of"], ["--max_skipped_steps 3.0", "[0, 1]"],
+                                 ["--sift_rate 1.5", "(0, 1]"], ["--output_dir", "user.txt: is a file"],
+                                 ["--deepspeed", "list.json: expected a JSON object"]], {}),
+    "sources_and_launcher": (_train("--data_path", "{dir}/nowhere/data.json", "--model_name_or_path",
+                                    "nobody-sift/no-such-model", "--finetuning_type", "full", "--learning_rate", "0",
+                                    "--deepspeed", "ds_configs/zero2.json", "--output_dir", "{dir}/user.txt/out"), 2,
+                             [["--data_path", "no such file", "nor its directory"],
+                              ["--model_name_or_path nobody-sift/no-such-model", "HF_HUB_OFFLINE", "local path"],
+                              ["--learning_rate 0.0", "finite number > 0"],
+                              ["--deepspeed ds_configs/zero2.json", "DeepSpeed launcher"],
+                              ["--output_dir", "is a file, so the directory cannot be created"]], {}),
+    "hub_dataset_model_dir_resume": (_train("--data_path", "nobody-sift/no-such-data", "--model_name_or_path", "{dir}",
+                                            "--resume_from_checkpoint", "latest", "--overwrite_output_dir"), 2,
+                                     [["--data_path nobody-sift/no-such-data", "HF_HUB_OFFLINE"],
+                                      ["--model_name_or_path", "no config.json"],
+                                      ["--overwrite_output_dir", "--resume_from_checkpoint", "pass one of them"]], {}),
+    "too_few_samples": (_train("--eval_samples", "100"), 2, [["--eval_samples 100", "lower --eval_samples"]], {}),
+    "yaml_syntax": (lambda c: [sys.executable, "train_sft.py", str(c["dir"] / "bad.yaml")], 2,
+                    [["bad.yaml: not valid YAML at line", "fix the file"]], {}),
+    "yaml_unknown_key": (lambda c: [sys.executable, "train_sft.py", str(c["dir"] / "typo.yaml")], 2,
+                         [["typo.yaml: unknown option(s) learning_rat"]], {}),
+    "resume_nothing": (_train("--resume_from_checkpoint", "latest"), 2,
+                       [["--resume_from_checkpoint latest", "no complete checkpoint"]], {}),
+    "holds_another_run": (_train("--output_dir", "{dir}/old_run"), 2,
+                          [["--output_dir", "holds another run", "--overwrite_output_dir"]], {}),
+    "unknown_target": (_train("--sift_targets", "q_proj,qkv_proj"), 2,
+                       [["--sift_targets", "qkv_proj", "matches no module"]], {}),
+    # the eval CLIs
+    "mmlu_increment_corrupt": (_eval("mmlu.py", "--model", "{tiny}", "--increment", "{dir}/garbage.safetensors"), 2,
+                               [["--increment", "garbage.safetensors", "not a readable safetensors file"]], {}),
+    "mmlu_increment_missing": (_eval("mmlu.py", "--increment", "{dir}/none.safetensors"), 2,
+                               [["--increment", "none.safetensors: no such file"]], {}),
+    "mmlu_increment_foreign": (_eval("mmlu.py", "--model", "{tiny}", "--increment", "{dir}/foreign.safetensors",
+                                     "--subjects", "anatomy", "--limit", "1", "--output_dir", "{dir}/mmlu"), 2,
+                               [["--increment", "foreign.safetensors", "is not a parameter"]], {}),
+    "mmlu_hub_model_offline": (_eval("mmlu.py", "--model", "nobody-sift/no-such-model"), 2,
+                               [["--model nobody-sift/no-such-model", "HF_HUB_OFFLINE"]], {}),
+    "mt_bench_gen_missing_model_dir": (_eval("mt_bench.py", "gen", "--model", "{dir}/no/such/dir"), 2,
+                                       [["--model", "no such directory"]], {}),
+    "mmlu_unknown_subject": (_eval("mmlu.py", "--subjects", "astrology", "--output_dir", "{dir}/mmlu"), 2,
+                             [["--subjects", "astrology"]], {}),
+    "mt_bench_gen_increment_corrupt": (_eval("mt_bench.py", "gen", "--model", "{tiny}", "--increment",
+                                             "{dir}/garbage.safetensors", "--output_dir", "{dir}/bench"), 2,
+                                       [["--increment", "garbage.safetensors"]], {}),
+    "mt_bench_judge_key_newline": (_eval("mt_bench.py", "judge", "--output_dir", "{dir}/bench"), 2,
+                                   [["$OPENAI_API_KEY", "whitespace or control characters"]],
+                                   {"OPENAI_API_KEY": "sk-secret-key-4242\n"}),
+    "mt_bench_judge_no_answers": (_eval("mt_bench.py", "judge", "--output_dir", "{dir}/nothing"), 2,
+                                  [["--output_dir", "no model_answer/", "run `gen` first"]], {}),
+    "mt_bench_show_no_judgments": (_eval("mt_bench.py", "show", "--output_dir", "{dir}/bench"), 2,
+                                   [["gpt-4_single.jsonl: no judgment file", "run `judge` first"]], {}),
+    # data_prep
+    "prep_empty_input": (_prep("{dir}/empty.json", "-o", "{dir}/empty.jsonl"), 1,
+                         [["no usable conversation", "nothing written"]], {}),
+    "prep_output_is_input": (_prep("{dir}/rows.json", "-o", "{dir}/./rows.json"), 2,
+                             [["-o", "would overwrite the input", "rows.json"]], {}),
+    "prep_output_is_directory": (_prep("{dir}/rows.json", "-o", "{dir}"), 2, [["-o", "is a directory"]], {}),
+    "prep_missing_input": (_prep("{dir}/absent.json", "-o", "{dir}/x.jsonl"), 2,
+                           [["absent.json", "no such data file"]], {}),
+}
+
+
+def _setup(case_dir: Path, alpaca_40: str) -> None:
+    """Files the cases point at; every one of them must be intact afterwards."""
+    (case_dir / "user.txt").write_text("the user's notes\n")
+    (case_dir / "bad.yaml").write_text("learning_rate: 1e-3\nsift_targets: [q_proj, v_proj\n")
+    (case_dir / "typo.yaml").write_text("learning_rat: 1e-3\n")
+    (case_dir / "list.json").write_text("[1, 2]\n")
+    (case_dir / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    save_file({"model.layers.9.self_attn.q_proj.weight.indices": torch.tensor([0, 1], dtype=torch.int32),
+               "model.layers.9.self_attn.q_proj.weight.values": torch.zeros(2)},
+              str(case_dir / "foreign.safetensors"), metadata={"format": "sift-increment", "version": "1"})
+    (case_dir / "empty.json").write_text("")
+    (case_dir / "empty.jsonl").write_text('{"an": "older output that must survive"}\n')
+    (case_dir / "rows.json").write_text(Path(alpaca_40).read_text())
+    old = case_dir / "old_run"
+    old.mkdir()
+    (old / "args.json").write_text("{}")
+    (old / "sift_increment.safetensors").write_bytes(b"the old run's increment")
+    answers = case_dir / "bench" / "model_answer"
+    answers.mkdir(parents=True)
+    (answers / "m.jsonl").write_text(json.dumps({"question_id": 81, "answer_id": "a", "model_id": "m",
+                                                 "choices": [{"index": 0, "turns": ["a", "b"]}]}) + "\n")
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run_case(name: str, root: Path, tiny: str, data: str) -> dict:
+    command, *_ , env = CASES[name]
+    case_dir = root / name
+    case_dir.mkdir()
+    _setup(case_dir, data)
+    before = _snapshot(case_dir)
+    argv = command({"dir": case_dir, "tiny": tiny, "data": data})
+    done = subprocess.run(argv, cwd=REPO, env={**ENV, **env}, capture_output=True, text=True, timeout=600)
+    return {"rc": done.returncode, "out": done.stdout, "err": done.stderr, "before": before,
+            "after": _snapshot(case_dir), "argv": argv}
+
+
+@pytest.fixture(scope="module")
+def results(tiny_dir, alpaca_40, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_inputs")
+    with ThreadPoolExecutor(max_workers=3) as pool:  # subprocesses: threads only wait
+        futures = {name: pool.submit(_run_case, name, root, tiny_dir, alpaca_40) for name in CASES}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gets_one_clear_line(results, name):
+    _, status, problems, _ = CASES[name]
+    r = results[name]
+    context = f"{' '.join(map(str, r['argv']))}\nrc={r['rc']}\nstdout:\n{r['out'][-1500:]}\nstderr:\n{r['err'][-3000:]}"
+    assert r["rc"] == status, context
+    assert "Traceback" not in r["err"] + r["out"], context
+    for needles in problems:
+        assert len([line for line in r["err"].splitlines() if all(n in line for n in needles)]) == 1, (needles, context)
+    assert not any(w in r["err"] + r["out"] for w in UNRELATED), context
+    assert "sk-secret-key-4242" not in r["err"] + r["out"]
+    assert r["after"] == r["before"], "files changed: " + ", ".join(
+        sorted(k for k in r["before"].keys() | r["after"].keys() if r["before"].get(k) != r["after"].get(k)))
+
+
+def test_hub_ids_are_checked_in_the_cache_first_then_with_one_short_request(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from common.hub import hub_problem
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE" in hub_problem("nobody-sift/no-such-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    asked = []
+
+    def unreachable(repo_id, timeout):
+        asked.append(timeout)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    assert "cannot be reached (this machine seems offline" in hub_problem("nobody-sift/no-such-model")
+    assert asked == [10]
+    monkeypatch.setattr(huggingface_hub, "dataset_info", lambda repo_id, timeout: object())
+    assert hub_problem("somebody/some-data", "dataset") is None  # reachable: loading will download it

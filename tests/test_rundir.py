@@ -1,0 +1,132 @@
+"""One output directory, one run: run ids, `latest` that resumes only its own run's sound checkpoints,
+--overwrite_output_dir, stale temp files, a torn log tail, the resume-options check, a finished run
+extended bit-exactly, and runs whose numbers cannot be right stopped without a merged model."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_sft
+from conftest import train_args
+from trainer import rundir
+from trainer.checkpoint import resume_candidates, save_checkpoint
+
+CONSTANT = ("--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--generate_tokens", "0")
+
+
+def train(tiny_dir, data, out, *extra):
+    return train_sft.main(train_args(tiny_dir, data, out, *CONSTANT, *extra))
+
+
+def payload(d):
+    with open(os.path.join(d, "optimizer.pt"), "wb") as f:
+        f.write(b"x" * 100)
+
+
+def increments_equal(a, b):
+    a, b = load_file(a / "sift_increment.safetensors"), load_file(b / "sift_increment.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latest_resumes_only_its_own_runs_sound_checkpoints(tmp_path, capsys):
+    rundir.set_status(str(tmp_path), "mine", "running")
+    for step in (2, 4):
+        save_checkpoint(str(tmp_path), step, payload, {"step": step, "run_id": "mine"}, keep=0)
+    save_checkpoint(str(tmp_path), 5, payload, {"step": 5, "run_id": "other"}, keep=0)  # an older run's, newer step
+    save_checkpoint(str(tmp_path), 6, payload, {"step": 6, "run_id": "mine"}, keep=0)
+    with open(tmp_path / "checkpoint-6" / "optimizer.pt", "r+b") as f:  # a kill or full disk mid-write
+        f.truncate(40)
+    found = resume_candidates(str(tmp_path), "latest", "mine")
+    assert found == [str(tmp_path / "checkpoint-4"), str(tmp_path / "checkpoint-2")]
+    err = capsys.readouterr().err
+    assert "skipping" in err and "checkpoint-6: optimizer.pt has 40 bytes, 100 were written" in err
+    assert "checkpoint-5: it belongs to another run (other" in err
+    with pytest.raises(FileNotFoundError, match="truncated"):
+        resume_candidates(str(tmp_path), str(tmp_path / "checkpoint-6"))
+
+
+def test_start_removes_stale_temps_and_overwrite_removes_only_the_old_runs_files(tmp_path):
+    out = tmp_path / "run"
+    save_checkpoint(str(out), 3, payload, {"step": 3, "run_id": "old"}, keep=0)
+    for name in ("args.json", "results.json", "loss.png", "train_log.jsonl", "sift_increment.safetensors"):
+        (out / name).write_text("old")
+    (out / "merged").mkdir()
+    (out / "checkpoint-7").mkdir()  # torn: no state file
+    for temp in (".checkpoint-8-abcd1234", ".merged-x1y2z3_a", ".adapter-k9k9k9k9"):
+        (out / temp).mkdir()
+    (out / ".sift_increment.safetensors.qwerty12.tmp").write_text("half")
+    (out / "notes.txt").write_text("the user's")
+    run_id = rundir.start(str(out), resume_from=None)
+    assert sorted(os.listdir(out)) == ["notes.txt", "run.json"]
+    assert rundir.run_info(str(out)) | {"updated": 0} == {"run_id": run_id, "status": "running", "step": None,
+                                                          "updated": 0}
+
+
+def test_torn_log_tail_is_dropped_with_a_warning_naming_the_file(tmp_path, capsys):
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
+    assert rundir.read_log(str(tmp_path), up_to_step=2) == rows
+    assert f"{tmp_path / 'train_log.jsonl'}:3: dropping a truncated last line" in capsys.readouterr().out
+    (tmp_path / "train_log.jsonl").write_text('{"step": 1\n' + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match="train_log.jsonl:1: not valid JSON"):
+        rundir.read_log(str(tmp_path))
+
+
+def test_unfinished_run_is_flagged_to_readers(tmp_path, capsys):
+    rundir.set_status(str(tmp_path), "r", "running", 3)
+    rundir.warn_if_unfinished(str(tmp_path / "merged"))
+    assert "not finished" in capsys.readouterr().err
+    rundir.set_status(str(tmp_path), "r", "finished", 3)
+    rundir.warn_if_unfinished(str(tmp_path / "merged"))
+    assert capsys.readouterr().err == ""
+
+
+def test_finished_run_extends_and_falls_back_past_a_damaged_checkpoint(tiny_dir, alpaca_40, tmp_path, capsys):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_dir, alpaca_40, straight, "--max_steps", "6")
+    train(tiny_dir, alpaca_40, run, "--max_steps", "4", "--save_steps", "2")
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["run_id"] == rundir.run_info(str(run))["run_id"] and (run / "checkpoint-4" / "args.json").exists()
+
+    # options that decide what is trained are compared with the checkpoint's, before any weight loads
+    with pytest.raises(SystemExit) as err:
+        train(tiny_dir, alpaca_40, run, "--max_steps", "6", "--resume_from_checkpoint", "latest",
+              "--learning_rate", "2e-3", "--seed", "1", "--per_device_train_batch_size", "1", "--sift_rate", "0.1",
+              "--optim", "adamw", "--sift_targets", "q_proj", "--finetuning_type", "lora")
+    for needle in ("--learning_rate 0.001 -> 0.002", "--seed 42 -> 1", "--per_device_train_batch_size 2 -> 1",
+                   "--sift_rate 0.05 -> 0.1", "--optim adamw8bit -> adamw", "--sift_targets q_proj,k_proj",
+                   "-> q_proj", "--finetuning_type sift -> lora"):
+        assert needle in str(err.value), needle
+
+    # the final checkpoint's optimizer state rots in place (same size): its load fails, 2 takes over
+    path = run / "checkpoint-4" / "optimizer.pt"
+    path.write_bytes(b"\0" * path.stat().st_size)
+    capsys.readouterr()
+    train(tiny_dir, alpaca_40, run, "--max_steps", "6", "--resume_from_checkpoint", "latest")
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "checkpoint-4: its payload fails to load" in captured.err
+    assert "resumed from" in captured.out and "checkpoint-2 at step 2" in captured.out
+    assert "skipped steps (non-finite gradients): 0 of 6" in captured.out
+    assert increments_equal(straight, run)
+    assert [r["step"] for r in rundir.read_log(str(run))] == [1, 2, 3, 4, 5, 6]
+    assert rundir.run_info(str(run))["status"] == "finished"
+
+
+def test_diverging_run_stops_without_a_merged_model(tiny_dir, alpaca_40, tmp_path, capsys):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as err:
+        train(tiny_dir, alpaca_40, out, "--learning_rate", "1e30", "--max_steps", "4")
+    assert err.value.code == 1
+    assert "skipped for non-finite gradients, more than --max_skipped_steps 0.05" in capsys.readouterr().err
+    assert not (out / "merged").exists() and not (out / "sift_increment.safetensors").exists()
+    assert rundir.run_info(str(out))["status"] == "failed"
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "sift"])
+@pytest.mark.parametrize("lr", ["nan", "-1e-3", "0", "inf"])
+def test_learning_rates_that_cannot_be_right_are_refused_for_every_method(tmp_path, method, lr):
+    with pytest.raises(SystemExit) as err:
+        train_sft.main(["--output_dir", str(tmp_path / "x"), "--finetuning_type", method, f"--learning_rate={lr}"])
+    assert err.value.code == 2 and f"--learning_rate {float(lr)}: must be a finite number > 0" in str(err.value)

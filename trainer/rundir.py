@@ -1,0 +1,185 @@
+"""One output directory, one run: its id, its status, what starting and resuming may do to it.
+
+`run.json` records the run id (every checkpoint carries it, so `latest` resumes only this run's) and
+a status: "running" from the start, then "finished" (written last, after every final file),
+"interrupted" (a signal: resumable) or "failed" (diverged: no merged model). The final files
+(increment, merged/, results.json, loss.png) are each written atomically but not together, so
+`status: finished` is the completion marker: a directory whose run.json says otherwise may hold a
+mix of files of one run at different steps, and the eval CLIs warn about it. A completion marker
+rather than one final rename of a complete directory, because the layout (`<output_dir>/merged/`,
+`<output_dir>/sift_increment.safetensors`) is a contract users and scripts rely on, and renaming the
+whole run directory would also move its checkpoints.
+
+Starting afresh with --overwrite_output_dir removes the previous run's files first, so no old
+file survives next to a new one; every start removes the temp files and directories that killed
+saves leave behind (at 7B a killed merged/ save leaves about 13 GB).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+
+from common.atomic import atomic_write
+from common.jsonl import read_jsonl
+
+from .checkpoint import ARGS, complete_checkpoints, load_args, load_state, resume_candidates
+
+RUN_FILE, LOG = "run.json", "train_log.jsonl"
+# What a run writes at the top of its directory; --overwrite_output_dir removes exactly these (and the
+# checkpoints), never a file the user keeps there. A new output must be added here.
+RUN_OUTPUTS = (RUN_FILE, ARGS, LOG, "results.json", "loss.png", "sift_increment.safetensors", "merged", "adapter",
+               "runs", "wandb")
+# Temp names of trainer.checkpoint (`.checkpoint-<step>-XXXXXXXX`), common.atomic.atomic_dir
+# (`.<name>-XXXXXXXX`, merged/'s `.merged-XXXXXXXX`) and atomic_path (`.<name>.XXXXXXXX.tmp`);
+# the X are tempfile's 8 random characters.
+_TEMP_DIR = re.compile(r"^\..+-[a-z0-9_]{8}$")
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# Options that may change on resume: where and how often to write, log and measure, and the length
+# of the run. Every other option decides what is trained, so a change is refused.
+RESUMABLE_CHANGES = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs",
+                     "logging_steps", "save_steps", "save_total_limit", "report_to", "run_name", "local_rank",
+                     "deepspeed", "generate_tokens", "per_device_eval_batch_size", "eval_steps", "eval_data_path",
+                     "gradient_checkpointing", "max_skipped_steps", "strict"}
+
+
+def run_info(output_dir: str) -> dict:
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def set_status(output_dir: str, run_id: str, status: str, step: int | None = None) -> None:
+    info = {"run_id": run_id, "status": status, "step": step, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write(os.path.join(output_dir, RUN_FILE), [json.dumps(info, indent=1) + "\n"])
+
+
+def remove_stale_temps(output_dir: str) -> list[str]:
+    removed = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if _TEMP_DIR.match(name) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _TEMP_FILE.match(name) and os.path.isfile(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) of interrupted saves in {output_dir}: {', '.join(sorted(removed))}")
+    return removed
+
+
+def remove_run_files(output_dir: str) -> None:
+    """The previous run's outputs and checkpoints (--overwrite_output_dir), before anything new is written."""
+    gone = [os.path.join(output_dir, n) for n in RUN_OUTPUTS] + [p for _, p in complete_checkpoints(output_dir)]
+    gone += [os.path.join(output_dir, n) for n in os.listdir(output_dir) if re.match(r"^checkpoint-\d+$", n)]
+    for path in gone:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def start(output_dir: str, resume_from: str | None) -> str:
+    """Prepare `output_dir` for this run (main process, before the run writes anything); its run id.
+
+    A fresh run gets a new id and an empty directory of run files (problems() has made sure that
+    only --overwrite_output_dir gets here with an old run in it); a resumed run continues the id of
+    the checkpoint it resumes."""
+    os.makedirs(output_dir, exist_ok=True)
+    remove_stale_temps(output_dir)
+    if resume_from is None:
+        remove_run_files(output_dir)
+        run_id = uuid.uuid4().hex[:12]
+    else:
+        run_id = load_state(resume_from).get("run_id") or run_info(output_dir).get("run_id") or uuid.uuid4().hex[:12]
+    set_status(output_dir, run_id, "running")
+    return run_id
+
+
+def read_log(output_dir: str, up_to_step: int | None = None) -> list[dict]:
+    """train_log.jsonl's rows (those of steps <= up_to_step); a torn last line (a kill or a full disk
+    mid-append) is dropped with a warning naming the file, a bad line elsewhere is an error."""
+    path = os.path.join(output_dir, LOG)
+    if not os.path.exists(path):
+        return []
+    rows = [r for _, r in read_jsonl(path, tolerate_torn_tail=True)]
+    return [r for r in rows if up_to_step is None or r.get("step", 0) <= up_to_step]
+
+
+def flat_args(args: dict) -> dict:
+    """{option: value} over the argument groups of an args.json, plus the resolved world size and bf16."""
+    flat = {k: v for group in ("model", "data", "train") for k, v in (args.get(group) or {}).items()}
+    flat.update({k: args[k] for k in ("world_size", "bf16") if k in args})
+    return flat
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """`--option saved -> current` for every option that decides what is trained and changed; options
+    one side does not know (a checkpoint of an older version) are not compared."""
+    old, new = flat_args(saved), flat_args(current)
+    out = []
+    for key in sorted(set(old) & set(new) - RESUMABLE_CHANGES):
+        if old[key] != new[key]:
+            label = {"world_size": "ranks (world size)", "bf16": "bf16 (resolved)"}.get(key, f"--{key}")
+            out.append(f"{label} {old[key]} -> {new[key]}")
+    return out
+
+
+def output_dir_problems(current_args: dict, output_dir: str, resume: str | None, overwrite: bool) -> list[str]:
+    """What keeps this run from using `output_dir` (before any weight is loaded); `current_args`
+    has the shape of args.json (groups "model", "data", "train", plus "world_size", "bf16")."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return [f"--output_dir {output_dir}: is a file, not a directory: pick another --output_dir"]
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return [f"--output_dir {output_dir}: {parent} is a file, so the directory cannot be created"]
+    if not os.access(parent if not os.path.isdir(output_dir) else output_dir, os.W_OK):
+        return [f"--output_dir {output_dir}: not writable"]
+    if resume:
+        if overwrite:
+            return ["--overwrite_output_dir starts afresh and --resume_from_checkpoint continues: pass one of them"]
+        own = run_info(output_dir).get("run_id")
+        try:
+            ckpt = resume_candidates(output_dir, resume, own if resume == "latest" else None, warn=False)[0]
+        except FileNotFoundError as e:
+            return [f"--resume_from_checkpoint {resume}: {e}"]
+        theirs = load_state(ckpt).get("run_id")
+        if resume != "latest" and own and theirs and own != theirs:
+            return [f"--resume_from_checkpoint {resume}: belongs to run {theirs}, but --output_dir {output_dir} holds "
+                    f"run {own}: resume into its own directory or into a new --output_dir"]
+        saved = load_args(ckpt)
+        diffs = resume_differences(saved, current_args) if saved else []
+        if diffs:
+            return [f"--resume_from_checkpoint {ckpt} was written with other options: " + "; ".join(diffs)
+                    + ": pass the checkpoint's values (a larger --max_steps is fine) or start a new --output_dir"]
+        return []
+    if os.path.isdir(output_dir) and not overwrite:
+        marks = [n for n in os.listdir(output_dir) if n in RUN_OUTPUTS or n.startswith("checkpoint-")]
+        if marks:
+            return [f"--output_dir {output_dir} holds another run ({', '.join(sorted(marks)[:3])}): pass "
+                    "--overwrite_output_dir, --resume_from_checkpoint latest, or another directory"]
+    return []
+
+
+def warn_if_unfinished(path: str) -> None:
+    """For readers of a run's outputs (the eval CLIs): warn when `path` (a run directory, its
+    merged/ or its increment) belongs to a run whose run.json does not say finished."""
+    run_dir = os.path.dirname(os.path.abspath(path.rstrip("/")))
+    info = run_info(run_dir)
+    if info and info.get("status") != "finished":
+        print(f"warning: {path} belongs to a run that is not finished ({os.path.join(run_dir, RUN_FILE)} says "
+              f"{info.get('status')!r}): its files may be from different steps; finish or resume the run first",
+              file=sys.stderr)
