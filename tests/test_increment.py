@@ -287,6 +287,7 @@ def test_eval_cli_checks_the_base_and_says_so_in_one_line(tiny_dir, tmp_path, ca
     scoring; --force applies it anyway."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from common import cli
     from eval import mmlu
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -301,16 +302,18 @@ def test_eval_cli_checks_the_base_and_says_so_in_one_line(tiny_dir, tmp_path, ca
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(other)
     (tmp_path / "cut.safetensors").write_bytes(inc.read_bytes()[:100])
 
-    def run(*argv):
+    def run(*argv):  # as `python eval/mmlu.py` runs it
         out = tmp_path / "o"
-        mmlu.main(["--subjects", "management", "--limit", "2", "--output_dir", str(out), *argv])
-        return json.loads((out / "mmlu_results.json").read_text())
+        status = cli.run(mmlu.main, ["--subjects", "management", "--limit", "2", "--output_dir", str(out), *argv],
+                         errors=(ValueError, OSError), prog="mmlu.py")
+        return status, out / "mmlu_results.json"
 
     for model_dir, path, message in ((other, inc, "not the base the increment was trained from"),
                                      (tiny_dir, tmp_path / "cut.safetensors", "truncated or corrupt")):
-        with pytest.raises(SystemExit) as e:
-            run("--model", str(model_dir), "--increment", str(path))
+        status, _ = run("--model", str(model_dir), "--increment", str(path))
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-        assert e.value.code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("error: --increment")
-    assert run("--model", str(other), "--increment", str(inc), "--force")["subjects"]["management"]["num_questions"] == 2
-    assert run("--model", tiny_dir, "--increment", str(inc))["increment"] == str(inc)
+        assert status == 2 and len(err) == 1 and message in err[0] and err[0].startswith("mmlu.py: error: --increment")
+    status, results = run("--model", str(other), "--increment", str(inc), "--force")
+    assert status == 0 and json.loads(results.read_text())["subjects"]["management"]["num_questions"] == 2
+    status, results = run("--model", tiny_dir, "--increment", str(inc))
+    assert status == 0 and json.loads(results.read_text())["increment"] == str(inc)
