@@ -22,11 +22,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from data_prep.dataset import collate
-from data_prep.encode import IGNORE_INDEX
 from common.modeling import load_model_and_tokenizer, resolve_model_path
 from trainer import args as targs
 from trainer import ds, methods
 from trainer.checkpoint import find_checkpoint, load_state, save_checkpoint
+from trainer.loss import causal_lm_loss, label_tokens
 from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
 from trainer.report import Logger, memory_stats, plot_loss, save_merged, write_json_atomic
 
@@ -38,8 +38,8 @@ def heldout_loss(model, samples, pad_id, batch_size, device) -> float:
     total, tokens = 0.0, 0
     for i in range(0, len(samples), batch_size):
         b = {k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
-        n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(model(**b, num_items_in_batch=n).loss) * n
+        n = label_tokens(b["labels"])
+        total += float(causal_lm_loss(model, b, n)) * n
         tokens += n
     model.train()
     return total / max(tokens, 1)
@@ -62,7 +62,7 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, int]
     by the window's label-token count, so accumulation 4 x batch 1, batch 4, and 2 ranks x batch 2
     all give the same gradient (up to float error), and samples weigh by their tokens.
     """
-    n_labels = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
+    n_labels = torch.tensor(sum(label_tokens(b["labels"]) for b in micro_batches))
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         dist.all_reduce(n_labels)
@@ -70,7 +70,7 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, int]
     loss_sum, tokens = torch.zeros(()), 0
     for b in micro_batches:
         b = {k: v.to(device) for k, v in b.items()}
-        loss = (engine or model)(**b, num_items_in_batch=n_labels).loss
+        loss = engine(b, n_labels) if engine is not None else causal_lm_loss(model, b, n_labels)
         if engine is None:
             loss.backward()
         else:
