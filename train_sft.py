@@ -28,7 +28,7 @@ from trainer import ds, methods
 from trainer.checkpoint import find_checkpoint, load_state, save_checkpoint
 from trainer.loss import causal_lm_loss, label_tokens
 from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
-from trainer.report import Logger, memory_stats, plot_loss, save_merged, write_json_atomic
+from trainer.report import Logger, memory_stats, plot_loss, write_json_atomic
 
 
 @torch.no_grad()
@@ -55,8 +55,8 @@ def sample_generation(model, tokenizer, prompt_ids, max_new_tokens, device) -> s
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def train_window(model, micro_batches, device, engine=None) -> tuple[float, int]:
-    """Forward/backward over one accumulation window; returns (mean token loss, tokens seen).
+def train_window(model, micro_batches, device, engine=None) -> tuple[float, int, int]:
+    """Forward/backward over one accumulation window; returns (mean token loss, tokens seen, label tokens).
 
     Normalisation: the loss is the sum of token losses over the WHOLE window (of every rank) divided
     by the window's label-token count, so accumulation 4 x batch 1, batch 4, and 2 ranks x batch 2
@@ -77,20 +77,29 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, int]
             engine.backward(loss, scale_wrt_gas=False)  # our normalisation already covers the window
             engine.step()  # DeepSpeed's micro-step bookkeeping; its anchor optimizer moves nothing
         loss_sum += loss.detach().float().cpu()  # host sync once per micro-batch, for the log
-        tokens += int(b["attention_mask"].sum())
+        tokens += int(b["num_tokens"] if "num_tokens" in b else b["attention_mask"].sum())  # packed rows: no mask
     if distributed:  # each rank holds its share of the window's loss
         dist.all_reduce(loss_sum)
-    return float(loss_sum), tokens
+    return float(loss_sum), tokens, n_labels
 
 
 def main(argv=None):
+    """The CLI: a usage or input problem is one message on stderr and exit status 2."""
+    try:
+        return run(argv)
+    except targs.UsageError as e:
+        print(f"train_sft.py: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(argv=None):
     # ------------------------------------------------------------------ setup
     m, d, t = targs.parse(argv)
-    problems = targs.problems(m, d, t)
+    resolved, problems = targs.resolve(m, d, t)
     if problems:
-        sys.exit("train_sft.py: invalid options:\n  - " + "\n  - ".join(problems))
+        raise targs.UsageError("invalid options:\n  - " + "\n  - ".join(problems))
     torch.manual_seed(t.seed)
-    bf16 = targs.use_bf16(t)
+    bf16, ds_cfg = resolved.bf16, resolved.deepspeed
     rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     if t.deepspeed:
         import deepspeed
@@ -104,15 +113,14 @@ def main(argv=None):
     model_path = resolve_model_path(m.model_name_or_path)
     targs.check_targets(model_path, m)  # on a meta-device model: before any weight is read
 
-    ds_cfg = ds.resolve_config(t.deepspeed, m, t, bf16)[0] if t.deepspeed else None
-    zero3 = bool(ds_cfg) and ds_cfg["zero_optimization"].get("stage") == 3
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                device="cpu" if zero3 else device)  # ZeRO-3 places it
+                                                device="cpu" if resolved.zero3 else device)  # ZeRO-3 places it
     train_set, eval_set, data_report = build_datasets(d, tokenizer, t.seed, verbose=main_process)
     if t.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None
-    model, opt = methods.build(model, m, t)
+    method = methods.build(model, m, t)
+    model, opt = method.model, method.opt
     per_epoch = micro_batches_per_epoch(len(train_set), t.per_device_train_batch_size * world)
     total_steps = targs.total_steps(m, t, per_epoch)
     from transformers import get_scheduler
@@ -126,75 +134,98 @@ def main(argv=None):
                            "total_steps": total_steps, "device": device, "world_size": world, "bf16": bf16,
                            "deepspeed_config": ds_cfg, "data_report": data_report})
 
-    start_step = 0
+    start_step, before = 0, None
     if t.resume_from_checkpoint:
         ckpt = find_checkpoint(t.output_dir, t.resume_from_checkpoint)
-        methods.load_payload(ckpt, model, opt)
+        method.load_payload(ckpt)
         state = load_state(ckpt)
         scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
+        start_step, before = state["step"], state.get("before")  # the base model's figures, from the first run
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         print(f"resumed from {ckpt} at step {start_step}")
     pad_id = tokenizer.pad_token_id
     gen_prompt = eval_set[0]["prompt_ids"]
 
+    def evaluate() -> float:
+        return heldout_loss(model, eval_set, pad_id, t.per_device_eval_batch_size, device)
+
     def measure():
-        out = {"heldout_loss": heldout_loss(model, eval_set, pad_id, t.per_device_eval_batch_size, device)}
+        out = {"heldout_loss": evaluate()}
         if t.generate_tokens:
             out["sample"] = sample_generation(model, tokenizer, gen_prompt, t.generate_tokens, device)
         return out
 
-    before = measure()
+    if before is None:
+        before = measure()
     if main_process:
         print(f"before: {json.dumps(before, ensure_ascii=False)}")
 
     # ------------------------------------------------------------------ train
-    log = Logger(t.output_dir, t.report_to, resume_step=start_step) if main_process else None
+    log = Logger(t.output_dir, t.report_to, resume_step=start_step, run_name=targs.run_name(t),
+                 config={"model": vars(m), "data": vars(d), "train": vars(t)}) if main_process else None
+    if main_process and t.eval_steps and start_step == 0:
+        log.write({"step": 0, "eval_loss": before["heldout_loss"]})
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                dynamic_ncols=True, disable=not main_process)
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_tokens, window_labels, window_start = 0.0, 0, 0, time.perf_counter()
     comm_at_start = getattr(opt, "comm_bytes", 0)
+    postfix = {}
     model.train()
-    for step in bar:
-        micro = batches_for_window(train_set, step, t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                                   t.seed, pad_id, rank, world)
-        loss, tokens = train_window(model, micro, device, engine)
-        grad_norm = methods.step(model, opt, t)
-        scheduler.step()
-        window_loss += loss
-        window_tokens += tokens * world
-        done = step + 1
-        if main_process and (done % t.logging_steps == 0 or done == total_steps):
-            n = done % t.logging_steps or t.logging_steps
-            elapsed = time.perf_counter() - window_start
-            row = {"step": done, "loss": window_loss / n, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_s": window_tokens / elapsed, **memory_stats(device)}
-            if hasattr(opt, "skipped_steps"):
-                row["skipped_steps"] = opt.skipped_steps
-            if world > 1:
-                row["allreduce_bytes_per_step"] = (opt.comm_bytes - comm_at_start) / n
-                comm_at_start = opt.comm_bytes
-            log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        if t.save_steps and done % t.save_steps == 0 and done < total_steps:
-            if main_process:  # SIFT's state is replicated: one rank writes it
-                state = {"step": done, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state().tolist()}
-                save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, model_path),
-                                state, t.save_total_limit)
-            if world > 1:
-                dist.barrier()
+    try:
+        for step in bar:
+            micro = batches_for_window(train_set, step, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                                       t.seed, pad_id, rank, world, packed=d.packing)
+            loss, tokens, labels = train_window(model, micro, device, engine)
+            grad_norm = method.step()
+            scheduler.step()
+            window_loss += loss
+            window_tokens += tokens * world
+            window_labels += labels  # already summed over ranks
+            done = step + 1
+            if main_process and (done % t.logging_steps == 0 or done == total_steps):
+                n = done % t.logging_steps or t.logging_steps
+                elapsed = time.perf_counter() - window_start
+                row = {"step": done, "loss": window_loss / n, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / elapsed,
+                       "label_tokens_per_s": window_labels / elapsed, **memory_stats(device)}
+                if hasattr(opt, "skipped_steps"):
+                    row["skipped_steps"] = opt.skipped_steps
+                if world > 1:
+                    row["allreduce_bytes_per_step"] = (opt.comm_bytes - comm_at_start) / n
+                    comm_at_start = opt.comm_bytes
+                log.write(row)
+                postfix.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                bar.set_postfix(postfix)
+                window_loss, window_tokens, window_labels, window_start = 0.0, 0, 0, time.perf_counter()
+            if t.eval_steps and done % t.eval_steps == 0 and done < total_steps:  # the last one is "after"
+                eval_loss = evaluate()  # every rank: ZeRO-3 gathers need them all
+                if main_process:
+                    log.write({"step": done, "eval_loss": eval_loss})
+                    postfix["eval_loss"] = f"{eval_loss:.4f}"
+                    bar.set_postfix(postfix)
+                window_start = time.perf_counter()  # the throughput figures leave evaluation out
+            if t.save_steps and done % t.save_steps == 0 and done < total_steps:
+                if main_process:  # SIFT's state is replicated: one rank writes it
+                    state = {"step": done, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state().tolist(),
+                             "before": before}
+                    save_checkpoint(t.output_dir, done, lambda tmp: method.save_payload(tmp, model_path),
+                                    state, t.save_total_limit)
+                if world > 1:
+                    dist.barrier()
 
-    # ------------------------------------------------------------------ save
-    after = measure()
+        # ------------------------------------------------------------------ save
+        after = measure()
+        if main_process and t.eval_steps:
+            log.write({"step": total_steps, "eval_loss": after["heldout_loss"]})
+    finally:
+        if log is not None:
+            log.close()  # flushes and closes TensorBoard / W&B, also on an error
     with ds.gathered(model):  # ZeRO-3: every rank takes part in the gather
         if main_process:
-            log.close()
             print(f"after: {json.dumps(after, ensure_ascii=False)}")
-            if isinstance(opt, methods.SIFT):
-                methods.save_increment(opt, os.path.join(t.output_dir, methods.FILENAME), base_model=model_path)
-                print(f"memory: {json.dumps(opt.memory_report())}")
-            save_merged(methods.merged_model(model, opt), tokenizer, os.path.join(t.output_dir, "merged"))
+            method.save_final(t.output_dir, tokenizer, model_path)
+            if method.memory_report():
+                print(f"memory: {json.dumps(method.memory_report())}")
             write_json_atomic(os.path.join(t.output_dir, "results.json"),
                               {"before": before, "after": after, "steps": total_steps})
             plot_loss(t.output_dir)
