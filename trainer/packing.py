@@ -6,8 +6,10 @@
 Each sample keeps its own positions (0, 1, ... restarting inside the row), and the batch carries
 no attention mask: with position ids that restart and no 2-D mask, transformers (5.23,
 `masking_utils.find_packed_sequence_indices`) builds a block-diagonal causal mask for sdpa / eager
-and flash-attention takes its varlen path, so no token attends across a sample boundary. (Restarted
-position ids *with* a 2-D padding mask are not enough: the mask is then only causal.) The first
+and flash-attention takes its varlen path, so no token attends across a sample boundary. Restarted
+position ids are not enough next to a 2-D padding mask, nor with a KV cache (`use_cache=True`, the
+default of a model in eval mode): transformers then skips the detection and the mask is only
+causal; trainer.loss calls the decoder with `use_cache=False` and no mask for packed rows. The first
 label of every sample is dropped, as the shift drops it in an unpacked row: the previous sample's
 last token would otherwise learn to predict it.
 
