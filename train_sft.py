@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 # bitsandbytes' CPU optimizer kernels each wait ~7.5 ms on spinning OpenMP threads otherwise
 # (benchmarks/README.md); must be set before torch loads OpenMP.
@@ -55,8 +56,9 @@ def sample_generation(model, tokenizer, prompt_ids, max_new_tokens, device) -> s
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def train_window(model, micro_batches, device, engine=None) -> tuple[float, int, int]:
-    """Forward/backward over one accumulation window; returns (mean token loss, tokens seen, label tokens).
+def train_window(model, micro_batches, device, engine=None) -> tuple[float, dict]:
+    """Forward/backward over one accumulation window; returns (mean token loss, counts): this rank's
+    real `tokens` and padded `grid` (tokens + padding), the window's `label_tokens` on all ranks.
 
     Normalisation: the loss is the sum of token losses over the WHOLE window (of every rank) divided
     by the window's label-token count, so accumulation 4 x batch 1, batch 4, and 2 ranks x batch 2
@@ -67,7 +69,7 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, int,
     if distributed:
         dist.all_reduce(n_labels)
     n_labels = int(n_labels)
-    loss_sum, tokens = torch.zeros(()), 0
+    loss_sum, tokens, grid = torch.zeros(()), 0, 0
     for b in micro_batches:
         b = {k: v.to(device) for k, v in b.items()}
         loss = engine(b, n_labels) if engine is not None else causal_lm_loss(model, b, n_labels)
@@ -78,9 +80,10 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, int,
             engine.step()  # DeepSpeed's micro-step bookkeeping; its anchor optimizer moves nothing
         loss_sum += loss.detach().float().cpu()  # host sync once per micro-batch, for the log
         tokens += int(b["num_tokens"] if "num_tokens" in b else b["attention_mask"].sum())  # packed rows: no mask
+        grid += b["input_ids"].numel()
     if distributed:  # each rank holds its share of the window's loss
         dist.all_reduce(loss_sum)
-    return float(loss_sum), tokens, n_labels
+    return float(loss_sum), {"tokens": tokens, "grid": grid, "label_tokens": n_labels}
 
 
 def main(argv=None):
@@ -167,7 +170,7 @@ def run(argv=None):
         log.write({"step": 0, "eval_loss": before["heldout_loss"]})
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                dynamic_ncols=True, disable=not main_process)
-    window_loss, window_tokens, window_labels, window_start = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_start, counts = 0.0, time.perf_counter(), Counter()
     comm_at_start = getattr(opt, "comm_bytes", 0)
     postfix = {}
     model.train()
@@ -175,19 +178,20 @@ def run(argv=None):
         for step in bar:
             micro = batches_for_window(train_set, step, t.per_device_train_batch_size, t.gradient_accumulation_steps,
                                        t.seed, pad_id, rank, world, packed=d.packing)
-            loss, tokens, labels = train_window(model, micro, device, engine)
+            loss, seen = train_window(model, micro, device, engine)
             grad_norm = method.step()
             scheduler.step()
             window_loss += loss
-            window_tokens += tokens * world
-            window_labels += labels  # already summed over ranks
+            counts.update(tokens=seen["tokens"] * world, grid=seen["grid"] * world, labels=seen["label_tokens"])
             done = step + 1
             if main_process and (done % t.logging_steps == 0 or done == total_steps):
                 n = done % t.logging_steps or t.logging_steps
                 elapsed = time.perf_counter() - window_start
                 row = {"step": done, "loss": window_loss / n, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / elapsed,
-                       "label_tokens_per_s": window_labels / elapsed, **memory_stats(device)}
+                       "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / elapsed,
+                       "label_tokens": counts["labels"], "label_tokens_per_s": counts["labels"] / elapsed,
+                       "padding_share": 1 - counts["tokens"] / counts["grid"], "seconds": elapsed,
+                       **memory_stats(device)}
                 if hasattr(opt, "skipped_steps"):
                     row["skipped_steps"] = opt.skipped_steps
                 if world > 1:
@@ -196,7 +200,7 @@ def run(argv=None):
                 log.write(row)
                 postfix.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 bar.set_postfix(postfix)
-                window_loss, window_tokens, window_labels, window_start = 0.0, 0, 0, time.perf_counter()
+                window_loss, window_start, counts = 0.0, time.perf_counter(), Counter()
             if t.eval_steps and done % t.eval_steps == 0 and done < total_steps:  # the last one is "after"
                 eval_loss = evaluate()  # every rank: ZeRO-3 gathers need them all
                 if main_process:

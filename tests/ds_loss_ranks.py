@@ -27,7 +27,7 @@ cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "t
        "gradient_clipping": 0.0, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
        "steps_per_print": 10**9}
 engine = ds.initialize(model, cfg)
-loss, _, _ = train_sft.train_window(model, [{k: v[rank::world] for k, v in b.items()} for b in window], "cpu", engine)
+loss, _ = train_sft.train_window(model, [{k: v[rank::world] for k, v in b.items()} for b in window], "cpu", engine)
 ours = grads(model)
 for g in ours.values():
     dist.all_reduce(g)

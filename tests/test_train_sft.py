@@ -34,7 +34,10 @@ def test_end_to_end_outputs_and_merged_model(tiny_dir, alpaca_40, tmp_path):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(k in rows[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_mb"))
+    assert all(k in rows[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "label_tokens_per_s", "padding_share",
+                                      "peak_rss_mb"))
+    assert all(0 <= r["padding_share"] < 1 and r["label_tokens_per_s"] < r["tokens_per_s"] for r in rows)
+    assert any(r["padding_share"] > 0 for r in rows)
     assert after["heldout_loss"] < before["heldout_loss"]
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)

@@ -107,7 +107,7 @@ def plot_loss(output_dir: str) -> str | None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lines = ax.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".", label="train loss")
     if held:
         lines += ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], marker="o",
@@ -120,7 +120,9 @@ def plot_loss(output_dir: str) -> str | None:
         lines += lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", alpha=0.5,
                             label="learning rate")
         lr_ax.set_ylabel("learning rate")
-    ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small")
+    # under the axes: inside, it would hide a curve whichever corner it took
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              ncol=len(lines), fontsize="small", frameon=False)
     ax.set_title(os.path.basename(os.path.abspath(output_dir)))
     fig.tight_layout()
     out = os.path.join(output_dir, "loss.png")
