@@ -31,9 +31,12 @@ from torch.utils.checkpoint import checkpoint
 from data_prep.encode import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# fp32 logits of one chunk; its backward holds ~4 such buffers (logits, log-softmax, their grads),
-# so ~64 MiB at the peak: under the per-layer recompute of a 7B checkpointed backward
-CHUNK_BYTES = 16 * 2**20
+# fp32 logits of one chunk (its backward holds ~4 such buffers: logits, log-softmax, their grads).
+# Planned at seq 2048 with checkpointing (benchmarks/README.md), 32-128 MiB leave the LLaMA-7B and
+# Llama-3-8B peaks where they are with no logits at all (the per-layer recompute is higher), 256 MiB
+# raises them by 0.3 GiB; fewer, larger chunks read the head's weight fewer times (128 K vocab:
+# 16 chunks of 128 tokens per 2048).
+CHUNK_BYTES = 64 * 2**20
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
