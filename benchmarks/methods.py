@@ -1,4 +1,5 @@
-"""The training methods the benchmarks compare, each reduced to one `train_step` on one model.
+"""The training methods the benchmarks compare, each reduced to one `train_step` on one model
+(full / lora / sift built by trainer.methods and trained through trainer.loss, as train_sft.py does).
 
     floor          forward + backward with the target weights' gradients dropped in their hooks:
                    what any method that trains those weights must at least spend
