@@ -170,7 +170,7 @@ def run(argv=None):
         log.write({"step": 0, "eval_loss": before["heldout_loss"]})
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                dynamic_ncols=True, disable=not main_process)
-    window_loss, window_start, counts = 0.0, time.perf_counter(), Counter()
+    window_loss, window_start, window_cpu, counts = 0.0, time.perf_counter(), time.process_time(), Counter()
     comm_at_start = getattr(opt, "comm_bytes", 0)
     postfix = {}
     model.train()
@@ -191,7 +191,8 @@ def run(argv=None):
                        "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / elapsed,
                        "label_tokens": counts["labels"], "label_tokens_per_s": counts["labels"] / elapsed,
                        "padding_share": 1 - counts["tokens"] / counts["grid"], "seconds": elapsed,
-                       **memory_stats(device)}
+                       # CPU seconds of this process: steadier than wall time on a shared machine
+                       "cpu_seconds": time.process_time() - window_cpu, **memory_stats(device)}
                 if hasattr(opt, "skipped_steps"):
                     row["skipped_steps"] = opt.skipped_steps
                 if world > 1:
@@ -200,14 +201,14 @@ def run(argv=None):
                 log.write(row)
                 postfix.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 bar.set_postfix(postfix)
-                window_loss, window_start, counts = 0.0, time.perf_counter(), Counter()
+                window_loss, window_start, window_cpu, counts = 0.0, time.perf_counter(), time.process_time(), Counter()
             if t.eval_steps and done % t.eval_steps == 0 and done < total_steps:  # the last one is "after"
                 eval_loss = evaluate()  # every rank: ZeRO-3 gathers need them all
                 if main_process:
                     log.write({"step": done, "eval_loss": eval_loss})
                     postfix["eval_loss"] = f"{eval_loss:.4f}"
                     bar.set_postfix(postfix)
-                window_start = time.perf_counter()  # the throughput figures leave evaluation out
+                window_start, window_cpu = time.perf_counter(), time.process_time()  # throughput leaves evaluation out
             if t.save_steps and done % t.save_steps == 0 and done < total_steps:
                 if main_process:  # SIFT's state is replicated: one rank writes it
                     state = {"step": done, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state().tolist(),

@@ -84,3 +84,17 @@ def test_eval_data_path_and_lora_adapter(tiny_dir, alpaca_40, tmp_path):
     adapted = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
     for (name, a), b in zip(adapted.state_dict().items(), merged.state_dict().values()):
         assert (a - b).abs().max() < 1e-6, name
+
+
+def test_loss_figure_has_both_curves_a_legend_and_integer_step_ticks():
+    from trainer.report import loss_figure
+
+    rows = [{"step": 0, "eval_loss": 2.0}] + [{"step": s, "loss": 2.0 - 0.1 * s, "lr": 1e-4} for s in (1, 2, 3)] + \
+        [{"step": 3, "eval_loss": 1.8}]
+    fig = loss_figure(rows, "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train loss", "held-out loss", "learning rate"]
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[1, 2, 3], [0, 3]]
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -94,19 +94,31 @@ def read_log(output_dir: str) -> list[dict]:
 
 
 def plot_loss(output_dir: str) -> str | None:
-    """loss.png from train_log.jsonl: training and held-out loss against the optimizer step, and
-    the learning rate on a second axis."""
+    """loss.png from train_log.jsonl (see `loss_figure`)."""
     rows = read_log(output_dir)
-    train = [r for r in rows if "loss" in r]
-    held = [r for r in rows if "eval_loss" in r]
-    if not train and not held:
+    if not any("loss" in r or "eval_loss" in r for r in rows):
         return None
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(rows, os.path.basename(os.path.abspath(output_dir)))
+    out = os.path.join(output_dir, "loss.png")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return out
+
+
+def loss_figure(rows: list[dict], title: str):
+    """Training and held-out loss against the optimizer step (integer ticks), the learning rate on
+    a second axis, one legend for the three."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    train = [r for r in rows if "loss" in r]
+    held = [r for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lines = ax.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".", label="train loss")
     if held:
@@ -123,10 +135,6 @@ def plot_loss(output_dir: str) -> str | None:
     # under the axes: inside, it would hide a curve whichever corner it took
     ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
               ncol=len(lines), fontsize="small", frameon=False)
-    ax.set_title(os.path.basename(os.path.abspath(output_dir)))
+    ax.set_title(title)
     fig.tight_layout()
-    out = os.path.join(output_dir, "loss.png")
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return out
+    return fig
