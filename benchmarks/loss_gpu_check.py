@@ -13,40 +13,26 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import time
 from unittest import mock
 
 import torch
 
 from trainer import loss as trainer_loss
 
+from . import gpu_check
 from .memory_plan import GIB, plan
-from .methods import Method, Trainee
-from .models import build_model, enable_checkpointing, load_config
+from .methods import Method
+from .models import load_config
 
 
-def measure(config, method: Method, liger: bool, steps: int = 4) -> dict:
-    model = build_model(config, "cuda", torch.bfloat16, "sdpa")
-    model.config.use_cache = False
-    enable_checkpointing(model)
-    model.train()
-    with mock.patch.object(trainer_loss, "_liger_applies", lambda head, hidden: liger):
-        trainee = Trainee(method, model)
-        g = torch.Generator().manual_seed(0)
-        peaks, times = [], []
-        for _ in range(steps):
-            ids = torch.randint(0, config.vocab_size, (1, 2048), generator=g).cuda()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            trainee.train_step({"input_ids": ids, "labels": ids})
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            peaks.append(torch.cuda.max_memory_allocated())
-    trainee.close()
-    del trainee, model
-    torch.cuda.empty_cache()
-    return {"peak_later_steps_gib": max(peaks[1:]) / GIB, "step_s": sorted(times[1:])[len(times[1:]) // 2]}
+def measure(config, method: Method, liger: bool) -> dict:
+    """gpu_check's LLaMA-7B measurement (peak of the steps after the first, median step time) at
+    `config`'s shapes, with the chunked or the Liger loss."""
+    # gpu_check.llama7b builds its model from load_config("llama-7b"): pointed at `config` here
+    with mock.patch.object(gpu_check, "load_config", lambda _name: config), \
+            mock.patch.object(trainer_loss, "_liger_applies", lambda head, hidden: liger):
+        out = gpu_check.llama7b(method, steps=4)
+    return {"peak_later_steps_gib": out["peak_later_steps_gib"], "step_s": out["step_s"]}
 
 
 def main(argv=None) -> None:
