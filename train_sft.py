@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 # bitsandbytes' CPU optimizer kernels each wait ~7.5 ms on spinning OpenMP threads otherwise
 # (benchmarks/README.md); must be set before torch loads OpenMP.
@@ -27,15 +28,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from data_prep.dataset import collate
-from data_prep.encode import IGNORE_INDEX
 from common import cli
 from common.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from trainer import args as targs
 from trainer import ds, methods, rundir
 from trainer.checkpoint import load_state, resume_candidates, save_checkpoint
 from trainer.interrupts import Interrupts
+from trainer.loss import causal_lm_loss, label_tokens
 from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
-from trainer.report import Logger, memory_stats, plot_loss, save_merged, write_json_atomic
+from trainer.report import Logger, memory_stats, plot_loss, write_json_atomic
 
 
 @torch.no_grad()
@@ -45,8 +46,8 @@ def heldout_loss(model, samples, pad_id, batch_size, device) -> float:
     total, tokens = 0.0, 0
     for i in range(0, len(samples), batch_size):
         b = {k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
-        n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(model(**b, num_items_in_batch=n).loss) * n
+        n = label_tokens(b["labels"])
+        total += float(causal_lm_loss(model, b, n)) * n
         tokens += n
     model.train()
     return total / max(tokens, 1)
@@ -62,42 +63,45 @@ def sample_generation(model, tokenizer, prompt_ids, max_new_tokens, device) -> s
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def train_window(model, micro_batches, device, engine=None) -> tuple[float, int]:
-    """Forward/backward over one accumulation window; returns (mean token loss, tokens seen).
+def train_window(model, micro_batches, device, engine=None) -> tuple[float, dict]:
+    """Forward/backward over one accumulation window; returns (mean token loss, counts): this rank's
+    real `tokens` and padded `grid` (tokens + padding), the window's `label_tokens` on all ranks.
 
     Normalisation: the loss is the sum of token losses over the WHOLE window (of every rank) divided
     by the window's label-token count, so accumulation 4 x batch 1, batch 4, and 2 ranks x batch 2
     all give the same gradient (up to float error), and samples weigh by their tokens.
     """
-    n_labels = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
+    n_labels = torch.tensor(sum(label_tokens(b["labels"]) for b in micro_batches))
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
         dist.all_reduce(n_labels)
     n_labels = int(n_labels)
-    loss_sum, tokens = torch.zeros(()), 0
+    loss_sum, tokens, grid = torch.zeros(()), 0, 0
     for b in micro_batches:
         b = {k: v.to(device) for k, v in b.items()}
-        loss = (engine or model)(**b, num_items_in_batch=n_labels).loss
+        loss = engine(b, n_labels) if engine is not None else causal_lm_loss(model, b, n_labels)
         if engine is None:
             loss.backward()
         else:
             engine.backward(loss, scale_wrt_gas=False)  # our normalisation already covers the window
             engine.step()  # DeepSpeed's micro-step bookkeeping; its anchor optimizer moves nothing
         loss_sum += loss.detach().float().cpu()  # host sync once per micro-batch, for the log
-        tokens += int(b["attention_mask"].sum())
+        tokens += int(b["num_tokens"] if "num_tokens" in b else b["attention_mask"].sum())  # packed rows: no mask
+        grid += b["input_ids"].numel()
     if distributed:  # each rank holds its share of the window's loss
         dist.all_reduce(loss_sum)
-    return float(loss_sum), tokens
+    return float(loss_sum), {"tokens": tokens, "grid": grid, "label_tokens": n_labels}
 
 
 def main(argv=None):
+    """The loop; a usage or input problem raises `common.cli.UsageError` (one message, exit status 2)."""
     # ------------------------------------------------------------------ setup
     m, d, t = targs.parse(argv)
-    problems = targs.problems(m, d, t)
+    resolved, problems = targs.resolve(m, d, t)
     if problems:
         raise cli.problems_error("train_sft.py", problems)
     torch.manual_seed(t.seed)
-    bf16 = targs.use_bf16(t)
+    bf16, ds_cfg = resolved.bf16, resolved.deepspeed
     rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     if t.deepspeed:
         import deepspeed
@@ -112,18 +116,17 @@ def main(argv=None):
     base_id = m.model_name_or_path or EMBEDDED  # what the increment records: the id users load, not our cache path
     targs.check_targets(model_path, m)  # on a meta-device model: before any weight is read
 
-    ds_cfg = ds.resolve_config(t.deepspeed, m, t, bf16)[0] if t.deepspeed else None
-    zero3 = bool(ds_cfg) and ds_cfg["zero_optimization"].get("stage") == 3
     try:  # the data is settled with the tokenizer alone, before a multi-GB model load
         train_set, eval_set, data_report = build_datasets(d, load_tokenizer(model_path), t.seed, verbose=main_process)
     except (ValueError, FileNotFoundError) as e:
         raise cli.UsageError(f"train_sft.py: {e}") from None  # the data errors name their file (and line)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                device="cpu" if zero3 else device)  # ZeRO-3 places it
+                                                device="cpu" if resolved.zero3 else device)  # ZeRO-3 places it
     if t.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None
-    model, opt = methods.build(model, m, t)
+    method = methods.build(model, m, t)
+    model, opt = method.model, method.opt
     per_epoch = micro_batches_per_epoch(len(train_set), t.per_device_train_batch_size * world)
     total_steps = targs.total_steps(m, t, per_epoch)
     from transformers import get_scheduler
@@ -134,17 +137,17 @@ def main(argv=None):
     if t.resume_from_checkpoint:
         candidates = resume_candidates(t.output_dir, t.resume_from_checkpoint,
                                        rundir.run_info(t.output_dir).get("run_id"), warn=main_process)
-    run_args = targs.resolved(m, d, t, resolved_model_path=model_path, total_steps=total_steps, device=device,
+    run_args = targs.resolved(m, d, t, bf16, resolved_model_path=model_path, total_steps=total_steps, device=device,
                               deepspeed_config=ds_cfg, data_report=data_report)
     run_id = None
     if main_process:  # the old run's files go before this run writes its first one
         run_id = rundir.start(t.output_dir, candidates[0] if candidates else None)
         write_json_atomic(os.path.join(t.output_dir, "args.json"), {**run_args, "run_id": run_id})
 
-    start_step = 0
+    start_step, before = 0, None
     for ckpt in candidates:  # newest first; a payload that fails to load falls back to the one before
         try:
-            methods.load_payload(ckpt, model, opt)
+            method.load_payload(ckpt)
             state = load_state(ckpt)
             scheduler.load_state_dict(state["scheduler"])
         except Exception as e:  # noqa: BLE001  whatever a damaged file raises (OSError, SafetensorError, ...)
@@ -152,33 +155,40 @@ def main(argv=None):
                 raise SystemExit(f"train_sft.py: cannot resume from {ckpt}: {type(e).__name__}: {e}") from None
             print(f"warning: skipping {ckpt}: its payload fails to load ({type(e).__name__}: {e})", file=sys.stderr)
             continue
-        start_step = state["step"]
+        start_step, before = state["step"], state.get("before")  # the base model's figures, from the first run
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
         print(f"resumed from {ckpt} at step {start_step}")
         break
     pad_id = tokenizer.pad_token_id
     gen_prompt = eval_set[0]["prompt_ids"]
 
+    def evaluate() -> float:
+        return heldout_loss(model, eval_set, pad_id, t.per_device_eval_batch_size, device)
+
     def measure():
-        out = {"heldout_loss": heldout_loss(model, eval_set, pad_id, t.per_device_eval_batch_size, device)}
+        out = {"heldout_loss": evaluate()}
         if t.generate_tokens:
             out["sample"] = sample_generation(model, tokenizer, gen_prompt, t.generate_tokens, device)
         return out
 
-    before = measure()
+    if before is None:
+        before = measure()
     if main_process:
         print(f"before: {json.dumps(before, ensure_ascii=False)}")
 
     # ------------------------------------------------------------------ train
-    log = Logger(t.output_dir, t.report_to, resume_step=start_step) if main_process else None
+    log = Logger(t.output_dir, t.report_to, resume_step=start_step, run_name=targs.run_name(t),
+                 config={"model": vars(m), "data": vars(d), "train": vars(t)}) if main_process else None
+    if main_process and t.eval_steps and start_step == 0:
+        log.write({"step": 0, "eval_loss": before["heldout_loss"]})
     distributed = world > 1
 
     def checkpoint(done: int) -> str:
         path = os.path.join(t.output_dir, f"checkpoint-{done}")
         if main_process:  # SIFT's state is replicated: one rank writes it
             state = {"step": done, "run_id": run_id, "scheduler": scheduler.state_dict(),
-                     "rng": torch.get_rng_state().tolist()}
-            path = save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, base_id),
+                     "rng": torch.get_rng_state().tolist(), "before": before}
+            path = save_checkpoint(t.output_dir, done, lambda tmp: method.save_payload(tmp, base_id),
                                    state, t.save_total_limit, args=run_args)
         if distributed:
             dist.barrier()
@@ -199,47 +209,66 @@ def main(argv=None):
     last_loss = None  # of the last step of this process (none when resumed at the end)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                dynamic_ncols=True, disable=not main_process)
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_start, window_cpu, counts = 0.0, time.perf_counter(), time.process_time(), Counter()
     comm_at_start = getattr(opt, "comm_bytes", 0)
+    postfix = {}
     model.train()
-    for step in bar:
-        micro = batches_for_window(train_set, step, t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                                   t.seed, pad_id, rank, world)
-        loss, tokens = train_window(model, micro, device, engine)
-        grad_norm = methods.step(model, opt, t)
-        scheduler.step()
-        last_loss = loss
-        window_loss += loss
-        window_tokens += tokens * world
-        done = step + 1
-        if main_process and (done % t.logging_steps == 0 or done == total_steps):
-            n = done % t.logging_steps or t.logging_steps
-            elapsed = time.perf_counter() - window_start
-            row = {"step": done, "loss": window_loss / n, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_s": window_tokens / elapsed, **memory_stats(device)}
-            if hasattr(opt, "skipped_steps"):
-                row["skipped_steps"] = opt.skipped_steps
-            if world > 1:
-                row["allreduce_bytes_per_step"] = (opt.comm_bytes - comm_at_start) / n
-                comm_at_start = opt.comm_bytes
-            log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        if getattr(opt, "skipped_steps", 0) > skip_limit:  # replicated count: every rank stops here alike
-            stop("failed", done, f"train_sft.py: {opt.skipped_steps} of {done} steps skipped for non-finite "
-                 f"gradients, more than --max_skipped_steps {t.max_skipped_steps} of {total_steps}: the run "
-                 "diverges (lower --learning_rate?); no merged model written", 1)
-        interrupted = interrupts.requested(distributed)
-        # the final checkpoint too: a finished run can be extended with a larger --max_steps
-        if (t.save_steps and done % t.save_steps == 0) or done == total_steps or interrupted:
-            saved = checkpoint(done)
-            if interrupted:
-                stop("interrupted", done, f"{interrupts.name} at step {done} of {total_steps}: saved {saved}; resume "
-                     "with the same command and --resume_from_checkpoint latest", interrupts.exit_code)
-    interrupts.restore()
+    try:
+        for step in bar:
+            micro = batches_for_window(train_set, step, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                                       t.seed, pad_id, rank, world, packed=d.packing)
+            loss, seen = train_window(model, micro, device, engine)
+            grad_norm = method.step()
+            scheduler.step()
+            last_loss = loss
+            window_loss += loss
+            counts.update(tokens=seen["tokens"] * world, grid=seen["grid"] * world, labels=seen["label_tokens"])
+            done = step + 1
+            if main_process and (done % t.logging_steps == 0 or done == total_steps):
+                n = done % t.logging_steps or t.logging_steps
+                elapsed = time.perf_counter() - window_start
+                row = {"step": done, "loss": window_loss / n, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / elapsed,
+                       "label_tokens": counts["labels"], "label_tokens_per_s": counts["labels"] / elapsed,
+                       "padding_share": 1 - counts["tokens"] / counts["grid"], "seconds": elapsed,
+                       # CPU seconds of this process: steadier than wall time on a shared machine
+                       "cpu_seconds": time.process_time() - window_cpu, **memory_stats(device)}
+                if hasattr(opt, "skipped_steps"):
+                    row["skipped_steps"] = opt.skipped_steps
+                if world > 1:
+                    row["allreduce_bytes_per_step"] = (opt.comm_bytes - comm_at_start) / n
+                    comm_at_start = opt.comm_bytes
+                log.write(row)
+                postfix.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                bar.set_postfix(postfix)
+                window_loss, window_start, window_cpu, counts = 0.0, time.perf_counter(), time.process_time(), Counter()
+            if t.eval_steps and done % t.eval_steps == 0 and done < total_steps:  # the last one is "after"
+                eval_loss = evaluate()  # every rank: ZeRO-3 gathers need them all
+                if main_process:
+                    log.write({"step": done, "eval_loss": eval_loss})
+                    postfix["eval_loss"] = f"{eval_loss:.4f}"
+                    bar.set_postfix(postfix)
+                window_start, window_cpu = time.perf_counter(), time.process_time()  # throughput leaves evaluation out
+            if getattr(opt, "skipped_steps", 0) > skip_limit:  # replicated count: every rank stops here alike
+                stop("failed", done, f"train_sft.py: {opt.skipped_steps} of {done} steps skipped for non-finite "
+                     f"gradients, more than --max_skipped_steps {t.max_skipped_steps} of {total_steps}: the run "
+                     "diverges (lower --learning_rate?); no merged model written", 1)
+            interrupted = interrupts.requested(distributed)
+            # the final checkpoint too: a finished run can be extended with a larger --max_steps
+            if (t.save_steps and done % t.save_steps == 0) or done == total_steps or interrupted:
+                saved = checkpoint(done)
+                if interrupted:
+                    stop("interrupted", done, f"{interrupts.name} at step {done} of {total_steps}: saved {saved}; "
+                         "resume with the same command and --resume_from_checkpoint latest", interrupts.exit_code)
 
-    # ------------------------------------------------------------------ save
-    after = measure()
+        # ------------------------------------------------------------------ save
+        after = measure()
+        if main_process and t.eval_steps:
+            log.write({"step": total_steps, "eval_loss": after["heldout_loss"]})
+    finally:
+        interrupts.restore()
+        if log is not None:
+            log.close()  # flushes and closes TensorBoard / W&B, also on an error
     if main_process and hasattr(opt, "skipped_steps"):
         print(f"skipped steps (non-finite gradients): {opt.skipped_steps} of {total_steps}")
     if not (math.isfinite(after["heldout_loss"]) and (last_loss is None or math.isfinite(last_loss))):
@@ -247,12 +276,10 @@ def main(argv=None):
              f"last step {last_loss}): the run diverged (lower --learning_rate?); no merged model written", 1)
     with ds.gathered(model):  # ZeRO-3: every rank takes part in the gather
         if main_process:
-            log.close()
             print(f"after: {json.dumps(after, ensure_ascii=False)}")
-            if isinstance(opt, methods.SIFT):
-                methods.save_increment(opt, os.path.join(t.output_dir, methods.FILENAME), base_model=base_id)
-                print(f"memory: {json.dumps(opt.memory_report())}")
-            save_merged(methods.merged_model(model, opt), tokenizer, os.path.join(t.output_dir, "merged"))
+            method.save_final(t.output_dir, tokenizer, base_id)
+            if method.memory_report():
+                print(f"memory: {json.dumps(method.memory_report())}")
             write_json_atomic(os.path.join(t.output_dir, "results.json"),
                               {"before": before, "after": after, "steps": total_steps})
             plot_loss(t.output_dir)

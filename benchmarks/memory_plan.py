@@ -5,8 +5,8 @@
     python -m benchmarks.memory_plan --model path/to/config.json ...   # any HF causal-LM config
 
 How: the model is built on the meta device (shapes and dtypes, no storage), and the *real*
-training step of each method (benchmarks.methods: HF forward with the loss, autograd backward,
-SIFT's hooks, the optimizer's step) runs on it inside the same byte counter that measures the CPU
+training step of each method (benchmarks.methods: the method built by trainer.methods, the
+trainer's chunked loss (trainer.loss), autograd backward, SIFT's hooks, the optimizer's step) runs on it inside the same byte counter that measures the CPU
 runs (benchmarks.memtrack). Meta kernels allocate outputs of the true shapes and dtypes, so the
 count is what the step allocates, op for op. Two things differ from a plain run:
 

@@ -1,4 +1,5 @@
-"""The training methods the benchmarks compare, each reduced to one `train_step` on one model.
+"""The training methods the benchmarks compare, each reduced to one `train_step` on one model
+(full / lora / sift built by trainer.methods and trained through trainer.loss, as train_sft.py does).
 
     floor          forward + backward with the target weights' gradients dropped in their hooks:
                    what any method that trains those weights must at least spend
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from sift import SIFT, SIFTConfig
 from sift.config import LLAMA_LINEARS
 from sift.targets import find_trainable
+
+from trainer import methods as trainer_methods
+from trainer.loss import causal_lm_loss
 
 from .original_sift import OriginalSIFTProfile
 
@@ -97,14 +100,18 @@ def item1_methods(model: nn.Module, rates=(0.01, 0.05), lora_rate: float = 0.05,
 
 
 class Trainee:
-    """One method bound to one model: `train_step(batch, tracker)` and what the tracker should name."""
+    """One method bound to one model: `train_step(batch, tracker)` and what the tracker should name.
+
+    full / lora / sift are built by trainer.methods, the code `train_sft.py` runs; floor and the
+    original-SIFT profile are measurement devices of the benchmarks only."""
 
     def __init__(self, method: Method, model: nn.Module, seed: int = 0, max_grad_norm: float | None = 1.0):
         self.method, self.model = method, model
         self.opt = None
+        self.trained = None  # trainer.methods.Method for full / lora / sift
         self._hooks = []
         self.phase_times = {}
-        self._clip = []  # parameters clipped by global norm before the step (SIFT clips its own)
+        self._clip = []  # the original profile's parameters clipped by global norm before its step
         self.max_grad_norm = max_grad_norm
         kind = method.kind
         if kind == "floor":
@@ -112,28 +119,6 @@ class Trainee:
             self._train_only([p for _, p in targets])
             self._hooks = [p.register_post_accumulate_grad_hook(_drop_grad) for _, p in targets]
             self.entries = 0
-        elif kind == "full":
-            params = list(model.parameters())
-            self._train_only(params)
-            if method.optimizer in ("adamw8bit", "adamw32bit"):
-                import bitsandbytes as bnb
-                cls = bnb.optim.AdamW8bit if method.optimizer == "adamw8bit" else bnb.optim.AdamW32bit
-                self.opt = cls(params, lr=method.lr, weight_decay=0.0)
-            else:
-                self.opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
-            self.entries = sum(p.numel() for p in _unique(params))
-            self._clip = params
-        elif kind == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            torch.manual_seed(seed)  # LoRA's A matrices are random
-            cfg = LoraConfig(r=method.rank, lora_alpha=2 * method.rank, lora_dropout=0.0,
-                             target_modules=list(LLAMA_LINEARS), bias="none")
-            self.model = get_peft_model(model, cfg)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.opt = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
-            self.entries = sum(p.numel() for p in params)
-            self._clip = params
         elif kind == "original":
             targets = targets_of(model)
             self._train_only([p for _, p in targets])
@@ -141,11 +126,11 @@ class Trainee:
             self.entries = self.opt.entries
             self._clip = self.opt.deltas
         else:
-            self.opt = SIFT(model, SIFTConfig(
-                rate=method.rate, optimizer=method.optimizer, selection=method.selection, lr=method.lr,
-                step_in_backward=method.step_in_backward, seed=seed,
-                max_grad_norm=None if method.step_in_backward else max_grad_norm))
-            self.entries = self.opt.trained_entries()
+            if kind == "lora":
+                self._train_only([])  # PEFT freezes the base; the adapters it adds train
+            self.trained = trainer_methods.build(model, *trainer_arguments(method, seed, max_grad_norm))
+            self.model, self.opt = self.trained.model, self.trained.opt
+            self.entries = self.trained.trained_entries()
 
     def _train_only(self, params):
         keep = {id(p) for p in params}
@@ -158,7 +143,7 @@ class Trainee:
         phase = tracker.phase if tracker is not None else _no_phase
         t0 = time.perf_counter()
         with phase("forward"):
-            loss = self.model(**batch).loss
+            loss = causal_lm_loss(self.model, batch)  # the trainer's loss: chunked, no full fp32 logits
         t1 = time.perf_counter()
         with phase("backward"):
             loss.backward()  # SIFT's hooks (and its whole update, in step_in_backward mode) run here
@@ -166,16 +151,20 @@ class Trainee:
         if tracker is not None:
             tracker.tag(self.grads(), "grads")  # before the step frees them
         with phase("step"):
-            if self._clip and self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self._clip, self.max_grad_norm)
-            if self.opt is not None:
+            if self.trained is not None:
+                self.trained.step()  # clip (SIFT: inside its step), step, zero_grad: as train_sft.py
+            elif self.opt is not None:
+                if self._clip and self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self._clip, self.max_grad_norm)
                 self.opt.step()
                 self.opt.zero_grad()
         # CPU: each phase has finished when its call returns; on a GPU these would need syncs
         self.phase_times = {"forward": t1 - t0, "backward": t2 - t1, "step": time.perf_counter() - t2}
         if tracker is not None:
             tracker.tag(self.state_tensors(), "optimizer")
-            if self.method.kind in ("original", "sift"):
+            if self.trained is not None:
+                tracker.tag(self.trained.host_tensors(), "host")
+            elif self.method.kind == "original":
                 tracker.tag(self.opt.host_tensors(), "host")
             tracker.tag(list(self.model.parameters()), "params")  # LoRA adapters; merged weights
         return loss.detach()
@@ -183,32 +172,40 @@ class Trainee:
     # ------------------------------------------------------------------ naming for the tracker
     def grads(self) -> list[torch.Tensor]:
         """Gradients alive between backward and step (SIFT: its sparse k-vectors)."""
-        kind = self.method.kind
-        if kind == "sift":
-            return self.opt.grad_tensors()
-        if kind == "original":
+        if self.trained is not None:
+            return self.trained.grad_tensors()
+        if self.method.kind == "original":
             return self.opt.grads()
         return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Optimizer-side state (SIFT: indices, fp32 masters, 8-bit moments and their scales)."""
-        kind = self.method.kind
-        if kind == "sift":
-            return self.opt.state_tensors()
-        if kind == "original":
-            return self.opt.state_tensors()
-        if self.opt is None:
-            return []
-        return [t for st in self.opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        if self.trained is not None:
+            return self.trained.state_tensors()
+        return self.opt.state_tensors() if self.opt is not None else []
 
     def sift_report(self) -> dict | None:
-        return self.opt.memory_report() if self.method.kind == "sift" else None
+        return self.trained.memory_report() if self.trained is not None else None
 
     def close(self):
         for h in self._hooks:
             h.remove()
-        if self.method.kind in ("sift", "original"):
+        if self.trained is not None:
+            self.trained.close()
+        elif self.method.kind == "original":
             self.opt.remove_hooks()
+
+
+def trainer_arguments(method: Method, seed: int, max_grad_norm: float | None):
+    """The train_sft.py arguments that build `method` (full / lora / sift) on LLAMA_LINEARS."""
+    from trainer.args import ModelArguments, TrainArguments
+
+    clip = 0.0 if method.step_in_backward or max_grad_norm is None else max_grad_norm
+    m = ModelArguments(finetuning_type=method.kind, sift_rate=method.rate or 0.05, sift_targets=",".join(LLAMA_LINEARS),
+                       sift_selection=method.selection, optim=method.optimizer, step_in_backward=method.step_in_backward,
+                       lora_rank=method.rank or 8, lora_alpha=2 * (method.rank or 8), lora_dropout=0.0)
+    t = TrainArguments(learning_rate=method.lr, weight_decay=0.0, max_grad_norm=clip, seed=seed)
+    return m, t
 
 
 def _drop_grad(p: nn.Parameter):
@@ -219,9 +216,3 @@ def _drop_grad(p: nn.Parameter):
 def _no_phase(_name):
     yield
 
-
-def _unique(params):
-    seen = {}
-    for p in params:
-        seen.setdefault(id(p), p)
-    return list(seen.values())

@@ -11,6 +11,7 @@ from conftest import train_args, tiny_llama
 from sift import apply_increment
 from trainer.checkpoint import find_checkpoint, save_checkpoint
 from data_prep.dataset import collate
+from trainer.args import UsageError
 from trainer.data import batches_for_window
 
 
@@ -33,7 +34,10 @@ def test_end_to_end_outputs_and_merged_model(tiny_dir, alpaca_40, tmp_path):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(k in rows[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_mb"))
+    assert all(k in rows[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "label_tokens_per_s", "padding_share",
+                                      "peak_rss_mb"))
+    assert all(0 <= r["padding_share"] < 1 and r["label_tokens_per_s"] < r["tokens_per_s"] for r in rows)
+    assert any(r["padding_share"] > 0 for r in rows)
     assert after["heldout_loss"] < before["heldout_loss"]
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -117,23 +121,50 @@ def test_baselines_run_through_the_same_loop(tiny_dir, alpaca_40, tmp_path, meth
     assert type(merged).__name__ == "LlamaForCausalLM"
 
 
+def usage_error(capsys, argv) -> str:
+    """train_sft.main's refusal: exit status 2 and one message on stderr, no traceback."""
+    with pytest.raises(SystemExit) as err:
+        train_sft.main(argv)
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("train_sft.py: ") and "Traceback" not in message
+    return message
+
+
 def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "args.json").write_text("{}")
-    with pytest.raises(SystemExit) as err:
-        train_sft.main(["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", str(tmp_path / "none.json"),
-                        "--output_dir", str(tmp_path / "old"), "--sift_rate", "1.5", "--step_in_backward",
-                        "--gradient_accumulation_steps", "4", "--sift_selection", "best"])
-    message = str(err.value)
+    message = usage_error(capsys, ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path",
+                                   str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "old"),
+                                   "--sift_rate", "1.5", "--step_in_backward", "--gradient_accumulation_steps", "4",
+                                   "--sift_selection", "best", "--eval_steps", "-1"])
     for needle in ("--sift_rate 1.5", "--sift_selection best", "--gradient_accumulation_steps 1",
                    "--max_grad_norm 0", "none.json: no such file", "no-model: no such directory",
-                   "holds another run"):
+                   "holds another run", "--eval_steps -1"):
         assert needle in message, needle
 
 
-def test_unknown_target_module_fails_before_weights_load(tiny_dir, alpaca_40, tmp_path):
-    with pytest.raises(SystemExit, match="target 'qkv_proj' matches no module"):
-        train(tiny_dir, alpaca_40, tmp_path / "x", "--sift_targets", "q_proj,qkv_proj")
+@pytest.mark.parametrize("method", ["sift", "full", "lora"])
+def test_sift_config_rules_reach_the_cli_in_flag_names_before_any_weight_loads(tiny_dir, alpaca_40, tmp_path,
+                                                                               capsys, monkeypatch, method):
+    def no_loading(*a, **k):
+        raise AssertionError("weights loaded before the options were checked")
+
+    monkeypatch.setattr(train_sft, "load_model_and_tokenizer", no_loading)
+    message = usage_error(capsys, train_args(tiny_dir, alpaca_40, tmp_path / "x", "--finetuning_type", method,
+                                             "--optim", "adamw", "--learning_rate", "-1", "--max_grad_norm", "-1",
+                                             "--weight_decay", "nan"))
+    for needle in ("--learning_rate -1.0: must be a finite number > 0", "--max_grad_norm -1.0: a finite positive "
+                   "number, or 0 to disable clipping", "--weight_decay nan: must be a finite number >= 0"):
+        assert needle in message, needle
+    message = usage_error(capsys, train_args(tiny_dir, alpaca_40, tmp_path / "x", "--finetuning_type", method,
+                                             "--learning_rate", "nan"))
+    assert "--learning_rate nan: must be a finite number > 0" in message
+
+
+def test_unknown_target_module_fails_before_weights_load(tiny_dir, alpaca_40, tmp_path, capsys):
+    message = usage_error(capsys, train_args(tiny_dir, alpaca_40, tmp_path / "x", "--sift_targets", "q_proj,qkv_proj"))
+    assert "target 'qkv_proj' matches no module" in message
 
 
 def test_step_in_backward_run_equals_deferred_run(tiny_dir, alpaca_40, tmp_path):
@@ -156,9 +187,43 @@ def test_options_from_a_yaml_file_with_flag_overrides_and_launcher_rank(tmp_path
     m, d, t = parse(["--local_rank=1", str(cfg), "--learning_rate", "1e-4"])
     assert (t.learning_rate, m.sift_targets, t.bf16, t.max_steps, t.local_rank) == (1e-4, "q_proj,v_proj", True, 7, 1)
     (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
-    with pytest.raises(SystemExit, match="unknown option.*learning_rat"):
+    with pytest.raises(UsageError, match="unknown option.*learning_rat"):
         parse([str(tmp_path / "bad.yaml")])
-    m, d, t = parse([])
-    assert total_steps(m, t, 100) == 20  # the demo default
-    m, d, t = parse(["--model_name_or_path", "org/model", "--num_train_epochs", "2", "--gradient_accumulation_steps", "4"])
-    assert total_steps(m, t, 100) == 50
+
+
+@pytest.mark.parametrize("argv, steps", [
+    ([], 20),                                               # the demo default: nothing said about length
+    (["--num_train_epochs", "3"], 3 * 100 // 2),            # the embedded model trains the epochs asked for
+    (["--max_steps", "7"], 7),
+    (["--max_steps", "7", "--num_train_epochs", "3"], 7),   # max_steps wins, as in HF
+    (["--model_name_or_path", "org/model"], 50),            # 1 epoch
+    (["--model_name_or_path", "org/model", "--num_train_epochs", "2", "--gradient_accumulation_steps", "4"], 50),
+])
+def test_training_length(argv, steps):
+    from trainer.args import parse, total_steps
+
+    m, d, t = parse(argv)
+    assert total_steps(m, t, 100) == steps
+
+
+def test_bf16_is_tri_state(monkeypatch):
+    import trainer.args as targs
+
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        for argv, expected in (([], cuda), (["--bf16"], True), (["--bf16", "true"], True), (["--bf16", "false"], False)):
+            m, d, t = targs.parse(argv)
+            assert targs.resolve(m, d, t)[0].bf16 is expected, (cuda, argv)
+
+
+def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_unset(tmp_path, monkeypatch):
+    import trainer.args as targs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = tmp_path / "fp32.json"
+    cfg.write_text(json.dumps({"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}))
+    out = ["--output_dir", str(tmp_path / "run")]
+    resolved, problems = targs.resolve(*targs.parse(["--deepspeed", str(cfg), *out]))
+    assert problems == [] and resolved.bf16 is False and resolved.deepspeed["bf16"]["enabled"] is False
+    problems = targs.problems(*targs.parse(["--deepspeed", str(cfg), "--bf16", *out]))
+    assert problems == [f"--deepspeed {cfg}: bf16.enabled=False contradicts --bf16 True"]

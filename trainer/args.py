@@ -1,4 +1,10 @@
-"""train_sft.py's configuration: typed dataclasses, HF/FastChat flag names, every problem at once."""
+"""train_sft.py's configuration: typed dataclasses, HF/FastChat flag names, every problem at once.
+
+`resolve(m, d, t)` checks everything that can be checked before a weight is read (SIFT's own rules
+come from `SIFTConfig.problems()`, translated to flag names) and resolves what depends on the
+machine and on the DeepSpeed config (bf16, the filled-in config), once. Library code raises
+`UsageError`; the CLI prints it as one message and exits with status 2.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -7,13 +13,23 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from data_prep.dataset import BUNDLED_ALPACA
-from sift.config import LLAMA_LINEARS, OPTIMIZERS, SELECTIONS
+from sift.config import LLAMA_LINEARS, SIFTConfig
 from common.cli import UsageError
 from common.modeling import EMBEDDED
 
 DEFAULT_DATA = str(BUNDLED_ALPACA)
 FINETUNING_TYPES = ("sift", "full", "lora")
+FULL_OPTIMIZERS = ("adamw", "adamw8bit", "adamw32bit")  # full / lora: torch AdamW, bitsandbytes 8-bit / fp32
 DEMO_STEPS = 20  # the no-argument run: under five minutes on two idle CPU cores (README)
+# SIFTConfig field -> the flag that sets it
+SIFT_FLAGS = {"rate": "sift_rate", "targets": "sift_targets", "dense": "sift_dense", "selection": "sift_selection",
+              "optimizer": "optim", "lr": "learning_rate", "weight_decay": "weight_decay",
+              "max_grad_norm": "max_grad_norm", "step_in_backward": "step_in_backward", "seed": "seed"}
+# rules of SIFTConfig that hold for every method (an optimizer step is an AdamW step in all three)
+SHARED_FIELDS = ("lr", "weight_decay", "max_grad_norm", "betas", "eps")
+# SIFTConfig's wording -> the flags' (None = off is 0 on the command line)
+_FLAG_WORDS = {"max_grad_norm=None": "--max_grad_norm 0", "step_in_backward=False": "no --step_in_backward",
+               "or None to disable": "or 0 to disable"}
 
 
 def _help(text, **kw):
@@ -22,13 +38,16 @@ def _help(text, **kw):
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model and fine-tuning method"
     model_name_or_path: str | None = _help("local HF directory or hub id; empty = embedded SmolLM2-135M-Instruct", default=None)
     finetuning_type: str = _help("sift | full | lora (full and lora are baselines in the same loop)", default="sift")
     sift_rate: float = _help("fraction of each target weight's entries trained", default=0.05)
     sift_targets: str = _help("comma-separated module names trained sparsely", default=",".join(LLAMA_LINEARS))
     sift_dense: str = _help("comma-separated parameter-name substrings trained densely (e.g. norm)", default="")
     sift_selection: str = _help("grad | random | magnitude", default="grad")
-    optim: str = _help("adamw8bit | adamw (SIFT's moments; for full: bitsandbytes AdamW8bit or torch AdamW)", default="adamw8bit")
+    optim: str = _help("adamw8bit | adamw (SIFT's moments); full / lora also adamw32bit (bitsandbytes, fp32 "
+                       "moments); adamw for full / lora is torch AdamW (moments in the weights' dtype)",
+                       default="adamw8bit")
     step_in_backward: bool = _help("update inside backward hooks (no accumulation, no clipping)", default=False)
     lora_rank: int = _help("LoRA rank", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
@@ -37,21 +56,31 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
     data_path: str = _help("Alpaca / ShareGPT / unified JSON(L) file or hub dataset id", default=DEFAULT_DATA)
+    eval_data_path: str | None = _help("a separate held-out file (same formats); unset = --eval_samples "
+                                       "samples split off --data_path", default=None)
     template: str = _help("auto | chat (tokenizer chat template) | alpaca (Stanford Alpaca prompt)", default="auto")
-    model_max_length: int = _help("tokens per sample; longer conversations keep whole rounds", default=256)
-    eval_samples: int = _help("held-out samples for the before/after loss (taken from the data)", default=32)
+    model_max_length: int = _help("tokens per sample (and per packed row); longer conversations keep whole rounds",
+                                  default=256)
+    packing: bool = _help("concatenate samples into rows of --model_max_length tokens (position ids restart per "
+                          "sample, attention never crosses samples): less padding, more label tokens per step",
+                          default=False)
+    eval_samples: int = _help("held-out samples: split off --data_path, or the first N of --eval_data_path "
+                              "(0 = all of it)", default=32)
     max_train_samples: int = _help("use at most this many training samples (0 = all)", default=0)
     strict: bool = _help("fail on the first malformed record instead of skipping and counting", default=False)
 
 
 @dataclass
 class TrainArguments:
+    _argument_group_name = "training, evaluation, checkpoints and logging"
     output_dir: str = _help("where the increment, merged model, checkpoints and logs go", default="outputs/sift-smollm2")
     overwrite_output_dir: bool = _help("allow writing into a directory that holds another run", default=False)
-    num_train_epochs: float = _help("epochs (ignored when max_steps > 0)", default=1.0)
-    max_steps: int | None = _help("optimizer steps; > 0 overrides num_train_epochs (unset: "
-                                     f"{DEMO_STEPS} for the embedded demo model, else epochs)", default=None)
+    num_train_epochs: float | None = _help("epochs (ignored when max_steps > 0); unset: 1, or the embedded "
+                                           f"demo's {DEMO_STEPS} steps when --max_steps is unset too", default=None)
+    max_steps: int | None = _help("optimizer steps; > 0 overrides num_train_epochs (unset with num_train_epochs "
+                                  f"unset: {DEMO_STEPS} for the embedded demo model, else 1 epoch)", default=None)
     per_device_train_batch_size: int = _help("micro-batch size", default=4)
     per_device_eval_batch_size: int = _help("batch size of the held-out loss", default=8)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=2)
@@ -60,33 +89,56 @@ class TrainArguments:
     warmup_ratio: float = _help("fraction of steps of linear warm-up", default=0.1)
     lr_scheduler_type: str = _help("transformers scheduler name (cosine, linear, constant, ...)", default="cosine")
     max_grad_norm: float = _help("global L2 clipping; 0 = off", default=1.0)
-    bf16: bool = _help("bf16 weights (fp32 masters keep the updates); default on CUDA", default=False)
+    bf16: bool | None = _help("bf16 weights (fp32 masters keep the updates); unset: the DeepSpeed config's "
+                              "bf16.enabled if it sets one, else bf16 on CUDA and fp32 on CPU; --bf16 false = fp32",
+                              default=None)
     gradient_checkpointing: bool = _help("recompute activations in backward", default=False)
     logging_steps: int = _help("log every N steps", default=2)
+    eval_steps: int = _help("held-out loss every N steps (eval_loss rows in train_log.jsonl, the bar, "
+                            "TensorBoard / W&B; 0 = only before and after)", default=0)
     save_steps: int = _help("checkpoint every N steps (0 = only at the end)", default=0)
     save_total_limit: int = _help("keep at most N checkpoints (0 = all); the final one is always written", default=2)
     max_skipped_steps: float = _help("stop (exit 1, no merged model) when more than this share of the steps is "
                                      "skipped for non-finite gradients", default=0.05)
     seed: int = _help("seed of data order, selection and init", default=42)
     resume_from_checkpoint: str | None = _help("a checkpoint directory, or 'latest' in output_dir", default=None)
-    report_to: str = _help("none | tensorboard | wandb (comma-separated)", default="none")
+    report_to: str = _help("none | tensorboard | wandb (comma-separated); TensorBoard writes "
+                           "<output_dir>/runs/<run_name>", default="none")
+    run_name: str | None = _help("the run's name in TensorBoard / W&B (default: the output directory's name)",
+                                 default=None)
     deepspeed: str | None = _help("DeepSpeed JSON config (launch with `deepspeed train_sft.py ...`)", default=None)
     local_rank: int = _help("set by the deepspeed launcher", default=-1)
     generate_tokens: int = _help("tokens of the before/after sample generation (0 = skip)", default=48)
 
 
-def use_bf16(t: TrainArguments) -> bool:
+@dataclass
+class Resolved:
+    """What the options mean on this machine: weight dtype, the filled-in DeepSpeed config."""
+    bf16: bool
+    deepspeed: dict | None = None
+
+    @property
+    def zero3(self) -> bool:
+        return bool(self.deepspeed) and self.deepspeed["zero_optimization"].get("stage") == 3
+
+
+def default_bf16() -> bool:
     import torch
 
-    return t.bf16 or torch.cuda.is_available()
+    return torch.cuda.is_available()
 
 
 def total_steps(m: ModelArguments, t: TrainArguments, micro_batches_per_epoch: int) -> int:
-    if t.max_steps is None and m.model_name_or_path in (None, "", EMBEDDED):
-        return DEMO_STEPS
-    if t.max_steps and t.max_steps > 0:
+    if t.max_steps is not None and t.max_steps > 0:
         return t.max_steps
-    return max(1, round(t.num_train_epochs * micro_batches_per_epoch / t.gradient_accumulation_steps))
+    if t.max_steps is None and t.num_train_epochs is None and m.model_name_or_path in (None, "", EMBEDDED):
+        return DEMO_STEPS
+    epochs = 1.0 if t.num_train_epochs is None else t.num_train_epochs
+    return max(1, round(epochs * micro_batches_per_epoch / t.gradient_accumulation_steps))
+
+
+def run_name(t: TrainArguments) -> str:
+    return t.run_name or os.path.basename(os.path.abspath(t.output_dir))
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -98,6 +150,9 @@ def parse(argv=None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    for action in parser._actions:  # HfArgumentParser gives `bool | None = None` no bare-flag form
+        if action.dest == "bf16":
+            action.nargs, action.const, action.metavar = "?", True, "{true,false}"
     argv = list(sys.argv[1:] if argv is None else argv)
     launcher = [a for a in argv if a.startswith("--local_rank=")]  # the deepspeed launcher's, first
     argv = [a for a in argv if a not in launcher]
@@ -133,37 +188,54 @@ def _read_options_file(path: str) -> dict:
     return values
 
 
-def resolved(m: ModelArguments, d: DataArguments, t: TrainArguments, **extra) -> dict:
+def resolved(m: ModelArguments, d: DataArguments, t: TrainArguments, bf16: bool, **extra) -> dict:
     """The arguments as args.json (and every checkpoint) records them; resuming compares these."""
     from .ds import world_size
 
-    return {"model": vars(m), "data": vars(d), "train": vars(t), "world_size": world_size(), "bf16": use_bf16(t),
+    return {"model": vars(m), "data": vars(d), "train": vars(t), "world_size": world_size(), "bf16": bf16,
             **extra}
 
 
-def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str]:
-    """Everything wrong with the options, checked before any weight is loaded."""
+def sift_fields(m: ModelArguments, t: TrainArguments) -> dict:
+    """SIFTConfig's fields as the flags set them (the CLI's 0 = no clipping is SIFTConfig's None)."""
+    return dict(rate=m.sift_rate, targets=split_list(m.sift_targets), dense=split_list(m.sift_dense),
+                selection=m.sift_selection, optimizer=m.optim, lr=t.learning_rate, weight_decay=t.weight_decay,
+                max_grad_norm=t.max_grad_norm or None, step_in_backward=m.step_in_backward, seed=t.seed)
+
+
+def method_problems(m: ModelArguments, t: TrainArguments) -> list[str]:
+    """SIFTConfig's rules, in flag names: all of them for sift, the AdamW ones for full / lora."""
+    fields_ = sift_fields(m, t)
+    cfg = object.__new__(SIFTConfig)  # unchecked: __post_init__ would raise on the first problem
+    cfg.__dict__.update(SIFTConfig().__dict__, **fields_)
+    out = []
+    for name, message in cfg.problems():
+        if m.finetuning_type != "sift" and name not in SHARED_FIELDS:
+            continue
+        flag = SIFT_FLAGS.get(name, name)
+        value = getattr(t, flag, getattr(m, flag, None))
+        for theirs, ours in _FLAG_WORDS.items():
+            message = message.replace(theirs, ours)
+        out.append(f"--{flag} {value}: {message}" if name != "step_in_backward" else f"--{flag}: {message}")
+    if m.finetuning_type != "sift" and m.optim not in FULL_OPTIMIZERS:
+        out.append(f"--optim {m.optim}: choose one of {', '.join(FULL_OPTIMIZERS)} for --finetuning_type "
+                   f"{m.finetuning_type}")
+    return out
+
+
+def resolve(m: ModelArguments, d: DataArguments, t: TrainArguments) -> tuple[Resolved, list[str]]:
+    """(what the options resolve to, everything wrong with them), checked before any weight is loaded."""
     out = []
     if m.finetuning_type not in FINETUNING_TYPES:
         out.append(f"--finetuning_type {m.finetuning_type}: choose one of {', '.join(FINETUNING_TYPES)}")
-    if m.optim not in OPTIMIZERS:
-        out.append(f"--optim {m.optim}: choose one of {', '.join(OPTIMIZERS)}")
-    if m.finetuning_type == "sift":
-        if not 0 < m.sift_rate <= 1:
-            out.append(f"--sift_rate {m.sift_rate}: must be in (0, 1], e.g. 0.05")
-        if m.sift_selection not in SELECTIONS:
-            out.append(f"--sift_selection {m.sift_selection}: choose one of {', '.join(SELECTIONS)}")
-        if not split_list(m.sift_targets) and not split_list(m.sift_dense):
-            out.append("--sift_targets and --sift_dense are both empty")
+    else:
+        out += method_problems(m, t)
     if m.step_in_backward:
         if m.finetuning_type != "sift":
             out.append("--step_in_backward needs --finetuning_type sift")
         if t.gradient_accumulation_steps != 1:
             out.append(f"--step_in_backward cannot accumulate gradients: set --gradient_accumulation_steps 1 "
                        f"(got {t.gradient_accumulation_steps})")
-        if t.max_grad_norm:
-            out.append(f"--step_in_backward cannot clip by the global norm: set --max_grad_norm 0 (got {t.max_grad_norm})")
-    out += number_problems(m, t)
     schedulers = schedulers_available()
     if t.lr_scheduler_type not in schedulers:
         out.append(f"--lr_scheduler_type {t.lr_scheduler_type}: choose one of {', '.join(schedulers)}")
@@ -172,14 +244,18 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(t, name) < 1:
             out.append(f"--{name} {getattr(t, name)}: must be >= 1")
-    if (t.max_steps or 0) <= 0 and t.num_train_epochs <= 0:
-        out.append("set --max_steps > 0 or --num_train_epochs > 0")
+    if t.eval_steps < 0:
+        out.append(f"--eval_steps {t.eval_steps}: must be >= 0 (0 = only before and after)")
+    if (t.max_steps or 0) <= 0 and t.num_train_epochs is not None and not t.num_train_epochs > 0:
+        out.append(f"--num_train_epochs {t.num_train_epochs}: must be > 0 (or set --max_steps > 0)")
     if not 0 <= t.warmup_ratio < 1:
         out.append(f"--warmup_ratio {t.warmup_ratio}: must be in [0, 1)")
     if d.template not in ("auto", "chat", "alpaca"):
         out.append(f"--template {d.template}: choose auto, chat or alpaca")
     if d.model_max_length < 16:
         out.append(f"--model_max_length {d.model_max_length}: too short to hold a prompt and an answer")
+    if d.eval_samples < 0 or (d.eval_samples == 0 and not d.eval_data_path):
+        out.append(f"--eval_samples {d.eval_samples}: must be >= 1 (0 = all of --eval_data_path, when given)")
     out += _source_problems(m, d)
     for backend in split_list(t.report_to):
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(backend)
@@ -187,22 +263,23 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
             out.append(f"--report_to {backend}: choose none, tensorboard or wandb")
         elif module and importlib.util.find_spec(module) is None:
             out.append(f"--report_to {backend}: the package is not installed (pip install {module})")
+    resolved = Resolved(bf16=default_bf16() if t.bf16 is None else t.bf16)
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         out.append(f"--deepspeed {t.deepspeed}: no such config file")
     elif t.deepspeed:
         from .ds import launcher_problem, resolve_config
 
-        out += resolve_config(t.deepspeed, m, t, use_bf16(t))[1] + [p for p in [launcher_problem(t.deepspeed)] if p]
-    out += _output_dir_problems(m, d, t)
-    return out
+        resolved.deepspeed, ds_problems = resolve_config(t.deepspeed, m, t, t.bf16)
+        out += ds_problems + [p for p in [launcher_problem(t.deepspeed)] if p]
+        if resolved.deepspeed:
+            resolved.bf16 = bool(resolved.deepspeed["bf16"]["enabled"])
+    out += _output_dir_problems(m, d, t, resolved.bf16)
+    return resolved, out
 
 
-# SIFTConfig's field names as this CLI spells them: its rules on the optimizer's numbers are the
-# rules of every method (full and LoRA too), written once there.
-_FLAGS = {"rate": "sift_rate", "targets": "sift_targets", "dense": "sift_dense", "selection": "sift_selection",
-          "optimizer": "optim", "lr": "learning_rate", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm",
-          "step_in_backward": "step_in_backward", "seed": "seed"}
-_SHARED = ("lr", "weight_decay", "max_grad_norm")
+def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str]:
+    """Everything wrong with the options (see `resolve`)."""
+    return resolve(m, d, t)[1]
 
 
 def schedulers_available() -> list[str]:
@@ -227,33 +304,25 @@ def schedulers_available() -> list[str]:
     return [s.value for s in SchedulerType if runs(s.value)]
 
 
-def number_problems(m: ModelArguments, t: TrainArguments) -> list[str]:
-    """SIFTConfig.problems() on the learning rate, weight decay and clipping of any method."""
-    from types import SimpleNamespace
-
-    from sift.config import SIFTConfig
-
-    # problems() only reads fields: a namespace of them checks without __post_init__'s raise
-    values = SimpleNamespace(**{**SIFTConfig().to_dict(), "lr": t.learning_rate, "weight_decay": t.weight_decay,
-                                "max_grad_norm": t.max_grad_norm or None})
-    return [f"--{_FLAGS[f]} {getattr(t, _FLAGS[f])}: {msg}" for f, msg in SIFTConfig.problems(values) if f in _SHARED]
-
-
 def _source_problems(m: ModelArguments, d: DataArguments) -> list[str]:
     """The model and the data exist (locally, in the hub cache, or on a reachable hub)."""
     from common.hub import hub_problem, looks_like_hub_id
 
-    out, path = [], d.data_path
-    if os.path.isdir(path):
-        out.append(f"--data_path {path}: is a directory: pass a JSON / JSONL file in it (or a hub id owner/name)")
-    elif not os.path.exists(path) and not looks_like_hub_id(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        missing = "" if os.path.isdir(parent) else f" (nor its directory {parent})"
-        out.append(f"--data_path {path}: no such file{missing}; a hub dataset is written owner/name")
-    elif not os.path.exists(path):
-        problem = hub_problem(path, "dataset")
-        if problem:
-            out.append(f"--data_path {path}: no such file, and as a hub dataset: {problem}")
+    out = []
+    for flag in ("data_path", "eval_data_path"):
+        path = getattr(d, flag)
+        if not path:
+            continue
+        if os.path.isdir(path):
+            out.append(f"--{flag} {path}: is a directory: pass a JSON / JSONL file in it (or a hub id owner/name)")
+        elif not os.path.exists(path) and not looks_like_hub_id(path):
+            parent = os.path.dirname(os.path.abspath(path))
+            missing = "" if os.path.isdir(parent) else f" (nor its directory {parent})"
+            out.append(f"--{flag} {path}: no such file{missing}; a hub dataset is written owner/name")
+        elif not os.path.exists(path):
+            problem = hub_problem(path, "dataset")
+            if problem:
+                out.append(f"--{flag} {path}: no such file, and as a hub dataset: {problem}")
     name = m.model_name_or_path
     if name and name != EMBEDDED:
         if os.path.isdir(name):
@@ -286,7 +355,7 @@ def check_targets(model_path: str, m: ModelArguments) -> None:
             raise UsageError(f"train_sft.py: --sift_targets/--sift_dense: {detail}") from None
 
 
-def _output_dir_problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str]:
+def _output_dir_problems(m: ModelArguments, d: DataArguments, t: TrainArguments, bf16: bool) -> list[str]:
     from .rundir import output_dir_problems
 
-    return output_dir_problems(resolved(m, d, t), t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir)
+    return output_dir_problems(resolved(m, d, t, bf16), t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir)

@@ -11,24 +11,48 @@ import torch
 from data_prep.dataset import collate, load_dataset_for_training
 from data_prep.encode import IGNORE_INDEX
 
+from .args import UsageError
+from .packing import collate_packed, pack
+
 
 def build_datasets(d, tokenizer, seed: int, verbose: bool = True) -> tuple[list[dict], list[dict], dict]:
-    """(train samples, held-out samples, data report); held-out samples carry `prompt_ids` (the
-    tokens before the first assistant token) for the before/after sample generation."""
-    samples, report = load_dataset_for_training(d.data_path, tokenizer, d.template, d.model_max_length, d.strict)
-    if len(samples) <= d.eval_samples:
-        raise ValueError(f"{d.data_path}: {len(samples)} usable samples, need more than --eval_samples "
-                         f"{d.eval_samples}: lower --eval_samples or add data\n{report.summary()}")
+    """(training units, held-out samples, data report). The units are samples, or packed rows with
+    `--packing` (trainer.packing); held-out samples stay unpacked and carry `prompt_ids` (the tokens
+    before the first assistant token) for the before/after sample generation."""
+    samples, report = _load(d.data_path, d, tokenizer)
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = [samples[i] for i in order[:d.eval_samples]]
+    if d.eval_data_path:
+        held, held_report = _load(d.eval_data_path, d, tokenizer)
+        held = held[:d.eval_samples or None]
+        train = [samples[i] for i in order]
+    else:
+        if len(samples) <= d.eval_samples:
+            raise UsageError(f"{d.data_path}: {len(samples)} usable samples, need more than --eval_samples "
+                             f"{d.eval_samples}: lower --eval_samples or add data\n{report.summary()}")
+        held, held_report = [samples[i] for i in order[:d.eval_samples]], None
+        train = [samples[i] for i in order[d.eval_samples:]]
     for s in held:
         s["prompt_ids"] = s["input_ids"][:next(i for i, x in enumerate(s["labels"]) if x != IGNORE_INDEX)]
-    train = [samples[i] for i in order[d.eval_samples:]]
     if d.max_train_samples:
         train = train[:d.max_train_samples]
+    out = {**report.to_dict(), "train_samples": len(train), "heldout_samples": len(held)}
+    if held_report is not None:
+        out["eval_data"] = held_report.to_dict()
+    if d.packing:
+        train = pack(train, d.model_max_length, seed)
+        out["packed_rows"] = len(train)
     if verbose:
-        print(f"data {d.data_path}: {report.summary()}\n  train {len(train)}, held-out {len(held)}")
-    return train, held, report.to_dict()
+        packed = f", packed into {len(train)} rows of <= {d.model_max_length} tokens" if d.packing else ""
+        print(f"data {d.data_path}: {report.summary()}\n  train {out['train_samples']}{packed}, "
+              f"held-out {len(held)}" + (f" from {d.eval_data_path}" if d.eval_data_path else ""))
+    return train, held, out
+
+
+def _load(path: str, d, tokenizer) -> tuple[list[dict], object]:
+    try:
+        return load_dataset_for_training(path, tokenizer, d.template, d.model_max_length, d.strict)
+    except ValueError as e:  # nothing usable, or a bad record under --strict: the message names the file
+        raise UsageError(str(e)) from None
 
 
 def micro_batches_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -48,7 +72,8 @@ def micro_batch(samples: list[dict], index: int, batch_size: int, seed: int, ran
 
 
 def batches_for_window(samples, step: int, batch_size: int, accum: int, seed: int, pad_id: int,
-                       rank: int = 0, world: int = 1) -> list[dict[str, torch.Tensor]]:
-    """The collated micro-batches of optimizer step `step`."""
-    return [collate(micro_batch(samples, step * accum + i, batch_size, seed, rank, world), pad_id)
+                       rank: int = 0, world: int = 1, packed: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The collated micro-batches of optimizer step `step` (of packed rows with `packed`)."""
+    batch = collate_packed if packed else collate
+    return [batch(micro_batch(samples, step * accum + i, batch_size, seed, rank, world), pad_id)
             for i in range(accum)]

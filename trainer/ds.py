@@ -23,9 +23,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_config(path: str, m, t, bf16: bool) -> tuple[dict, list[str]]:
+def resolve_config(path: str, m, t, bf16: bool | None) -> tuple[dict, list[str]]:
     """The DeepSpeed config with every "auto" filled from our arguments (one source of truth),
-    and every reason we cannot run it."""
+    and every reason we cannot run it. `bf16` is --bf16 (None: unset): an explicit bf16.enabled in
+    the config then decides, and "auto" means bf16 on CUDA."""
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -47,9 +48,12 @@ def resolve_config(path: str, m, t, bf16: bool) -> tuple[dict, list[str]]:
         cfg[key] = ours[key]
     bf16_cfg = cfg.setdefault("bf16", {})
     if bf16_cfg.get("enabled", "auto") == "auto":
-        bf16_cfg["enabled"] = bf16
-    elif bool(bf16_cfg["enabled"]) != bf16:
+        from .args import default_bf16
+
+        bf16_cfg["enabled"] = default_bf16() if bf16 is None else bf16
+    elif bf16 is not None and bool(bf16_cfg["enabled"]) != bf16:
         out.append(f"--deepspeed {path}: bf16.enabled={bf16_cfg['enabled']} contradicts --bf16 {bf16}")
+    bf16_cfg["enabled"] = bool(bf16_cfg["enabled"])
     zero = cfg.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
     hidden = _hidden_size(m)
@@ -101,18 +105,19 @@ def _hidden_size(m) -> int:
 
 
 class Anchored(nn.Module):
-    """The model plus DeepSpeed's one-entry anchor parameter; forwards to the model."""
+    """The model plus DeepSpeed's one-entry anchor parameter; its forward is the trainer's loss."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.anchor = nn.Parameter(torch.zeros(1))
 
-    def forward(self, **batch):
-        out = self.model(**batch)
+    def forward(self, batch: dict, num_items_in_batch):
+        from .loss import causal_lm_loss
+
+        loss = causal_lm_loss(self.model, batch, num_items_in_batch)
         # The anchor joins the graph with a zero gradient: ZeRO's reduction expects one.
-        out.loss = out.loss + 0.0 * self.anchor.sum()
-        return out
+        return loss + 0.0 * self.anchor.sum()
 
 
 def initialize(model: nn.Module, cfg: dict):

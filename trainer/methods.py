@@ -1,7 +1,13 @@
-"""The three fine-tuning methods behind one interface: optimizer, checkpoint payload, final save.
+"""The three fine-tuning methods behind one interface, for the trainer and the benchmarks alike.
 
-sift: SIFT (clipping inside its step). full: every weight, torch AdamW or bitsandbytes AdamW8bit.
-lora: PEFT LoRA on the same target modules, AdamW over the adapters. full and lora are baselines.
+    method = build(model, m, t)          # Sift | Full | Lora; method.model may be wrapped (LoRA)
+    loss.backward(); method.step()       # clip, step, clear; returns the global grad norm
+    method.save_payload(dir, base) / method.load_payload(dir)    # checkpoint files
+    method.save_final(output_dir, tokenizer, base)               # what a finished run leaves
+
+sift: SIFT (clipping inside its step); leaves the increment and merged/.
+full: every weight, torch AdamW or bitsandbytes AdamW8bit / AdamW32bit; leaves merged/.
+lora: PEFT LoRA on the same target modules, AdamW over the adapters; leaves adapter/ and merged/.
 """
 from __future__ import annotations
 
@@ -10,76 +16,176 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.atomic import atomic_dir
 from sift import SIFT, SIFTConfig, save_increment
 from sift.increment import FILENAME
 
-from .args import ModelArguments, TrainArguments, split_list
+from .args import ModelArguments, TrainArguments, sift_fields, split_list
 
 OPTIMIZER_FILE, TRAINABLE_FILE = "optimizer.pt", "trainable.safetensors"
+ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
 
 
 def sift_config(m: ModelArguments, t: TrainArguments) -> SIFTConfig:
-    return SIFTConfig(rate=m.sift_rate, targets=split_list(m.sift_targets), dense=split_list(m.sift_dense),
-                      selection=m.sift_selection, optimizer=m.optim, lr=t.learning_rate,
-                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm or None,
-                      step_in_backward=m.step_in_backward, seed=t.seed)
+    """The SIFT configuration the flags describe (the CLI has reported its problems already)."""
+    return SIFTConfig(**sift_fields(m, t))
 
 
-def build(model, m: ModelArguments, t: TrainArguments):
-    """(model, optimizer) for the method; the model may come back wrapped (LoRA)."""
-    if m.finetuning_type == "sift":
-        return model, SIFT(model, sift_config(m, t))
-    if m.finetuning_type == "lora":
-        from peft import LoraConfig, get_peft_model
+class Method:
+    """What the loop and the benchmarks need of a method; subclasses fill in the optimizer."""
 
-        model = get_peft_model(model, LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                                 target_modules=list(split_list(m.sift_targets)), task_type="CAUSAL_LM"))
-    else:
-        model.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if m.optim == "adamw8bit":
-        from bitsandbytes.optim import AdamW8bit
+    def __init__(self, model, m: ModelArguments, t: TrainArguments):
+        self.model, self.m, self.t = model, m, t
+        self.opt: torch.optim.Optimizer
 
-        return model, AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return model, torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # ---------------------------------------------------------------- the step
+    def step(self) -> float:
+        """Clip by the global norm (0 = off), step, clear the gradients; returns the norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm or float("inf")))  # host sync
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm
 
+    # ---------------------------------------------------------------- what the benchmarks count
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """Gradients alive between backward and step."""
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
-def step(model, opt, t: TrainArguments) -> float:
-    """Clip, step, clear; returns the global grad norm (SIFT clips inside its own step)."""
-    if isinstance(opt, SIFT):
-        opt.step()
-        norm = opt.last_grad_norm
-    else:
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Optimizer state (moments, step counters, 8-bit scales)."""
+        return [v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v)]
 
+    def host_tensors(self) -> list[torch.Tensor]:
+        """State a GPU run keeps in host RAM."""
+        return []
 
-def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    def trained_entries(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters() if p.requires_grad}.values())
 
+    def memory_report(self) -> dict | None:
+        return None
 
-def save_payload(directory: str, model, opt, base_model: str) -> None:
-    torch.save(opt.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-    if isinstance(opt, SIFT):  # the optimizer state holds the trained values; the increment is for people
-        save_increment(opt, os.path.join(directory, FILENAME), base_model=base_model)
-    else:
-        save_file(trainable_state(model), os.path.join(directory, TRAINABLE_FILE))
+    def close(self) -> None:
+        """Detach from the model (hooks)."""
 
+    # ---------------------------------------------------------------- files
+    def save_payload(self, directory: str, base_model: str) -> None:
+        """Checkpoint files: the optimizer state and the trained tensors."""
+        torch.save(self.opt.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad},
+                  os.path.join(directory, TRAINABLE_FILE))
 
-@torch.no_grad()
-def load_payload(directory: str, model, opt) -> None:
-    if not isinstance(opt, SIFT):
-        params = dict(model.named_parameters())
+    @torch.no_grad()
+    def load_payload(self, directory: str) -> None:
+        params = dict(self.model.named_parameters())
         for name, value in load_file(os.path.join(directory, TRAINABLE_FILE)).items():
             params[name].copy_(value)
-    opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
+        self.opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
+
+    def save_final(self, output_dir: str, tokenizer, base_model: str) -> list[str]:
+        """What a finished run leaves (the merged model here); returns the paths written."""
+        return [save_merged(self.merged_model(), tokenizer, os.path.join(output_dir, MERGED_DIR))]
+
+    def merged_model(self):
+        return self.model
 
 
-def merged_model(model, opt):
-    """The fine-tuned model as a plain transformers model (SIFT already wrote its values in place)."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
+class Sift(Method):
+    """SIFT: its hooks reduce each target's gradient to the selected entries inside backward."""
+
+    def __init__(self, model, m, t):
+        super().__init__(model, m, t)
+        self.opt = SIFT(model, sift_config(m, t))
+
+    def step(self) -> float:
+        self.opt.step()  # clips by the global norm of its sparse gradients itself
+        self.opt.zero_grad(set_to_none=True)
+        return self.opt.last_grad_norm
+
+    def grad_tensors(self):
+        return self.opt.grad_tensors()
+
+    def state_tensors(self):
+        return self.opt.state_tensors()
+
+    def host_tensors(self):
+        return self.opt.host_tensors()
+
+    def trained_entries(self):
+        return self.opt.trained_entries()
+
+    def memory_report(self):
+        return self.opt.memory_report()
+
+    def close(self):
+        self.opt.remove_hooks()
+
+    def save_payload(self, directory, base_model):
+        # the optimizer state holds the trained values; the increment beside it is for people
+        torch.save(self.opt.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        save_increment(self.opt, os.path.join(directory, FILENAME), base_model=base_model)
+
+    def load_payload(self, directory):
+        self.opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
+
+    def save_final(self, output_dir, tokenizer, base_model):
+        path = os.path.join(output_dir, FILENAME)
+        save_increment(self.opt, path, base_model=base_model)
+        return [path] + super().save_final(output_dir, tokenizer, base_model)  # SIFT wrote its values in place
+
+
+class Full(Method):
+    """Every weight trained (a baseline)."""
+
+    def __init__(self, model, m, t):
+        super().__init__(model, m, t)
+        model.requires_grad_(True)
+        self.opt = _adamw(m.optim, list(model.parameters()), t)
+
+
+class Lora(Method):
+    """PEFT LoRA on the target modules (a baseline); the model comes back wrapped."""
+
+    def __init__(self, model, m, t):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(t.seed)  # LoRA's A matrices are random
+        cfg = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                         target_modules=list(split_list(m.sift_targets)), task_type="CAUSAL_LM")
+        super().__init__(get_peft_model(model, cfg), m, t)
+        self.opt = _adamw(m.optim, [p for p in self.model.parameters() if p.requires_grad], t)
+
+    def save_final(self, output_dir, tokenizer, base_model):
+        adapter = os.path.join(output_dir, ADAPTER_DIR)
+        with atomic_dir(adapter, prefix=".adapter-") as tmp:  # before merging: merge_and_unload folds it in
+            self.model.save_pretrained(tmp)
+        return [adapter] + super().save_final(output_dir, tokenizer, base_model)
+
+    def merged_model(self):
+        return self.model.merge_and_unload()
+
+
+METHODS = {"sift": Sift, "full": Full, "lora": Lora}
+
+
+def build(model, m: ModelArguments, t: TrainArguments) -> Method:
+    return METHODS[m.finetuning_type](model, m, t)
+
+
+def _adamw(name: str, params: list, t: TrainArguments) -> torch.optim.Optimizer:
+    """torch AdamW (moments in the weights' dtype) or bitsandbytes AdamW with 8-bit / fp32 moments."""
+    if name in ("adamw8bit", "adamw32bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.AdamW32bit
+        return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def save_merged(model, tokenizer, target: str) -> str:
+    """save_pretrained + tokenizer into a temp directory, then renamed into place (0644 files)."""
+    with atomic_dir(target, prefix=".merged-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target

@@ -7,7 +7,7 @@ import resource
 
 import torch
 
-from common.atomic import atomic_dir, atomic_write
+from common.atomic import atomic_path, atomic_write
 
 from .args import split_list
 from .rundir import LOG, read_log
@@ -28,63 +28,103 @@ def memory_stats(device: str) -> dict:
 
 
 class Logger:
-    """train_log.jsonl, one object per logged step; on resume, rows past the checkpoint are dropped."""
+    """train_log.jsonl, one object per logged row (train rows, and `eval_loss` rows); on resume, rows
+    past the checkpoint are dropped. TensorBoard / W&B get the same numbers: train rows under
+    `train/<key>`, held-out ones under `eval/loss`."""
 
-    def __init__(self, output_dir: str, report_to: str, resume_step: int = 0):
+    def __init__(self, output_dir: str, report_to: str, resume_step: int = 0, run_name: str | None = None,
+                 config: dict | None = None):
         self.path = os.path.join(output_dir, LOG)
         rows = read_log(output_dir, resume_step) if resume_step else []
         atomic_write(self.path, (json.dumps(r) + "\n" for r in rows))  # a kill here keeps the old log
-        self.sinks = []
+        run_name = run_name or os.path.basename(os.path.abspath(output_dir))
+        self.tensorboard = self.wandb = None
         for backend in split_list(report_to):
             if backend == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(os.path.join(output_dir, "runs"))
-                self.sinks.append(lambda row, w=writer: [w.add_scalar(f"train/{k}", v, row["step"])
-                                                         for k, v in row.items() if isinstance(v, (int, float))])
+                # purge_step: a resumed run replaces the events past its checkpoint, as in the JSONL
+                self.tensorboard = SummaryWriter(os.path.join(output_dir, "runs", run_name),
+                                                 purge_step=resume_step + 1 if resume_step else None)
             elif backend == "wandb":
                 import wandb
 
-                wandb.init(dir=output_dir)
-                self.sinks.append(lambda row: wandb.log(row, step=row["step"]))
+                self.wandb = wandb.init(dir=output_dir, name=run_name, config=config, resume="allow",
+                                        id=_wandb_id(output_dir, run_name))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for sink in self.sinks:
-            sink(row)
+        scalars = {_tag(k): v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard is not None:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
 
     def close(self) -> None:
-        self.sinks = []
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.tensorboard = self.wandb = None
+
+
+def _tag(key: str) -> str:
+    return "eval/loss" if key == "eval_loss" else f"train/{key}"
+
+
+def _wandb_id(output_dir: str, run_name: str) -> str:
+    """One W&B run per output directory, so a resumed run continues its curves."""
+    import hashlib
+
+    return hashlib.sha1(f"{os.path.abspath(output_dir)}:{run_name}".encode()).hexdigest()[:16]
 
 
 def plot_loss(output_dir: str) -> str | None:
-    """loss.png from train_log.jsonl (training loss and learning rate against step)."""
+    """loss.png from train_log.jsonl (see `loss_figure`)."""
     rows = read_log(output_dir)
-    if not rows:
+    if not any("loss" in r or "eval_loss" in r for r in rows):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over label tokens)")
-    lr_ax = ax.twinx()
-    lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="gray", alpha=0.5, label="lr")
-    lr_ax.set_ylabel("learning rate")
-    ax.set_title(os.path.basename(os.path.abspath(output_dir)))
-    fig.tight_layout()
+    fig = loss_figure(rows, os.path.basename(os.path.abspath(output_dir)))
     out = os.path.join(output_dir, "loss.png")
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return out
 
 
-def save_merged(model, tokenizer, target: str) -> None:
-    """save_pretrained + tokenizer into a temp directory, then renamed into place (0644 files)."""
-    with atomic_dir(target, prefix=".merged-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+def loss_figure(rows: list[dict], title: str):
+    """Training and held-out loss against the optimizer step (integer ticks), the learning rate on
+    a second axis, one legend for the three."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    train = [r for r in rows if "loss" in r]
+    held = [r for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lines = ax.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".", label="train loss")
+    if held:
+        lines += ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], marker="o",
+                         label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over label tokens)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if train:
+        lr_ax = ax.twinx()
+        lines += lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", alpha=0.5,
+                            label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+    # under the axes: inside, it would hide a curve whichever corner it took
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              ncol=len(lines), fontsize="small", frameon=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
