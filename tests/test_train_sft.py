@@ -122,10 +122,11 @@ def test_baselines_run_through_the_same_loop(tiny_dir, alpaca_40, tmp_path, meth
 
 
 def usage_error(capsys, argv) -> str:
-    """train_sft.main's refusal: exit status 2 and one message on stderr, no traceback."""
-    with pytest.raises(SystemExit) as err:
-        train_sft.main(argv)
-    assert err.value.code == 2
+    """train_sft.py's refusal (as `python train_sft.py` runs main): exit status 2 and one message on
+    stderr, no traceback."""
+    from common import cli
+
+    assert cli.run(train_sft.main, argv) == 2
     message = capsys.readouterr().err
     assert message.startswith("train_sft.py: ") and "Traceback" not in message
     return message
@@ -220,6 +221,8 @@ def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_u
     import trainer.args as targs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # as the deepspeed launcher sets
+        monkeypatch.setenv(key, value)
     cfg = tmp_path / "fp32.json"
     cfg.write_text(json.dumps({"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}))
     out = ["--output_dir", str(tmp_path / "run")]
