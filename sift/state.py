@@ -216,7 +216,10 @@ class SparseState:
             edges = torch.arange(blocks + 1, device=idx.device) * INDEX_BLOCK  # idx is sorted
             self.counts = torch.searchsorted(idx, edges).diff().int()
             self._ready = True
-        self.base = to_host(self.weights(self.indices()))
+        w = self.weights(self.indices())
+        self.base = to_host(w)
+        if self.bank.kind == "fp32":
+            self._view(self.bank.master).copy_(w)
 
     def indices(self) -> torch.Tensor | None:
         """Sorted flat int64 indices, decoded on the device (a k-sized temporary), or None if dense."""
