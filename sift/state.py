@@ -254,7 +254,7 @@ class SparseState:
                 if vals.data_ptr() != flat.data_ptr():
                     flat.copy_(vals)
             else:  # indexed copy: no dense temporary of the weight
-                flat.index_put_((idx.to(flat.device),), vals)
+                flat.index_copy_(0, idx.to(flat.device), vals)
 
     def values(self) -> torch.Tensor:
         """Current trained values in fp32, as a new tensor (k)."""
