@@ -129,8 +129,8 @@ class SIFT(torch.optim.Optimizer):
         slot.bank.step([slot], [g], group, self._qmap_pair(slot.device), finite=finite)
         for view, copy in saved:
             torch.where(finite, view, copy, out=view)  # in place: no second k-sized temporary
-        bad = self._bad[str(slot.device)]
-        bad[self._slot_no[id(slot)]] = ~finite
+        i = self._slot_no[id(slot)]
+        torch.logical_not(finite, out=self._bad[str(slot.device)][i])
 
     # ---------------------------------------------------------------- step
     def _qmap_pair(self, device) -> tuple[torch.Tensor, torch.Tensor]:

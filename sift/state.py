@@ -111,12 +111,15 @@ class Bank:
         n, dev = entries, self.device
         self.moments = torch.zeros(2, n, dtype=torch.uint8 if eightbit else torch.float32, device=dev)
         self.absmax = torch.zeros(2, n // BLOCK, dtype=torch.float32, device=dev) if eightbit else None
-        self.aux = torch.zeros(n, dtype=torch.int16, device=dev)
-        self.rem = torch.zeros(n, dtype=torch.int16, device=dev) if self.kind == "rem" else None
+        # int16 rows: offsets + tie bits, and (bf16 weights) the remainders; one buffer, so that the
+        # in-backward guard backs a tensor's slice of both up with one clone
+        self.side = torch.zeros(2 if self.kind == "rem" else 1, n, dtype=torch.int16, device=dev)
+        self.aux = self.side[0]
+        self.rem = self.side[1] if self.kind == "rem" else None
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.moments, self.absmax, self.aux, self.rem, self.master) if t is not None]
+        return [t for t in (self.moments, self.absmax, self.side, self.master) if t is not None]
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
              finite: torch.Tensor | None = None) -> None:
@@ -281,12 +284,13 @@ class SparseState:
     # ---------------------------------------------------------------- in-backward guard
     def backup(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(view, copy) of every state slice a step changes: moments, absmax, remainder / tie bits
-        (or the fp32 master). One clone each: 4-5 launches, k-sized (far below the dense grad)."""
+        (or the fp32 master). One clone each: 3 launches, k-sized (far below the dense grad)."""
         b = self.bank
-        views = [b.moments[:, self.start:self.start + self.kp]]
+        views = [b.moments[:, self.start:self.start + self.kp], self._view(b.side)]
         if b.absmax is not None:
             views.append(b.absmax[:, self.start // BLOCK:(self.start + self.kp) // BLOCK])
-        views += [self._view(t) for t in (b.aux, b.rem, b.master) if t is not None]
+        if b.master is not None:
+            views.append(self._view(b.master))
         return [(v, v.clone()) for v in views]
 
     # ---------------------------------------------------------------- public state
