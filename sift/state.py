@@ -4,7 +4,7 @@ Layout (bytes per trained entry; k = trained entries of a tensor, padded to kp, 
 
     indices    2 B   int16 per entry: the entry's offset inside its 2^15-entry block of the flat
                      weight (15 bits) + the master's tie bit (below); plus a per-tensor table of
-                     entries per block (int32, 4 B per 32,768 weight entries: 0.0024 B/entry at 5 %).
+                     entries per block (int64, 8 B per 32,768 weight entries: 0.005 B/entry at 5 %).
                      Decoded on the device (repeat_interleave over the table + the offsets) when
                      the hook gathers and when the step writes back; never synced to the host.
     master     2 B   bf16 weights: the fp32 master is the bf16 weight + an int16 remainder (below);
@@ -217,7 +217,7 @@ class SparseState:
             self._view(self.bank.aux).copy_(idx & _OFFSET)
             blocks = math.ceil(self.numel / INDEX_BLOCK)
             edges = torch.arange(blocks + 1, device=idx.device) * INDEX_BLOCK  # idx is sorted
-            self.counts = torch.searchsorted(idx, edges).diff().int()
+            self.counts = torch.searchsorted(idx, edges).diff()  # int64: decodes to int64 indices directly
             self._ready = True
         w = self.weights(self.indices())
         self.base = to_host(w)
@@ -229,7 +229,7 @@ class SparseState:
         if not self.sparse:
             return None
         blocks = torch.repeat_interleave(self.counts, output_size=self.k)  # output_size: no host sync
-        return torch.add((self._view(self.bank.aux) & _OFFSET).long(), blocks, alpha=INDEX_BLOCK)
+        return torch.add(self._view(self.bank.aux) & _OFFSET, blocks, alpha=INDEX_BLOCK)  # int64 by promotion
 
     # ---------------------------------------------------------------- gather / scatter
     def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):
@@ -237,12 +237,12 @@ class SparseState:
         move to the dense tensor's device (ZeRO-3: the host partition), the result to ours."""
         flat = dense.reshape(-1)
         if idx is None:
-            vals = flat
-        else:
-            vals = flat.index_select(0, idx.to(flat.device))
-        if out is None:
-            return vals.to(self.device)
-        return out.copy_(vals)
+            return flat.to(self.device) if out is None else out.copy_(flat)
+        idx = idx.to(flat.device)
+        if out is not None and out.device == flat.device and out.dtype == flat.dtype:
+            return torch.index_select(flat, 0, idx, out=out)  # straight into the chunk: no copy
+        vals = flat.index_select(0, idx)
+        return vals.to(self.device) if out is None else out.copy_(vals)
 
     def weights(self, idx, out=None) -> torch.Tensor:
         return self.gather(flat_weight(self.param), idx, out)
