@@ -222,3 +222,19 @@ def test_zero3_gathers_and_scatters_are_device_correct(in_backward):
         assert {v.device.type for v in values.values()} == {"meta"}
         assert {t.device.type for t in opt.state_dict()["slots"]["0.weight"].values() if torch.is_tensor(t)} \
             <= {"meta", "cpu"}
+
+
+def test_compact_indices_decode_exactly_with_empty_and_full_blocks():
+    from sift.state import Bank, SparseState
+
+    p = torch.nn.Parameter(torch.zeros(5 * 2**15 + 7))
+    cases = [torch.tensor([0, 5, 2**15 - 1, 2**15, 3 * 2**15 + 1, 3 * 2**15 + 2]),  # blocks 2 and 4 empty
+             torch.tensor([5 * 2**15 + 6]),                                          # only the last block
+             torch.arange(2**15, 2 * 2**15),                                         # one full block
+             torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))[:5000].sort().values]
+    for idx in cases:
+        s = SparseState("w", p, idx.numel())
+        s.bank = Bank("cpu", torch.float32, True, False, s.kp)
+        s.select(idx)
+        assert torch.equal(s.indices(), idx)
+        assert s.bank.aux.dtype == torch.int16 and s.starts.numel() == 5  # 6 blocks: starts of the last 5
