@@ -1,6 +1,6 @@
 """SIFT: sparse AdamW over the top-|grad| entries of each target weight, fed by backward hooks.
 
-State per trained entry: 6.03 B on bf16 weights, 4.03 B on fp32 weights (sift/state.py has the
+State per trained entry: 6.04 B on bf16 weights, 4.04 B on fp32 weights (sift/state.py has the
 layout and why the bf16 master is exact). The dense gradient of a target exists only inside its
 hook; the sparse gradient of the deferred mode is kept in the weight's dtype (bf16: 2 B/entry, the
 exact gathered values) and turns fp32 only when a second micro-batch accumulates onto it, so the

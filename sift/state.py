@@ -11,7 +11,7 @@ Layout (bytes per trained entry; k = trained entries of a tensor, padded to kp, 
                0 B   fp32 weights are their own master; other dtypes (fp16) keep a 4 B fp32 master.
     moments    2 B   two 8-bit blockwise moments (adamw8bit; 8 B with adamw) + fp32 absmax per 256.
 
-    => 6.03 B on bf16 weights, 4.03 B on fp32 weights (+ the 256-padding of each tensor).
+    => 6.04 B on bf16 weights, 4.04 B on fp32 weights (+ the 256-padding of each tensor).
 
 The bf16 master. With m the fp32 master and w = bf16_rn(m) (what the forward sees: the weight
 stays the round-to-nearest-even bf16 of the master, as with a plain fp32 master), the residual
