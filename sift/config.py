@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-SELECTIONS = ("grad", "random", "magnitude")
+from .selection import SELECTIONS
+
 OPTIMIZERS = ("adamw8bit", "adamw")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

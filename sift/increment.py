@@ -106,20 +106,12 @@ def model_fingerprint(model: nn.Module, tensors: dict[str, torch.Tensor]) -> str
 
 
 # ------------------------------------------------------------------ save
-def _shapes(opt) -> dict[str, list[int]]:
-    if hasattr(opt, "shapes"):  # SIFT.shapes() (core branch)
-        return {n: list(s) for n, s in opt.shapes().items()}
-    # Until SIFT.shapes() is merged: the same, read from the optimizer's slots.
-    from .optimizer import shape
-    return {s.name: list(shape(s.param)) for s in opt.slots if s.ready()}
-
-
 def increment_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
     """({`<name>.indices`, `<name>.delta`, ...} on the CPU, {dtype, base_fingerprint}) from a SIFT
     optimizer: deltas are its trained values minus the base values it kept at selection."""
     indices, base = opt.selected_indices(), opt.base_values()
     out, samples, dtypes = {}, {}, set()
-    shapes = _shapes(opt)
+    shapes = {n: list(s) for n, s in opt.shapes().items()}
     for name, trained in opt.trained_values().items():
         trained = trained.detach().float().cpu()
         bad = int((~torch.isfinite(trained)).sum())

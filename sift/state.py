@@ -1,0 +1,353 @@
+"""What SIFT keeps per trained tensor, in a few flat buffers per device.
+
+Layout (bytes per trained entry; k = trained entries of a tensor, padded to kp, a multiple of 256):
+
+    indices    2 B   int16 per entry: the entry's offset inside its 2^15-entry block of the flat
+                     weight (15 bits) + the master's tie bit (below); plus a per-tensor table of
+                     where each block starts (int64, 8 B per 32,768 weight entries: 0.005 B/entry at 5 %).
+                     Decoded on the device (a cumsum over the table's block starts + the offsets) when
+                     the hook gathers and when the step writes back; never synced to the host.
+    master     2 B   bf16 weights: the fp32 master is the bf16 weight + an int16 remainder (below);
+               0 B   fp32 weights are their own master; other dtypes (fp16) keep a 4 B fp32 master.
+    moments    2 B   two 8-bit blockwise moments (adamw8bit; 8 B with adamw) + fp32 absmax per 256.
+
+    => 6.04 B on bf16 weights, 4.04 B on fp32 weights (+ the 256-padding of each tensor).
+
+The bf16 master. With m the fp32 master and w = bf16_rn(m) (what the forward sees: the weight
+stays the round-to-nearest-even bf16 of the master, as with a plain fp32 master), the residual
+d = bits(m) - bits(w) << 16, taken on the IEEE bit patterns as integers, lies in [-2^15, 2^15]:
+rounding moves the top 16 bits by at most one step, and the low 16 bits differ by at most half a
+step. bits(m) = (bits(w) << 16) + d is then exact. Working on bit patterns (not in units of the
+ulp) handles the binade edges by itself: where rounding carried m into the next binade (or to
++-inf, or from a subnormal to a normal), bits(w) - 1 is the previous bf16, so the integer
+difference stays in range, and the sign (sign-magnitude) never changes under rounding.
+d takes 2^16 + 1 values: the two ties (low bits exactly 0x8000, rounded down or up to an even w)
+are d = +2^15 and d = -2^15. The int16 remainder stores d mod 2^16 and the spare top bit of the
+index offset (blocks of 2^15, not 2^16, for that reason) says "d = +2^15": the master is exact
+for every finite fp32 value, so a run is bit-identical to one with an fp32 master (tested over
+40+ bf16 steps against the fp32-master path, kept for fp16 weights and for that test).
+
+Step. All states of one (device, weight dtype) share flat buffers, so the 8-bit AdamW update runs
+as one bitsandbytes call per chunk of up to CHUNK entries (slots padded to the 256-entry
+quantisation blocks, so the result equals per-tensor calls bit for bit). Transient memory of a
+step: per chunk, an fp32 master scratch (4 B) and fp32 gradient (4 B), bf16 weights gathered
+(2 B) and int32 encode temporaries (<= 12 B) per entry, plus one tensor's int64 decoded indices
+(8 B x its k): <= 22 B x max(CHUNK, largest k) + 8 B x largest k, i.e. ~110 MiB at LLaMA-7B.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from bitsandbytes import functional as bnbf
+
+BLOCK = 256          # bitsandbytes' blockwise quantisation block for the 8-bit moments
+INDEX_BLOCK = 2**15  # weight entries per index block: 15-bit offsets, the 16th bit is the tie flag
+CHUNK = 2**22        # entries per batched optimizer call (bounds the step's scratch)
+_OFFSET, _TIE = 0x7FFF, -0x8000  # int16 masks: offset bits, the tie bit (0x8000)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int64 if numel >= 2**31 else torch.int32
+
+
+def numel(p: nn.Parameter) -> int:
+    """Entries of the full parameter (ZeRO-3 leaves `p.data` empty between gathers)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def shape(p: nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def flat_weight(p: nn.Parameter) -> torch.Tensor:
+    """The persistent storage of the weight as a flat view: `p.data`, or under ZeRO-3 the parameter's
+    own partition `ds_tensor` (on the host with offload_param; one rank holds every entry)."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.data.view(-1)[:p.ds_numel]
+    return p.data.view(-1)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy; from CUDA into pinned memory without a host sync (once per tensor, at selection)."""
+    if t.device.type == "meta":  # the memory planner: a stand-in it tags as host memory
+        return torch.empty_like(t)
+    if t.device.type != "cuda":
+        return t.detach().to("cpu", copy=True)
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def master_kind(dtype: torch.dtype, fp32_master: bool = False) -> str:
+    """"own": the fp32 weight is the master; "rem": bf16 weight + int16 remainder; "fp32": a copy."""
+    if dtype == torch.float32:
+        return "own"
+    return "rem" if dtype == torch.bfloat16 and not fp32_master else "fp32"
+
+
+def decode_master(w: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """fp32 masters from bf16 weights `w`, int16 remainders and the tie bits of `aux` (see above)."""
+    d = rem.int() + (aux < 0).int() * 65536
+    return (w.view(torch.int16).int() * 65536 + d).view(torch.float32)  # no int32 overflow for finite w
+
+
+def encode_master(m: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """Split fp32 masters `m` into the bf16 weights (returned) and remainder / tie bit, in place."""
+    w = m.bfloat16()  # round to nearest even: what a plain fp32 master writes into the weight
+    d = m.view(torch.int32) - w.view(torch.int16).int() * 65536
+    tie = d > 32767  # d == 2^15
+    rem.copy_(d - tie.int() * 65536)
+    aux.bitwise_and_(_OFFSET).bitwise_or_(tie.short() * _TIE)
+    return w
+
+
+class Bank:
+    """Flat state buffers of every trained tensor of one device and weight dtype."""
+
+    def __init__(self, device, dtype: torch.dtype, eightbit: bool, fp32_master: bool, entries: int):
+        self.device, self.dtype, self.eightbit = torch.device(device), dtype, eightbit
+        self.kind = master_kind(dtype, fp32_master)
+        n, dev = entries, self.device
+        self.moments = torch.zeros(2, n, dtype=torch.uint8 if eightbit else torch.float32, device=dev)
+        self.absmax = torch.zeros(2, n // BLOCK, dtype=torch.float32, device=dev) if eightbit else None
+        # int16 rows: offsets + tie bits, and (bf16 weights) the remainders; one buffer, so that the
+        # in-backward guard backs a tensor's slice of both up with one clone
+        self.side = torch.zeros(2 if self.kind == "rem" else 1, n, dtype=torch.int16, device=dev)
+        self.aux = self.side[0]
+        self.rem = self.side[1] if self.kind == "rem" else None
+        self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.moments, self.absmax, self.side, self.master) if t is not None]
+
+    def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
+             finite: torch.Tensor | None = None) -> None:
+        """One AdamW step of `states` (consecutive in this bank, same step count, already advanced)
+        on `grads`, in chunks of <= CHUNK entries: one bitsandbytes call per chunk. With `finite`
+        (a device bool), a False leaves the weights untouched (the caller restores the state)."""
+        chunk, size = [], 0
+        for s, g in zip(states, grads):
+            if chunk and (size + s.kp > CHUNK or s.start != chunk[-1][0].start + chunk[-1][0].kp):
+                self._step_chunk(chunk, hp, qmaps, scale, finite)
+                chunk, size = [], 0
+            chunk.append((s, g))
+            size += s.kp
+        if chunk:
+            self._step_chunk(chunk, hp, qmaps, scale, finite)
+
+    def _step_chunk(self, chunk, hp, qmaps, scale, finite):
+        lo = chunk[0][0].start
+        hi = chunk[-1][0].start + chunk[-1][0].kp
+        n, dev = hi - lo, self.device
+        g = torch.zeros(n, dtype=torch.float32, device=dev)
+        idx = {}
+        for s, grad in chunk:
+            g[s.start - lo:s.start - lo + s.k].copy_(grad)
+        if self.kind == "fp32":
+            p = self.master[lo:hi]  # the kernel updates the master in place
+            old = [s.weights(s.indices()) for s, _ in chunk] if finite is not None else None
+        else:
+            w = torch.zeros(n, dtype=self.dtype, device=dev)  # padding stays 0 (no effect on the moments)
+            for s, _ in chunk:
+                idx[s.name] = s.indices()
+                s.weights(idx[s.name], out=w[s.start - lo:s.start - lo + s.k])
+            old = w.clone() if finite is not None and self.kind == "own" else w
+            p = w if self.kind == "own" else decode_master(w, self.rem[lo:hi], self.aux[lo:hi])
+        beta1, beta2 = hp["betas"]
+        step = chunk[0][0].step
+        if self.eightbit:
+            bnbf.optimizer_update_8bit_blockwise(
+                "adam", g=g, p=p, state1=self.moments[0, lo:hi], state2=self.moments[1, lo:hi],
+                beta1=beta1, beta2=beta2, beta3=0.0, alpha=0.0, eps=hp["eps"], step=step, lr=hp["lr"],
+                qmap1=qmaps[0], qmap2=qmaps[1], absmax1=self.absmax[0, lo // BLOCK:hi // BLOCK],
+                absmax2=self.absmax[1, lo // BLOCK:hi // BLOCK], weight_decay=hp["weight_decay"],
+                gnorm_scale=scale)
+        else:
+            bnbf.optimizer_update_32bit(
+                "adam", g=g, p=p, state1=self.moments[0, lo:hi], beta1=beta1, eps=hp["eps"], step=step,
+                lr=hp["lr"], state2=self.moments[1, lo:hi], beta2=beta2, weight_decay=hp["weight_decay"],
+                gnorm_scale=scale)
+        new = encode_master(p, self.rem[lo:hi], self.aux[lo:hi]) if self.kind == "rem" else p
+        for i, (s, _) in enumerate(chunk):
+            part = new[s.start - lo:s.start - lo + s.k]
+            if finite is not None:
+                prev = old[i] if self.kind == "fp32" else old[s.start - lo:s.start - lo + s.k]
+                part = torch.where(finite, part.to(self.dtype), prev)
+            s.write_weights(part, idx.get(s.name) if s.name in idx else s.indices())
+
+
+class SparseState:
+    """One trained tensor: which entries, their master values and moments (views into its Bank).
+
+    `k` entries (all of them when trained densely), padded to `kp` in the bank at entry `start`.
+    Public: indices(), values(), nbytes(), state(), load(); the rest serves SIFT's hooks and step.
+    """
+
+    def __init__(self, name: str, param: nn.Parameter, k: int | None):
+        self.name, self.param = name, param
+        self.numel = numel(param)
+        self.sparse = k is not None
+        self.k = k if self.sparse else self.numel
+        self.kp = math.ceil(self.k / BLOCK) * BLOCK
+        self.start = 0
+        self.bank: Bank | None = None
+        self.step = 0
+        self.stepped = False  # step_in_backward: already updated since the last opt.step()
+        self.starts = None    # int64 position in the sorted list where each index block (from the 2nd) begins
+        self.grad = None      # the accumulated sparse gradient (weight dtype; fp32 once accumulated)
+        self.base = None      # host copy of the trained entries' base values (weight dtype): the increment's deltas
+        self._ready = not self.sparse
+
+    # ---------------------------------------------------------------- views into the bank
+    def _view(self, t):
+        return None if t is None else t[..., self.start:self.start + self.k]
+
+    @property
+    def device(self) -> torch.device:
+        return self.bank.device
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def select(self, idx: torch.Tensor | None) -> None:
+        """Fix the trained entries (sorted flat int64 on any device; None: dense) and take the base."""
+        if idx is not None:
+            idx = idx.to(self.device)
+            self._view(self.bank.aux).copy_(idx & _OFFSET)
+            blocks = math.ceil(self.numel / INDEX_BLOCK)
+            edges = torch.arange(1, blocks, device=idx.device) * INDEX_BLOCK  # idx is sorted
+            self.starts = torch.searchsorted(idx, edges)  # where blocks 1, 2, ... begin in the list
+            self._ready = True
+        w = self.weights(self.indices())
+        self.base = to_host(w)
+        if self.bank.kind == "fp32":
+            self._view(self.bank.master).copy_(w)
+
+    def indices(self) -> torch.Tensor | None:
+        """Sorted flat int64 indices, decoded on the device (a k-sized temporary), or None if dense."""
+        if not self.sparse:
+            return None
+        # block base per entry: +2^15 at each block start, summed up (a cumsum: several times
+        # cheaper than repeat_interleave on CPU, no host sync anywhere); empty blocks add up in place
+        idx = torch.zeros(self.k + 1, dtype=torch.int64, device=self.device)  # [k]: trailing empty blocks
+        idx.index_put_((self.starts,), idx.new_full((), INDEX_BLOCK), accumulate=True)
+        return idx[:self.k].cumsum_(0).add_(self._view(self.bank.aux) & _OFFSET)
+
+    # ---------------------------------------------------------------- gather / scatter
+    def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):
+        """`dense`'s trained entries, on this state's device. Device-correct both ways: the indices
+        move to the dense tensor's device (ZeRO-3: the host partition), the result to ours."""
+        flat = dense.reshape(-1)
+        if idx is None:
+            return flat.to(self.device) if out is None else out.copy_(flat)
+        idx = idx.to(flat.device)
+        if out is not None and out.device == flat.device and out.dtype == flat.dtype:
+            return torch.index_select(flat, 0, idx, out=out)  # straight into the chunk: no copy
+        vals = flat.index_select(0, idx)
+        return vals.to(self.device) if out is None else out.copy_(vals)
+
+    def weights(self, idx, out=None) -> torch.Tensor:
+        return self.gather(flat_weight(self.param), idx, out)
+
+    def write_weights(self, values: torch.Tensor, idx: torch.Tensor | None) -> None:
+        targets = [flat_weight(self.param)]
+        if hasattr(self.param, "ds_tensor") and self.param.data.numel() == self.numel:
+            targets.append(self.param.data.view(-1))  # a ZeRO-3 persistent (or gathered) copy too
+        for flat in targets:
+            vals = values.to(flat.device, flat.dtype)
+            if idx is None:
+                if vals.data_ptr() != flat.data_ptr():
+                    flat.copy_(vals)
+            else:  # indexed copy: no dense temporary of the weight
+                flat.index_copy_(0, idx.to(flat.device), vals)
+
+    def values(self) -> torch.Tensor:
+        """Current trained values in fp32, as a new tensor (k)."""
+        kind = self.bank.kind
+        if kind == "fp32":
+            return self._view(self.bank.master).clone()
+        w = self.weights(self.indices())
+        if kind == "own":
+            return w.clone() if w.data_ptr() == flat_weight(self.param).data_ptr() else w
+        return decode_master(w, self._view(self.bank.rem), self._view(self.bank.aux))
+
+    def set_values(self, values: torch.Tensor) -> None:
+        """Master and weight from fp32 `values` (resume)."""
+        values = values.to(self.device, torch.float32)
+        kind, idx = self.bank.kind, self.indices()
+        if kind == "rem":
+            w = encode_master(values.clone(), self._view(self.bank.rem), self._view(self.bank.aux))
+        else:
+            if kind == "fp32":
+                self._view(self.bank.master).copy_(values)
+            w = values
+        self.write_weights(w, idx)
+
+    # ---------------------------------------------------------------- in-backward guard
+    def backup(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(view, copy) of every state slice a step changes: moments, absmax, remainder / tie bits
+        (or the fp32 master). One clone each: 3 launches, k-sized (far below the dense grad)."""
+        b = self.bank
+        views = [b.moments[:, self.start:self.start + self.kp], self._view(b.side)]
+        if b.absmax is not None:
+            views.append(b.absmax[:, self.start // BLOCK:(self.start + self.kp) // BLOCK])
+        if b.master is not None:
+            views.append(self._view(b.master))
+        return [(v, v.clone()) for v in views]
+
+    # ---------------------------------------------------------------- public state
+    def nbytes(self) -> dict[str, int]:
+        """Persistent device bytes of this tensor's share of the bank (padding included), by kind."""
+        b, kp = self.bank, self.kp
+        out = {"indices": 2 * kp + (self.starts.nbytes if self.starts is not None else 0),
+               "master": (2 * kp if b.rem is not None else 0) + (4 * kp if b.master is not None else 0),
+               "optimizer_states": b.moments.element_size() * 2 * kp + (8 * kp // BLOCK if b.absmax is not None else 0)}
+        return out
+
+    def state(self) -> dict:
+        """Self-contained: indices, values and base travel, so a fresh base model can resume."""
+        b, nb = self.bank, self.kp // BLOCK
+        st = {"step": self.step, "shape": list(shape(self.param)), "k": self.k,
+              "values": self.values(), "base": self.base,
+              # padded: an 8-bit padding code is the quantised 0 after a step, not the initial code 0
+              "state1": b.moments[0, self.start:self.start + self.kp].clone(),
+              "state2": b.moments[1, self.start:self.start + self.kp].clone()}
+        if self.sparse:
+            st["indices"] = self.indices().to(index_dtype(self.numel))
+        if b.absmax is not None:
+            st["absmax1"], st["absmax2"] = (b.absmax[i, self.start // BLOCK:self.start // BLOCK + nb].clone()
+                                            for i in (0, 1))
+        return st
+
+    def problems(self, st: dict) -> list[str]:
+        """Why `st` cannot continue this tensor (empty if it can); touches nothing."""
+        out = []
+        if "shape" in st and list(st["shape"]) != list(shape(self.param)):
+            out.append(f"{self.name}: saved shape {list(st['shape'])}, this model's is {list(shape(self.param))}")
+        n = st["indices"].numel() if "indices" in st else st["values"].numel()
+        if ("indices" in st) != self.sparse:
+            out.append(f"{self.name}: saved {'sparse' if 'indices' in st else 'dense'}, trained "
+                       f"{'sparse' if self.sparse else 'dense'} here")
+        elif n != self.k:
+            out.append(f"{self.name}: {n} saved entries, this configuration trains {self.k}")
+        want = torch.uint8 if self.bank.eightbit else torch.float32
+        if st["state1"].dtype != want:
+            out.append(f"{self.name}: saved moments are {st['state1'].dtype}, this optimizer keeps {want}")
+        elif st["state1"].numel() != self.kp and not out:
+            out.append(f"{self.name}: {st['state1'].numel()} saved moments, expected {self.kp}")
+        return out
+
+    def load(self, st: dict) -> None:
+        b, nb = self.bank, self.kp // BLOCK
+        if self.sparse:
+            self.select(st["indices"].long())
+        self.base = st["base"].clone() if "base" in st else self.base
+        for i, key in enumerate(("state1", "state2")):
+            b.moments[i, self.start:self.start + self.kp].copy_(st[key])
+        if b.absmax is not None:
+            for i, key in enumerate(("absmax1", "absmax2")):
+                b.absmax[i, self.start // BLOCK:self.start // BLOCK + nb].copy_(st[key])
+        self.step = st["step"]
+        self.set_values(st["values"])
+        self._ready = True
