@@ -1,0 +1,240 @@
+"""QSIFT (SIFT on a 4-bit base) against float64 autograd on the dense effective weight."""
+import copy
+import math
+import weakref
+
+import pytest
+import torch
+
+from conftest import batch, tiny_llama
+from sift import SIFT, SIFTConfig
+from sift import qlinear
+from sift.quantize import (QuantizedIncrementError, apply_increment, apply_onto_full, attach, increment_tensors,
+                           layers, quantization_info, quantize, restore, save_increment)
+
+
+def quantized(seed=0, quant_type="nf4", rate=0.1, selection="grad", **kw):
+    """(fp32 original, quantized copy with deltas attached)."""
+    fp = tiny_llama(seed=seed, **kw)
+    q = quantize(copy.deepcopy(fp), quant_type=quant_type)
+    attach(q, rate, selection, seed=seed)
+    return fp, q
+
+
+def dense_reference(fp, q):
+    """A float64 copy of the model whose target weights are q's effective weights."""
+    ref = copy.deepcopy(fp).double()
+    params = dict(ref.named_parameters())
+    for name, layer in layers(q).items():
+        with torch.no_grad():
+            params[name].copy_(layer.effective_weight().double())
+    return ref, params
+
+
+def test_gathered_gradient_and_selection_match_float64_autograd():
+    fp, q = quantized(rate=0.1)
+    for layer in layers(q).values():
+        layer.delta.requires_grad_(True)
+    q(**batch(0)).loss.backward()
+    ref, params = dense_reference(fp, q)
+    ref(**batch(0)).loss.backward()
+    for name, layer in layers(q).items():
+        dw = params[name].grad.reshape(-1)
+        k = math.ceil(0.1 * dw.numel())
+        assert layer.indices.dtype == torch.int32 and layer.indices.numel() == k == layer.delta.numel()
+        expected = torch.topk(dw.abs(), k).indices.sort().values
+        assert torch.equal(layer.indices.long(), expected), f"{name}: not the top-k |dL/dW| of the first micro-batch"
+        # fp32 matmuls vs float64: 1e-5 of the layer's largest gradient entry
+        got, want = layer.delta.grad.double(), dw[expected]
+        assert (got - want).abs().max() <= 1e-5 * dw.abs().max(), name
+
+
+def test_steps_follow_float64_masked_adamw_and_unselected_entries_stay_deq():
+    lr, wd, betas, eps, max_norm, accum, steps = 1e-2, 0.1, (0.9, 0.99), 1e-8, 0.05, 2, 4
+    fp, q = quantized(rate=0.1)
+    deq0 = {n: layer.dequantized().clone() for n, layer in layers(q).items()}
+    opt = SIFT(q, SIFTConfig(rate=0.1, optimizer="adamw", lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                             max_grad_norm=max_norm))
+    for step in range(steps):
+        for micro in range(accum):
+            q(**batch(100 * step + micro)).loss.div(accum).backward()
+        opt.step()
+        opt.zero_grad()
+
+    # float64: W = deq(Q) + scatter(idx, delta), AdamW on delta (decoupled decay, global clipping)
+    ref, params = dense_reference(fp, quantized(rate=0.1)[1])  # fresh: delta = 0, W = deq(Q)
+    idx = {n: layer.indices.long() for n, layer in layers(q).items()}
+    base = {n: params[n].detach().clone().reshape(-1) for n in idx}
+    d64 = {n: torch.zeros(i.numel(), dtype=torch.float64) for n, i in idx.items()}
+    m = {n: torch.zeros_like(v) for n, v in d64.items()}
+    v = {n: torch.zeros_like(x) for n, x in d64.items()}
+    for step in range(steps):
+        g = {n: torch.zeros_like(x) for n, x in d64.items()}
+        for micro in range(accum):
+            ref(**batch(100 * step + micro)).loss.div(accum).backward()
+            for n in g:
+                g[n] += params[n].grad.reshape(-1)[idx[n]]
+            ref.zero_grad()
+        coef = min(1.0, max_norm / (torch.sqrt(sum((x ** 2).sum() for x in g.values())).item() + 1e-6))
+        t = step + 1
+        with torch.no_grad():
+            for n in d64:
+                gn = g[n] * coef
+                d64[n] *= 1 - lr * wd
+                m[n] = betas[0] * m[n] + (1 - betas[0]) * gn
+                v[n] = betas[1] * v[n] + (1 - betas[1]) * gn * gn
+                d64[n] -= lr / (1 - betas[0] ** t) * m[n] / ((v[n] / (1 - betas[1] ** t)).sqrt() + eps)
+                flat = base[n].clone()
+                flat[idx[n]] += d64[n]
+                params[n].copy_(flat.view_as(params[n]))
+
+    for name, layer in layers(q).items():
+        ours, want = layer.delta.detach().double(), d64[name]
+        assert want.norm() > 0
+        assert (ours - want).norm() / want.norm() <= 2e-3, name
+        w = layer.effective_weight().reshape(-1)
+        mask = torch.zeros_like(w, dtype=torch.bool).index_fill_(0, idx[name], True)
+        assert torch.equal(w[~mask], deq0[name].reshape(-1)[~mask]), f"unselected entries of {name} moved off deq(Q)"
+        assert torch.equal(w[mask], (deq0[name].reshape(-1)[mask] + layer.delta.detach()))
+
+
+def peak_transients(n_layers: int, checkpointing: bool) -> int:
+    _, q = quantized(rate=0.05, layers=n_layers)
+    opt = SIFT(q, SIFTConfig(rate=0.05))
+    if checkpointing:
+        q.activation_checkpointing_enable({"use_reentrant": False})
+    q.train()
+    alive, peak = [0], [0]
+
+    def track(t):
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(t, lambda: alive.__setitem__(0, alive[0] - 1))
+
+    qlinear.TRANSIENT_OBSERVERS.append(track)
+    try:
+        for step in range(2):
+            q(**batch(step)).loss.backward()
+            assert alive[0] == 0, "a dequantized weight or dense weight gradient outlived backward"
+            assert all(p.grad is None for p in q.parameters()), "a .grad survived SIFT's hooks"
+            opt.step()
+            opt.zero_grad()
+    finally:
+        qlinear.TRANSIENT_OBSERVERS.remove(track)
+    return peak[0]
+
+
+def test_one_dense_transient_at_a_time_with_and_without_checkpointing():
+    peaks = {(n, ckpt): peak_transients(n, ckpt) for n in (2, 8) for ckpt in (False, True)}
+    assert set(peaks.values()) == {1}, peaks
+
+
+@pytest.mark.parametrize("selection", ["random", "magnitude"])
+def test_selection_before_training(selection):
+    _, q = quantized(rate=0.07, selection=selection, seed=3)
+    again = quantized(rate=0.07, selection=selection, seed=3)[1]
+    for name, layer in layers(q).items():
+        idx = layer.indices.long()
+        assert idx.numel() == math.ceil(0.07 * layer.shape.numel()) and torch.equal(idx, idx.unique())
+        assert torch.equal(layer.indices, layers(again)[name].indices)
+        if selection == "magnitude":
+            w = layer.dequantized().reshape(-1).abs()
+            rest = torch.ones_like(w, dtype=torch.bool).index_fill_(0, idx, False)
+            assert w[idx].min() >= w[rest].max()
+
+
+def train(q, opt, steps, start=0):
+    losses = []
+    for step in range(start, start + steps):
+        for micro in range(2):
+            loss = q(**batch(100 * step + micro)).loss / 2
+            loss.backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def test_resume_is_bit_exact():
+    cfg = SIFTConfig(rate=0.05, lr=1e-2, weight_decay=0.01)
+    fp, q = quantized(rate=0.05)
+    opt = SIFT(q, cfg)
+    train(q, opt, 2)
+    saved_opt, saved_inc = copy.deepcopy(opt.state_dict()), increment_tensors(q)
+    straight = train(q, opt, 3, start=2)
+
+    fresh = quantize(copy.deepcopy(fp))
+    attach(fresh, 0.05)
+    opt2 = SIFT(fresh, cfg)
+    restore(fresh, saved_inc, {"quantization": __import__("json").dumps(quantization_info(fresh))})
+    opt2.load_state_dict(saved_opt)
+    assert train(fresh, opt2, 3, start=2) == straight
+    for name, layer in layers(q).items():
+        other = layers(fresh)[name]
+        assert torch.equal(layer.indices, other.indices) and torch.equal(layer.delta, other.delta), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_increment_onto_full_precision_and_quantized_bases(tmp_path, dtype):
+    fp = tiny_llama(dtype=dtype)
+    q = quantize(copy.deepcopy(fp))
+    attach(q, 0.05)
+    opt = SIFT(q, SIFTConfig(rate=0.05, lr=1e-2))
+    train(q, opt, 3)
+    path = str(tmp_path / "inc.safetensors")
+    save_increment(q, path, base_model="tiny", rate=0.05, selection="grad")
+
+    merged = copy.deepcopy(fp)
+    meta = apply_increment(merged, path)
+    assert '"type": "nf4"' in meta["quantization"] and '"block_size": 64' in meta["quantization"]
+    base, new = dict(fp.named_parameters()), dict(merged.named_parameters())
+    trained = layers(q)
+    for name, p in new.items():
+        if name not in trained:
+            assert torch.equal(p, base[name]), name
+            continue
+        idx, delta = trained[name].indices.long(), trained[name].delta.detach()
+        expected = base[name].detach().reshape(-1).double().clone()
+        expected[idx] += delta.double()
+        got = p.detach().reshape(-1)
+        assert torch.equal(got, expected.to(dtype)) or dtype == torch.float32 and \
+            (got.double() - expected).abs().max() <= 2 ** -23 * expected.abs().max(), name
+        assert not torch.equal(got, base[name].reshape(-1))
+
+    requant = quantize(copy.deepcopy(fp))
+    apply_increment(requant, path)
+    for name, layer in layers(requant).items():
+        assert torch.equal(layer.effective_weight(), trained[name].effective_weight()), name
+    with torch.no_grad():
+        assert torch.equal(requant(**batch(7)).logits, q(**batch(7)).logits)
+
+
+def test_malformed_increments_are_refused_clearly(tmp_path):
+    fp, q = quantized(rate=0.05)
+    opt = SIFT(q, SIFTConfig(rate=0.05))
+    train(q, opt, 1)
+    path = str(tmp_path / "inc.safetensors")
+    save_increment(q, path)
+
+    fp4 = quantize(copy.deepcopy(fp), quant_type="fp4")
+    with pytest.raises(QuantizedIncrementError, match=r"inc.safetensors: trained on another quantized base: type 'nf4' \(model: 'fp4'\)"):
+        apply_increment(fp4, path)
+    wider = quantize(tiny_llama(hidden=64))
+    with pytest.raises(QuantizedIncrementError, match=r"down_proj.weight: recorded shape \[32, 64\], this model.s is \[64, 128\]"):
+        apply_increment(wider, path)
+    with pytest.raises(QuantizedIncrementError, match="recorded shape"):
+        apply_increment(tiny_llama(hidden=64), path)  # the full-precision route checks it too
+    tensors = increment_tensors(q)
+    name = next(iter(tensors)).rsplit(".", 1)[0]
+    bad = dict(tensors)
+    bad[f"{name}.indices"] = bad[f"{name}.indices"].flip(0)
+    with pytest.raises(QuantizedIncrementError, match="not strictly increasing"):
+        restore(copy.deepcopy(q), bad)
+    bad[f"{name}.indices"] = tensors[f"{name}.indices"] + 10**6
+    with pytest.raises(QuantizedIncrementError, match=r"out of range \[0, 1024\)"):
+        apply_onto_full(copy.deepcopy(fp), bad)
+    with pytest.raises(QuantizedIncrementError, match="no quantized layers"):
+        restore(copy.deepcopy(fp), tensors)
+    (tmp_path / "torn.safetensors").write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(QuantizedIncrementError, match="torn.safetensors: not a readable safetensors"):
+        apply_increment(copy.deepcopy(q), str(tmp_path / "torn.safetensors"))
