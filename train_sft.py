@@ -25,7 +25,7 @@ from data_prep.dataset import collate
 from data_prep.encode import IGNORE_INDEX
 from common.modeling import load_model_and_tokenizer, resolve_model_path
 from trainer import args as targs
-from trainer import ds, methods
+from trainer import ds, methods, quantized
 from trainer.checkpoint import find_checkpoint, load_state, save_checkpoint
 from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
 from trainer.report import Logger, memory_stats, plot_loss, save_merged, write_json_atomic
@@ -106,8 +106,12 @@ def main(argv=None):
 
     ds_cfg = ds.resolve_config(t.deepspeed, m, t, bf16)[0] if t.deepspeed else None
     zero3 = bool(ds_cfg) and ds_cfg["zero_optimization"].get("stage") == 3
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                device="cpu" if zero3 else device)  # ZeRO-3 places it
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if quantized.enabled(m):  # QSIFT / QLoRA: the base straight into 4 bits on the device
+        model, tokenizer = quantized.load(model_path, m, t, dtype, device)
+    else:
+        model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype,
+                                                    device="cpu" if zero3 else device)  # ZeRO-3 places it
     train_set, eval_set, data_report = build_datasets(d, tokenizer, t.seed, verbose=main_process)
     if t.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -180,7 +184,7 @@ def main(argv=None):
         if t.save_steps and done % t.save_steps == 0 and done < total_steps:
             if main_process:  # SIFT's state is replicated: one rank writes it
                 state = {"step": done, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state().tolist()}
-                save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, model_path),
+                save_checkpoint(t.output_dir, done, lambda tmp: methods.save_payload(tmp, model, opt, model_path, m),
                                 state, t.save_total_limit)
             if world > 1:
                 dist.barrier()
@@ -191,10 +195,14 @@ def main(argv=None):
         if main_process:
             log.close()
             print(f"after: {json.dumps(after, ensure_ascii=False)}")
+            if quantized.enabled(m):  # increment / adapter; merged/ = full-precision base + delta
+                quantized.save_outputs(t.output_dir, model, tokenizer, m, model_path, dtype, methods.FILENAME)
+            else:
+                if isinstance(opt, methods.SIFT):
+                    methods.save_increment(opt, os.path.join(t.output_dir, methods.FILENAME), base_model=model_path)
+                save_merged(methods.merged_model(model, opt), tokenizer, os.path.join(t.output_dir, "merged"))
             if isinstance(opt, methods.SIFT):
-                methods.save_increment(opt, os.path.join(t.output_dir, methods.FILENAME), base_model=model_path)
                 print(f"memory: {json.dumps(opt.memory_report())}")
-            save_merged(methods.merged_model(model, opt), tokenizer, os.path.join(t.output_dir, "merged"))
             write_json_atomic(os.path.join(t.output_dir, "results.json"),
                               {"before": before, "after": after, "steps": total_steps})
             plot_loss(t.output_dir)

@@ -81,6 +81,13 @@ def load_quantized(path: str, quant_type: str = "nf4", double_quant: bool = True
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config,
                                                  device_map=device, attn_implementation=attn_implementation)
+    import bitsandbytes as bnb
+
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            # bitsandbytes' CPU inference repacking (eval mode on AVX512-BF16 hosts) rewrites the
+            # weight in place and fails for in_features < 64 blocks; the plain kernel is exact.
+            layer.support_avx512bf16_for_cpu = False
     if to_qsift:
         quantize(model, quant_type, double_quant, targets)
     return model

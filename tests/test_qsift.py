@@ -238,3 +238,61 @@ def test_malformed_increments_are_refused_clearly(tmp_path):
     (tmp_path / "torn.safetensors").write_bytes(open(path, "rb").read()[:100])
     with pytest.raises(QuantizedIncrementError, match="torn.safetensors: not a readable safetensors"):
         apply_increment(copy.deepcopy(q), str(tmp_path / "torn.safetensors"))
+
+
+# ---------------------------------------------------------------- train_sft.py --quantization
+def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import train_sft
+    from conftest import train_args
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    before, after = train_sft.main(train_args(tiny_dir, alpaca_40, straight, "--quantization", "nf4",
+                                              "--save_steps", "2"))
+    assert after["heldout_loss"] < before["heldout_loss"]
+    inc = straight / "sift_increment.safetensors"
+    assert (straight / "checkpoint-2" / "sift_increment.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(straight / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    apply_increment(base, str(inc))  # full-precision base + delta
+    for (name, a), b in zip(base.named_parameters(), merged.parameters()):
+        assert torch.equal(a, b), name
+
+    train_sft.main(train_args(tiny_dir, alpaca_40, resumed, "--quantization", "nf4",
+                              "--resume_from_checkpoint", str(straight / "checkpoint-2")))
+    rows = lambda out: [__import__("json").loads(line)["loss"] for line in open(out / "train_log.jsonl")]
+    assert rows(resumed) == rows(straight)[2:]
+    a, b = load_file(inc), load_file(resumed / "sift_increment.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_sft_qlora_runs_and_merges(tiny_dir, alpaca_40, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import train_sft
+    from conftest import train_args
+
+    out = tmp_path / "qlora"
+    train_sft.main(train_args(tiny_dir, alpaca_40, out, "--quantization", "nf4", "--finetuning_type", "lora",
+                              "--learning_rate", "1e-2"))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    changed = {n for (n, a), b in zip(base.named_parameters(), merged.parameters()) if not torch.equal(a, b)}
+    assert changed and all(n.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                   "up_proj", "down_proj") for n in changed)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantization", "int8"], "--quantization int8: choose one of none, nf4, fp4"),
+    (["--quantization", "nf4", "--finetuning_type", "full"], "--quantization needs --finetuning_type sift"),
+    (["--quantization", "nf4", "--sift_dense", "norm"], "--sift_dense is not supported with --quantization"),
+])
+def test_train_sft_refuses_bad_quantization_options(tiny_dir, alpaca_40, tmp_path, flags, message):
+    import train_sft
+    from conftest import train_args
+
+    with pytest.raises(SystemExit) as err:
+        train_sft.main(train_args(tiny_dir, alpaca_40, tmp_path / "x", *flags))
+    assert message in str(err.value)

@@ -32,6 +32,10 @@ class ModelArguments:
     lora_rank: int = _help("LoRA rank", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
     lora_dropout: float = _help("LoRA dropout", default=0.0)
+    quantization: str = _help("none | nf4 | fp4: the target linears' base held in bitsandbytes 4 bits "
+                              "(QSIFT with sift, QLoRA with lora)", default="none")
+    double_quant: bool = _help("with --quantization: quantize the 4-bit scales too (--no_double_quant: off)",
+                               default=True)
 
 
 @dataclass
@@ -164,6 +168,9 @@ def problems(m: ModelArguments, d: DataArguments, t: TrainArguments) -> list[str
         from .ds import resolve_config
 
         out += resolve_config(t.deepspeed, m, t, use_bf16(t))[1]
+    from .quantized import problems as quantization_problems
+
+    out += quantization_problems(m, t)
     out += _output_dir_problems(t)
     return out
 

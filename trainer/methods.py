@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from sift import SIFT, SIFTConfig, save_increment
 from sift.increment import FILENAME
 
+from . import quantized
 from .args import ModelArguments, TrainArguments, split_list
 
 OPTIMIZER_FILE, TRAINABLE_FILE = "optimizer.pt", "trainable.safetensors"
@@ -61,9 +62,11 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_payload(directory: str, model, opt, base_model: str) -> None:
+def save_payload(directory: str, model, opt, base_model: str, m: ModelArguments | None = None) -> None:
     torch.save(opt.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-    if isinstance(opt, SIFT):  # the optimizer state holds the trained values; the increment is for people
+    if isinstance(opt, SIFT) and quantized.is_quantized(model):
+        quantized.save_payload(directory, model, m, base_model, FILENAME)
+    elif isinstance(opt, SIFT):  # the optimizer state holds the trained values; the increment is for people
         save_increment(opt, os.path.join(directory, FILENAME), base_model=base_model)
     else:
         save_file(trainable_state(model), os.path.join(directory, TRAINABLE_FILE))
@@ -75,6 +78,8 @@ def load_payload(directory: str, model, opt) -> None:
         params = dict(model.named_parameters())
         for name, value in load_file(os.path.join(directory, TRAINABLE_FILE)).items():
             params[name].copy_(value)
+    elif quantized.is_quantized(model):  # QSIFT's indices are module buffers: restored first
+        quantized.load_payload(directory, model, FILENAME)
     opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
 
 
