@@ -20,6 +20,8 @@ import torch.nn as nn
 
 from sift import SIFT, SIFTConfig
 from sift.config import LLAMA_LINEARS
+from sift.quantize import base_tensors, quantize_base
+from sift.quantize import layers as qlayers
 from sift.targets import find_trainable
 
 from .original_sift import OriginalSIFTProfile
@@ -40,6 +42,8 @@ class Method:
     step_in_backward: bool = False    # sift only
     selection: str = "grad"           # sift only
     lr: float = 1e-5
+    quantization: str | None = None   # sift (QSIFT) / lora (QLoRA): nf4 | fp4 4-bit base of the targets
+    double_quant: bool = True
 
     def __post_init__(self):
         if self.optimizer is None:
@@ -53,6 +57,8 @@ class Method:
             problems.append(f"{self.name}: a positive LoRA rank required")
         if self.kind == "full" and self.optimizer not in FULL_OPTIMIZERS:
             problems.append(f"{self.name}: full fine-tuning optimizer is one of {FULL_OPTIMIZERS}")
+        if self.quantization and self.kind not in ("sift", "lora"):
+            problems.append(f"{self.name}: a 4-bit base is for sift (QSIFT) or lora (QLoRA)")
         if problems:
             raise ValueError("invalid Method:\n  - " + "\n  - ".join(problems))
 
@@ -107,6 +113,8 @@ class Trainee:
         self._clip = []  # parameters clipped by global norm before the step (SIFT clips its own)
         self.max_grad_norm = max_grad_norm
         kind = method.kind
+        if method.quantization:  # the targets' base in 4 bits, quantized where the weights lie
+            quantize_base(model, kind, method.quantization, method.double_quant, method.rate, method.selection, seed)
         if kind == "floor":
             targets = targets_of(model)
             self._train_only([p for _, p in targets])
@@ -177,7 +185,7 @@ class Trainee:
             tracker.tag(self.state_tensors(), "optimizer")
             if self.method.kind in ("original", "sift"):
                 tracker.tag(self.opt.host_tensors(), "host")
-            tracker.tag(list(self.model.parameters()), "params")  # LoRA adapters; merged weights
+            tracker.tag(list(self.model.parameters()) + base_tensors(self.model), "params")  # LoRA adapters; 4-bit bases
         return loss.detach()
 
     # ------------------------------------------------------------------ naming for the tracker
@@ -194,7 +202,7 @@ class Trainee:
         """Optimizer-side state (SIFT: indices, fp32 masters, 8-bit moments and their scales)."""
         kind = self.method.kind
         if kind == "sift":
-            return self.opt.state_tensors()
+            return self.opt.state_tensors() + [l.indices for l in qlayers(self.model).values()]
         if kind == "original":
             return self.opt.state_tensors()
         if self.opt is None:

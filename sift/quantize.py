@@ -24,7 +24,8 @@ from .targets import matches_module
 
 __all__ = ["QSIFTLinear", "QUANT_TYPES", "BLOCKSIZE", "quantize", "load_quantized", "attach", "layers",
            "is_quantized", "quantization_info", "increment_tensors", "restore", "apply_onto_full",
-           "save_increment", "load_increment", "apply_increment", "is_quantized_increment"]
+           "save_increment", "load_increment", "apply_increment", "is_quantized_increment", "to_linear4bit",
+           "quantize_base", "base_tensors"]
 
 
 def _targeted(model: nn.Module, targets) -> list[tuple[nn.Module, str, str, nn.Module]]:
@@ -271,3 +272,61 @@ def is_quantized_increment(path: str) -> bool:
     except Exception:  # unreadable files are the regular loader's to report
         return False
     return bool(meta.get("quantization")) and meta["quantization"] != "{}"
+
+
+# ---------------------------------------------------------------- QLoRA's base, memory accounting
+def to_linear4bit(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, targets=None) -> nn.Module:
+    """Replace each target nn.Linear by a frozen bitsandbytes `Linear4bit` holding the same 4-bit
+    weight (what BitsAndBytesConfig loads; PEFT's LoRA wraps it: QLoRA). Runs on meta tensors."""
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as bnbf
+
+    from .config import LLAMA_LINEARS
+
+    for parent, attr, _, child in _targeted(model, LLAMA_LINEARS if targets is None else targets):
+        if not isinstance(child, nn.Linear):
+            continue
+        w = child.weight.detach()
+        packed, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                                           quant_type=quant_type)
+        new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                compute_dtype=w.dtype, compress_statistics=double_quant, quant_type=quant_type,
+                                device="meta")
+        new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+                                       compress_statistics=double_quant, quant_type=quant_type,
+                                       bnb_quantized=True, module=new)
+        if child.bias is not None:
+            new.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+        new.support_avx512bf16_for_cpu = False  # see load_quantized
+        setattr(parent, attr, new)
+    return model
+
+
+def quantize_base(model: nn.Module, kind: str, quant_type: str, double_quant: bool = True, rate=None,
+                  selection: str = "grad", seed: int = 0) -> nn.Module:
+    """The benchmarks' 4-bit base: QSIFTLinear with deltas (kind "sift") or Linear4bit ("lora")."""
+    if kind == "sift":
+        quantize(model, quant_type, double_quant)
+        attach(model, rate, selection, seed)
+    else:
+        to_linear4bit(model, quant_type, double_quant)
+    return model
+
+
+def base_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor of the 4-bit bases (packed weights, absmax, nested absmax and code tables),
+    for memory counts: they are buffers or quantization-state attributes, not parameters."""
+    import bitsandbytes as bnb
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, QSIFTLinear):
+            packed, st = m.weight_4bit, m.quant_state
+        elif isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None:
+            packed, st = m.weight, m.weight.quant_state
+        else:
+            continue
+        out += [packed, st.absmax, st.code]
+        if st.nested:
+            out += [st.offset, st.state2.absmax, st.state2.code]
+    return out
