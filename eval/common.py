@@ -24,6 +24,9 @@ class ModelArgs:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
+    quantization: str = field(default="none", metadata={
+        "help": "none | nf4 | fp4: load --model's linears in 4 bits (a QSIFT increment then gives "
+                "exactly its training-time weights; onto the full-precision base it gives base + delta)"})
 
     def model_problems(self) -> list[str]:
         problems = []
@@ -31,6 +34,8 @@ class ModelArgs:
             problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.increment is not None and not Path(self.increment).is_file():
             problems.append(f"--increment {self.increment}: no such file")
+        if self.quantization not in ("none", "nf4", "fp4"):
+            problems.append(f"--quantization must be one of none, nf4, fp4, got {self.quantization!r}")
         return problems
 
 
@@ -52,7 +57,7 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def load_eval_model(model: str | None, increment: str | None = None, device: str = "auto",
-                    dtype: str = "auto", attn_implementation: str | None = None):
+                    dtype: str = "auto", attn_implementation: str | None = None, quantization: str | None = None):
     """(model, tokenizer) in eval mode: an HF directory, a hub id or the embedded default (None),
     with a SIFT increment written into the weights when `increment` is given."""
     from common.modeling import load_model_and_tokenizer
@@ -60,14 +65,35 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
     if increment is not None and not os.path.isfile(increment):  # before a multi-GB load, not after
         raise FileNotFoundError(f"--increment {increment}: no such file")
     device = resolve_device(device)
-    net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
-                                              attn_implementation=attn_implementation)
+    if quantization not in (None, "none"):
+        net, tokenizer = _load_quantized(model, quantization, resolve_dtype(dtype, device), device)
+    else:
+        net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
+                                                  attn_implementation=attn_implementation)
     if increment is not None:
-        from sift.increment import apply_increment  # lazily: only this path needs the core library
+        from sift import quantize  # lazily: only this path needs the core library
 
-        apply_increment(net, increment)
+        if quantize.is_quantized_increment(increment) or quantize.is_quantized(net):
+            quantize.apply_increment(net, increment)  # QSIFT: onto the 4-bit base, or base + delta
+        else:
+            from sift.increment import apply_increment
+
+            apply_increment(net, increment)
     net.eval()
     return net, tokenizer
+
+
+def _load_quantized(model: str | None, quantization: str, dtype, device: str):
+    from transformers import AutoTokenizer
+
+    from common.modeling import resolve_model_path
+    from sift.quantize import load_quantized
+
+    path = resolve_model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return load_quantized(path, quantization, dtype=dtype, device=device), tokenizer
 
 
 def default_model_id(model: str | None, increment: str | None = None) -> str:

@@ -260,6 +260,18 @@ def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_p
     for (name, a), b in zip(base.named_parameters(), merged.parameters()):
         assert torch.equal(a, b), name
 
+    # the eval tools: onto the 4-bit base (the BitsAndBytesConfig loader, as training) == quantize() + apply
+    from eval.common import load_eval_model
+
+    evaluated, _ = load_eval_model(tiny_dir, str(inc), device="cpu", dtype="float32", quantization="nf4")
+    reference = quantize(AutoModelForCausalLM.from_pretrained(tiny_dir))
+    apply_increment(reference, str(inc))
+    ids = batch(3, vocab=reference.config.vocab_size)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(evaluated(input_ids=ids).logits, reference(input_ids=ids).logits)
+    plain, _ = load_eval_model(tiny_dir, str(inc), device="cpu", dtype="float32")  # base + delta
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), merged.parameters()))
+
     train_sft.main(train_args(tiny_dir, alpaca_40, resumed, "--quantization", "nf4",
                               "--resume_from_checkpoint", str(straight / "checkpoint-2")))
     rows = lambda out: [__import__("json").loads(line)["loss"] for line in open(out / "train_log.jsonl")]
