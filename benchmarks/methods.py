@@ -202,7 +202,7 @@ class Trainee:
         """Optimizer-side state (SIFT: indices, fp32 masters, 8-bit moments and their scales)."""
         kind = self.method.kind
         if kind == "sift":
-            return self.opt.state_tensors() + [l.indices for l in qlayers(self.model).values()]
+            return self.opt.state_tensors() + [t for l in qlayers(self.model).values() for t in l.index_tensors()]
         if kind == "original":
             return self.opt.state_tensors()
         if self.opt is None:

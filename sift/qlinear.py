@@ -1,13 +1,15 @@
 """QSIFTLinear: a frozen bitsandbytes 4-bit weight plus a trained sparse fp32 delta.
 
 Effective weight W = deq(Q) + scatter(indices, delta), in the weight's dtype. The delta is a
-k-sized fp32 `nn.Parameter` that SIFT trains densely (sift/targets.py routes it there); `indices`
-is a buffer of sorted flat indices, chosen before training ("random" / "magnitude") or, for
+k-sized fp32 `nn.Parameter` that SIFT trains densely (sift/targets.py routes it there); the
+indices (sorted, flat; kept compact in buffers, see below) are chosen before training ("random" / "magnitude") or, for
 "grad", inside the first backward from that micro-batch's |dL/dW| (which also trains on it).
 
 Memory: the dequantized weight and the dense weight gradient exist only inside this layer's
 forward / backward (one layer at a time, freed before the next layer runs); what persists is
-Q (0.5 B/entry + absmax) and, per trained entry, delta (4 B) and its index (4 B).
+Q (0.5 B/entry + absmax) and, per trained entry, delta (4 B) and its index in 2 B: a 16-bit offset
+inside its block of 2^16 entries plus one table entry per block (the first trained entry of each
+block), decoded into flat indices transiently per layer (k x 8 B, no host sync).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from bitsandbytes import functional as bnbf
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64
+_OFFSET_BITS = 16  # index blocks of 2^16 entries: int16 offsets (stored minus 2^15)
 
 # Test instrumentation: each callable gets every transient dense tensor (dequantized weight,
 # dense weight gradient) as it is born, so a test can count how many are alive at once.
@@ -50,7 +53,8 @@ class QSIFTLinear(nn.Module):
         # A buffer, not a parameter: the bias stays frozen and never becomes a SIFT target.
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         self.delta = None
-        self.register_buffer("indices", None)
+        self.register_buffer("offsets", None)       # int16: (index mod 2^16) - 2^15, sorted within a block
+        self.register_buffer("block_starts", None)  # int64 [blocks + 1]: position of each block's first entry
         self.k = 0
         self.selection = "grad"
 
@@ -84,7 +88,27 @@ class QSIFTLinear(nn.Module):
 
     @property
     def selected(self) -> bool:
-        return self.indices is not None and self.indices.numel() == self.k > 0
+        return self.offsets is not None and self.offsets.numel() == self.k > 0
+
+    @property
+    def indices(self) -> torch.Tensor | None:
+        """Sorted flat indices (int32 unless numel >= 2^31), decoded from the compact form: a new
+        k-sized tensor each call (what the increment stores)."""
+        if self.offsets is None:
+            return None
+        n = self.out_features * self.in_features
+        return self._flat_indices().to(index_dtype(n))
+
+    def _flat_indices(self) -> torch.Tensor:
+        counts = self.block_starts[1:] - self.block_starts[:-1]
+        blocks = torch.arange(counts.numel(), device=counts.device)
+        # output_size: no host sync to learn the length
+        high = torch.repeat_interleave(blocks, counts, output_size=self.offsets.numel())
+        return (high << _OFFSET_BITS) + (self.offsets.long() + 2 ** (_OFFSET_BITS - 1))
+
+    def index_tensors(self) -> list[torch.Tensor]:
+        """The persistent index state (for memory counts)."""
+        return [t for t in (self.offsets, self.block_starts) if t is not None]
 
     def attach(self, rate: float, selection: str = "grad", generator: torch.Generator | None = None):
         """Create delta (k = ceil(rate x numel) zeros, fp32) and, unless "grad", the indices."""
@@ -93,7 +117,7 @@ class QSIFTLinear(nn.Module):
         self.k = math.ceil(rate * n)
         self.selection = selection
         self.delta = nn.Parameter(torch.zeros(self.k, dtype=torch.float32, device=dev))
-        self.indices = torch.empty(0, dtype=index_dtype(n), device=dev)
+        self.offsets = torch.empty(0, dtype=torch.int16, device=dev)
         if selection == "random":
             self.set_indices(torch.randperm(n, generator=generator)[:self.k])
         elif selection == "magnitude":
@@ -101,7 +125,11 @@ class QSIFTLinear(nn.Module):
 
     def set_indices(self, indices: torch.Tensor):
         n = self.out_features * self.in_features
-        self.indices = indices.to(self.weight_4bit.device).sort().values.to(index_dtype(n))
+        idx = indices.to(self.weight_4bit.device).long().sort().values
+        blocks = -(-n // 2 ** _OFFSET_BITS)
+        bounds = torch.arange(blocks + 1, device=idx.device) << _OFFSET_BITS  # static sizes: runs on meta
+        self.block_starts = torch.searchsorted(idx, bounds)
+        self.offsets = ((idx & (2 ** _OFFSET_BITS - 1)) - 2 ** (_OFFSET_BITS - 1)).to(torch.int16)
 
     def _topk(self, score: torch.Tensor) -> torch.Tensor:
         # topk over a dense |.| temporary of one layer, once per layer
@@ -128,7 +156,7 @@ class QSIFTLinear(nn.Module):
         delta = self.delta if delta is None else delta
         if delta is not None and self.selected:
             flat = w.view(-1)
-            idx = self.indices
+            idx = self._flat_indices()
             flat.index_put_((idx,), (flat.index_select(0, idx).float() + delta.detach()).to(w.dtype))
         return w
 
@@ -178,6 +206,6 @@ class _QSIFTMatmul(torch.autograd.Function):
             dw = _born(gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
             if not layer.selected:
                 layer.select_by_grad(dw)
-            g = dw.view(-1).index_select(0, layer.indices).float()
+            g = dw.view(-1).index_select(0, layer._flat_indices()).float()
             del dw  # the dense weight gradient dies here, inside this layer's backward
         return dx, g, None

@@ -128,7 +128,7 @@ def increment_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in layers(model).items():
         if layer.selected:
-            out[f"{name}.indices"] = layer.indices.cpu().contiguous()
+            out[f"{name}.indices"] = layer.indices.cpu().contiguous()  # the format's flat int32 form
             out[f"{name}.delta"] = layer.delta.detach().float().cpu().contiguous()
     return out
 

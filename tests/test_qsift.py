@@ -308,3 +308,34 @@ def test_train_sft_refuses_bad_quantization_options(tiny_dir, alpaca_40, tmp_pat
     with pytest.raises(SystemExit) as err:
         train_sft.main(train_args(tiny_dir, alpaca_40, tmp_path / "x", *flags))
     assert message in str(err.value)
+
+
+def test_compact_indices_round_trip_across_blocks():
+    layer = qlinear.QSIFTLinear.from_linear(torch.nn.Linear(300, 700, bias=False))  # 210000 entries: 4 blocks
+    layer.attach(0.3, "random", torch.Generator().manual_seed(0))
+    idx = torch.randperm(210000, generator=torch.Generator().manual_seed(1))[:layer.k].sort().values
+    layer.set_indices(idx.flip(0))  # any order in, sorted out
+    assert torch.equal(layer.indices, idx.int())
+    stored = sum(t.nbytes for t in layer.index_tensors())
+    assert stored == 2 * layer.k + 8 * 5  # 16-bit offsets + one table entry per block (+1)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_planner_matches_a_measured_cpu_step_for_qsift_and_qlora(ckpt):
+    """The 4-bit base built on meta tensors and the real step, against the same step on CPU tensors."""
+    from benchmarks import memory_plan, memory_speed
+    from benchmarks.methods import Method
+
+    cfg = tiny_llama(layers=2, hidden=64, vocab=128).config
+    batches = [batch(i, size=2, length=96, vocab=128) for i in range(2)]
+    for method in (Method("qsift", "sift", rate=0.05, quantization="nf4"),
+                   Method("qsift-ib", "sift", rate=0.05, quantization="nf4", step_in_backward=True),
+                   Method("qlora", "lora", rank=4, quantization="nf4")):
+        model = memory_plan.build(cfg, "cpu", torch.float32, ckpt)
+        _, steps, _ = memory_speed.track_steps(method, model, batches, 2)
+        plan = memory_plan.plan(cfg, method, batch_size=2, seq_len=96, dtype=torch.float32,
+                                gradient_checkpointing=ckpt, steps=2)
+        measured = steps[-1]["peak"]
+        assert abs(plan["peak_with_host"] - measured) <= 0.10 * measured, (method.name, plan, measured)
+        assert plan["peak_breakdown"]["params"] < 0.5 * sum(p.numel() * 4 for p in tiny_llama(
+            layers=2, hidden=64, vocab=128).parameters())  # the 4-bit base is counted, and small
