@@ -19,6 +19,7 @@ import json
 import torch
 import torch.nn as nn
 
+from .increment import IncrementError
 from .qlinear import BLOCKSIZE, QUANT_TYPES, QSIFTLinear
 from .targets import matches_module
 
@@ -133,8 +134,9 @@ def increment_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class QuantizedIncrementError(ValueError):
-    """A quantized increment that does not fit the model it is applied onto."""
+class QuantizedIncrementError(IncrementError):
+    """A quantized increment that does not fit the model it is applied onto (an IncrementError, so
+    the CLIs' existing handling catches it)."""
 
 
 def _plan(model_params: dict, tensors: dict, source: str, shapes: dict) -> list:

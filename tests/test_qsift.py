@@ -339,3 +339,24 @@ def test_planner_matches_a_measured_cpu_step_for_qsift_and_qlora(ckpt):
         assert abs(plan["peak_with_host"] - measured) <= 0.10 * measured, (method.name, plan, measured)
         assert plan["peak_breakdown"]["params"] < 0.5 * sum(p.numel() * 4 for p in tiny_llama(
             layers=2, hidden=64, vocab=128).parameters())  # the 4-bit base is counted, and small
+
+
+def test_zero2_two_ranks_equal_one_process_with_twice_the_batch_on_a_4bit_base(tiny_dir, alpaca_40, tmp_path):
+    from safetensors.torch import load_file
+
+    import train_sft
+    from conftest import train_args
+    from test_deepspeed import launch, log
+
+    single, ranks = str(tmp_path / "single"), str(tmp_path / "ranks")
+    common = ("--generate_tokens", "0", "--quantization", "nf4")
+    train_sft.main(train_args(tiny_dir, alpaca_40, single, *common, "--per_device_train_batch_size", "2"))
+    launch(2, "zero2.json", train_args(tiny_dir, alpaca_40, ranks, *common, "--per_device_train_batch_size", "1"))
+    assert log(ranks) == pytest.approx(log(single), rel=1e-5)
+    a, b = (load_file(f"{d}/sift_increment.safetensors") for d in (single, ranks))
+    assert a.keys() == b.keys()
+    for key in a:  # the same entries chosen from the all-reduced first gradient, the same deltas
+        if key.endswith(".indices"):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
