@@ -360,3 +360,28 @@ def test_zero2_two_ranks_equal_one_process_with_twice_the_batch_on_a_4bit_base(t
             assert torch.equal(a[key], b[key]), key
         else:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped():
+    deltas = []
+    for in_backward in (False, True):
+        _, q = quantized(rate=0.1)
+        opt = SIFT(q, SIFTConfig(rate=0.1, lr=1e-3, weight_decay=0.01, max_grad_norm=None,
+                                 step_in_backward=in_backward))
+        for step in range(3):
+            q(**batch(step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        deltas.append([layer.delta.detach().clone() for layer in layers(q).values()])
+    assert all(torch.equal(a, b) for a, b in zip(*deltas)) and any(d.abs().sum() > 0 for d in deltas[0])
+
+    _, q = quantized(rate=0.1)
+    opt = SIFT(q, SIFTConfig(rate=0.1, lr=1e-2))
+    train(q, opt, 1)
+    before = [layer.delta.detach().clone() for layer in layers(q).values()]
+    poisoned = layers(q)["model.layers.1.mlp.down_proj.weight"].delta
+    handle = poisoned.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
+    train(q, opt, 1)
+    handle.remove()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, layer.delta) for a, layer in zip(before, layers(q).values()))
