@@ -26,7 +26,7 @@ from .targets import matches_module
 __all__ = ["QSIFTLinear", "QUANT_TYPES", "BLOCKSIZE", "quantize", "load_quantized", "attach", "layers",
            "is_quantized", "quantization_info", "increment_tensors", "restore", "apply_onto_full",
            "save_increment", "load_increment", "apply_increment", "is_quantized_increment", "to_linear4bit",
-           "quantize_base", "base_tensors"]
+           "quantize_base", "base_tensors", "memory_report"]
 
 
 def _targeted(model: nn.Module, targets) -> list[tuple[nn.Module, str, str, nn.Module]]:
@@ -332,3 +332,15 @@ def base_tensors(model: nn.Module) -> list[torch.Tensor]:
         if st.nested:
             out += [st.offset, st.state2.absmax, st.state2.code]
     return out
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes of the 4-bit bases and of QSIFT's per-entry state kept in the modules (Δ, indices);
+    SIFT's own memory_report() adds the moments (Δ is its fp32 'weight', so no master)."""
+    found = list(layers(model).values())
+    entries = sum(layer.k for layer in found)
+    delta = sum(layer.delta.nbytes for layer in found if layer.delta is not None)
+    indices = sum(t.nbytes for layer in found for t in layer.index_tensors())
+    base = sum(t.nbytes for t in base_tensors(model))
+    return {"entries": entries, "base_4bit": base, "delta": delta, "indices": indices,
+            "delta_and_index_bytes_per_entry": (delta + indices) / max(entries, 1)}

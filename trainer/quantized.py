@@ -88,6 +88,7 @@ def save_outputs(output_dir: str, model, tokenizer, m: ModelArguments, base_mode
         path = os.path.join(output_dir, increment_name)
         save_payload(output_dir, model, m, base_model, increment_name)
         q.apply_increment(full, path)
+        print(f"quantized: {json.dumps(q.memory_report(model))}")
     else:
         full = _merge_lora(full, model, output_dir)
     save_merged(full, tokenizer, os.path.join(output_dir, "merged"))
