@@ -1,12 +1,15 @@
 """QSIFT (SIFT on a 4-bit base) against float64 autograd on the dense effective weight."""
 import copy
+import json
 import math
 import weakref
 
 import pytest
 import torch
 
-from conftest import batch, tiny_llama
+import train_sft
+from conftest import batch, tiny_llama, train_args
+from test_deepspeed import assert_increments_close, launch, log
 from sift import SIFT, SIFTConfig
 from sift import qlinear
 from sift.quantize import (QuantizedIncrementError, apply_increment, apply_onto_full, attach, increment_tensors,
@@ -166,7 +169,7 @@ def test_resume_is_bit_exact():
     fresh = quantize(copy.deepcopy(fp))
     attach(fresh, 0.05)
     opt2 = SIFT(fresh, cfg)
-    restore(fresh, saved_inc, {"quantization": __import__("json").dumps(quantization_info(fresh))})
+    restore(fresh, saved_inc, {"quantization": json.dumps(quantization_info(fresh))})
     opt2.load_state_dict(saved_opt)
     assert train(fresh, opt2, 3, start=2) == straight
     for name, layer in layers(q).items():
@@ -245,8 +248,6 @@ def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import train_sft
-    from conftest import train_args
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     before, after = train_sft.main(train_args(tiny_dir, alpaca_40, straight, "--quantization", "nf4",
@@ -274,8 +275,7 @@ def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_p
 
     train_sft.main(train_args(tiny_dir, alpaca_40, resumed, "--quantization", "nf4",
                               "--resume_from_checkpoint", str(straight / "checkpoint-2")))
-    rows = lambda out: [__import__("json").loads(line)["loss"] for line in open(out / "train_log.jsonl")]
-    assert rows(resumed) == rows(straight)[2:]
+    assert log(resumed) == log(straight)[2:]
     a, b = load_file(inc), load_file(resumed / "sift_increment.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -283,8 +283,6 @@ def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_p
 def test_train_sft_qlora_runs_and_merges(tiny_dir, alpaca_40, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    import train_sft
-    from conftest import train_args
 
     out = tmp_path / "qlora"
     train_sft.main(train_args(tiny_dir, alpaca_40, out, "--quantization", "nf4", "--finetuning_type", "lora",
@@ -302,8 +300,6 @@ def test_train_sft_qlora_runs_and_merges(tiny_dir, alpaca_40, tmp_path):
     (["--quantization", "nf4", "--sift_dense", "norm"], "--sift_dense is not supported with --quantization"),
 ])
 def test_train_sft_refuses_bad_quantization_options(tiny_dir, alpaca_40, tmp_path, flags, message):
-    import train_sft
-    from conftest import train_args
 
     with pytest.raises(SystemExit) as err:
         train_sft.main(train_args(tiny_dir, alpaca_40, tmp_path / "x", *flags))
@@ -342,24 +338,13 @@ def test_planner_matches_a_measured_cpu_step_for_qsift_and_qlora(ckpt):
 
 
 def test_zero2_two_ranks_equal_one_process_with_twice_the_batch_on_a_4bit_base(tiny_dir, alpaca_40, tmp_path):
-    from safetensors.torch import load_file
-
-    import train_sft
-    from conftest import train_args
-    from test_deepspeed import launch, log
-
+    
     single, ranks = str(tmp_path / "single"), str(tmp_path / "ranks")
     common = ("--generate_tokens", "0", "--quantization", "nf4")
     train_sft.main(train_args(tiny_dir, alpaca_40, single, *common, "--per_device_train_batch_size", "2"))
     launch(2, "zero2.json", train_args(tiny_dir, alpaca_40, ranks, *common, "--per_device_train_batch_size", "1"))
     assert log(ranks) == pytest.approx(log(single), rel=1e-5)
-    a, b = (load_file(f"{d}/sift_increment.safetensors") for d in (single, ranks))
-    assert a.keys() == b.keys()
-    for key in a:  # the same entries chosen from the all-reduced first gradient, the same deltas
-        if key.endswith(".indices"):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_increments_close(single, ranks)  # the same indices (from the all-reduced first gradient), deltas close
 
 
 def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped():
