@@ -56,7 +56,6 @@ class QSIFTLinear(nn.Module):
         self.register_buffer("offsets", None)       # int16: (index mod 2^16) - 2^15, sorted within a block
         self.register_buffer("block_starts", None)  # int64 [blocks + 1]: position of each block's first entry
         self.k = 0
-        self.selection = "grad"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
@@ -115,7 +114,6 @@ class QSIFTLinear(nn.Module):
         n = self.out_features * self.in_features
         dev = self.weight_4bit.device
         self.k = math.ceil(rate * n)
-        self.selection = selection
         self.delta = nn.Parameter(torch.zeros(self.k, dtype=torch.float32, device=dev))
         self.offsets = torch.empty(0, dtype=torch.int16, device=dev)
         if selection == "random":
