@@ -56,7 +56,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.plot:
         with open(args.json) as f:
-            plot(json.load(f), args.plot)
+            results = json.load(f)
+        plot(results, args.plot)
+        print(table(results))
         return 0
     torch.set_num_threads(int(os.environ.get("SIFT_THREADS", "2")))
 
@@ -93,6 +95,17 @@ def main(argv=None) -> int:
                 if args.json:
                     atomic_write(args.json, [json.dumps(out, indent=1)])
     return 0
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per method, held-out loss per seed and the mean."""
+    lines = ["| method | trainable | lr | held-out loss per seed | mean |", "|---|---:|---:|---|---:|"]
+    for s in summarize(results["runs"]):
+        rs = [r for r in results["runs"] if r["method"] == s["method"]]
+        per_seed = ", ".join(f"{r['heldout_loss']:.4f} (seed {r['seed']})" for r in rs)
+        lines.append(f"| {s['method']} | {s['trainable_entries'] / 1e6:.2f} M | {rs[0]['lr']:g} | {per_seed} | "
+                     f"**{s['mean']:.4f}** |")
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: str) -> None:
