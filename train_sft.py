@@ -31,7 +31,7 @@ from data_prep.dataset import collate
 from common import cli
 from common.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from trainer import args as targs
-from trainer import ds, methods, rundir
+from trainer import ds, methods, quantized, rundir
 from trainer.checkpoint import load_state, resume_candidates, save_checkpoint
 from trainer.interrupts import Interrupts
 from trainer.loss import causal_lm_loss, label_tokens
@@ -120,8 +120,12 @@ def main(argv=None):
         train_set, eval_set, data_report = build_datasets(d, load_tokenizer(model_path), t.seed, verbose=main_process)
     except (ValueError, FileNotFoundError) as e:
         raise cli.UsageError(f"train_sft.py: {e}") from None  # the data errors name their file (and line)
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                device="cpu" if resolved.zero3 else device)  # ZeRO-3 places it
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if quantized.enabled(m):  # QSIFT / QLoRA: the base straight into 4 bits on the device
+        model, tokenizer = quantized.load(model_path, m, t, dtype, device)
+    else:
+        model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype,
+                                                    device="cpu" if resolved.zero3 else device)  # ZeRO-3 places it
     if t.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None

@@ -102,6 +102,21 @@ def table1_methods(config, rate: float, rank: int | None = None, which: str = "a
     return list({m.name: m for m in rows}.values())  # each row once
 
 
+def quantized_methods(config, rate: float, quantization: str, rank: int | None = None) -> list[Method]:
+    """QSIFT at `rate` (both step modes) and QLoRA at the same trainable count on the same 4-bit
+    base, beside their bf16 counterparts and the (bf16) floor."""
+    probe = build(config, "meta", torch.bfloat16, False)
+    rank = rank or lora_rank_for_rate(probe, rate)
+    pct = f"{rate:.0%}" if rate >= 0.01 else f"{rate:.1%}"
+    return [Method("floor", "floor"),
+            Method(f"SIFT {pct} deferred", "sift", rate=rate),
+            Method(f"QSIFT {pct} {quantization} deferred", "sift", rate=rate, quantization=quantization),
+            Method(f"QSIFT {pct} {quantization} in-backward", "sift", rate=rate, step_in_backward=True,
+                   quantization=quantization),
+            Method(f"LoRA r={rank}", "lora", rank=rank),
+            Method(f"QLoRA r={rank} {quantization}", "lora", rank=rank, quantization=quantization)]
+
+
 def render_table(rows: list[dict]) -> str:
     """Markdown, in the shape of the paper's Table 1 (GiB): the device columns sum to the peak;
     host-resident state (the original SIFT's coordinates) is shown apart."""
@@ -132,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.05, help="SIFT rate; LoRA's rank is matched to it")
     ap.add_argument("--lora_rank", type=int, default=None, help="override the matched LoRA rank")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="weight / activation dtype")
+    ap.add_argument("--quantization", default=None, choices=["nf4", "fp4"],
+                    help="plan QSIFT / QLoRA on a 4-bit base of the targets (double quantization) instead")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
 
     config = load_config(args.model)
     dtype = DTYPES[args.dtype]
     rows = []
-    for method in table1_methods(config, args.rate, args.lora_rank, args.method):
+    methods = quantized_methods(config, args.rate, args.quantization, args.lora_rank) if args.quantization \
+        else table1_methods(config, args.rate, args.lora_rank, args.method)
+    for method in methods:
         rows.append(plan(config, method, args.batch, args.seq, dtype, args.gradient_checkpointing))
     setting = (f"{args.model}, {rows[0]['params'] / 1e9:.2f} B params, {args.dtype}, seq {args.seq}, "
                f"batch {args.batch}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from sift.config import LLAMA_LINEARS
+from sift.quantize import base_tensors, quantize_base
+from sift.quantize import layers as qlayers
 from sift.targets import find_trainable
 
 from trainer import methods as trainer_methods
@@ -43,6 +45,8 @@ class Method:
     step_in_backward: bool = False    # sift only
     selection: str = "grad"           # sift only
     lr: float = 1e-5
+    quantization: str | None = None   # sift (QSIFT) / lora (QLoRA): nf4 | fp4 4-bit base of the targets
+    double_quant: bool = True
 
     def __post_init__(self):
         if self.optimizer is None:
@@ -56,6 +60,8 @@ class Method:
             problems.append(f"{self.name}: a positive LoRA rank required")
         if self.kind == "full" and self.optimizer not in FULL_OPTIMIZERS:
             problems.append(f"{self.name}: full fine-tuning optimizer is one of {FULL_OPTIMIZERS}")
+        if self.quantization and self.kind not in ("sift", "lora"):
+            problems.append(f"{self.name}: a 4-bit base is for sift (QSIFT) or lora (QLoRA)")
         if problems:
             raise ValueError("invalid Method:\n  - " + "\n  - ".join(problems))
 
@@ -114,6 +120,8 @@ class Trainee:
         self._clip = []  # the original profile's parameters clipped by global norm before its step
         self.max_grad_norm = max_grad_norm
         kind = method.kind
+        if method.quantization:  # the targets' base in 4 bits, quantized where the weights lie
+            quantize_base(model, kind, method.quantization, method.double_quant, method.rate, method.selection, seed)
         if kind == "floor":
             targets = targets_of(model)
             self._train_only([p for _, p in targets])
@@ -166,7 +174,7 @@ class Trainee:
                 tracker.tag(self.trained.host_tensors(), "host")
             elif self.method.kind == "original":
                 tracker.tag(self.opt.host_tensors(), "host")
-            tracker.tag(list(self.model.parameters()), "params")  # LoRA adapters; merged weights
+            tracker.tag(list(self.model.parameters()) + base_tensors(self.model), "params")  # LoRA adapters; 4-bit bases
         return loss.detach()
 
     # ------------------------------------------------------------------ naming for the tracker
@@ -180,8 +188,8 @@ class Trainee:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Optimizer-side state (SIFT: indices, fp32 masters, 8-bit moments and their scales)."""
-        if self.trained is not None:
-            return self.trained.state_tensors()
+        if self.trained is not None:  # QSIFT's indices live in its 4-bit modules
+            return self.trained.state_tensors() + [t for l in qlayers(self.model).values() for t in l.index_tensors()]
         return self.opt.state_tensors() if self.opt is not None else []
 
     def sift_report(self) -> dict | None:
@@ -203,7 +211,8 @@ def trainer_arguments(method: Method, seed: int, max_grad_norm: float | None):
     clip = 0.0 if method.step_in_backward or max_grad_norm is None else max_grad_norm
     m = ModelArguments(finetuning_type=method.kind, sift_rate=method.rate or 0.05, sift_targets=",".join(LLAMA_LINEARS),
                        sift_selection=method.selection, optim=method.optimizer, step_in_backward=method.step_in_backward,
-                       lora_rank=method.rank or 8, lora_alpha=2 * (method.rank or 8), lora_dropout=0.0)
+                       lora_rank=method.rank or 8, lora_alpha=2 * (method.rank or 8), lora_dropout=0.0,
+                       quantization=method.quantization or "none", double_quant=method.double_quant)
     t = TrainArguments(learning_rate=method.lr, weight_decay=0.0, max_grad_norm=clip, seed=seed)
     return m, t
 

@@ -31,6 +31,10 @@ SHAPES = {
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                       tie_word_embeddings=False),
+    # LLaMA-2-70B (grouped-query attention, 8 KV heads)
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
     # the wider random-init model of the CPU benchmark: TinyLlama-1.1B's layers (2048 wide, GQA 32/4),
     # 4 of them, and an 8k vocabulary so that embeddings do not dominate (210 M parameters)
     "llama-wide-4l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,

@@ -28,6 +28,9 @@ class ModelArgs:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
+    quantization: str = field(default="none", metadata={
+        "help": "none | nf4 | fp4: load --model's linears in 4 bits (a QSIFT increment then gives "
+                "exactly its training-time weights; onto the full-precision base it gives base + delta)"})
 
     def model_problems(self) -> list[str]:
         problems = []
@@ -45,6 +48,8 @@ class ModelArgs:
                 problems.append(f"--model {self.model}: no such directory (a hub id is written owner/name)")
             elif problem := hub_problem(self.model):
                 problems.append(f"--model {self.model}: no such directory, and as a hub id: {problem}")
+        if self.quantization not in ("none", "nf4", "fp4"):
+            problems.append(f"--quantization must be one of none, nf4, fp4, got {self.quantization!r}")
         return problems
 
 
@@ -66,7 +71,8 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def load_eval_model(model: str | None, increment: str | None = None, device: str = "auto",
-                    dtype: str = "auto", attn_implementation: str | None = None, force: bool = False):
+                    dtype: str = "auto", attn_implementation: str | None = None, force: bool = False,
+                    quantization: str | None = None):
     """(model, tokenizer) in eval mode: an HF directory, a hub id or the embedded default (None),
     with a SIFT increment applied onto it when `increment` is given (its base fingerprint checked;
     `force` applies it anyway). A bad increment is one line on stderr and exit status 2: the file is
@@ -84,15 +90,36 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
     for output in (p for p in (model, increment) if p and os.path.exists(p)):
         warn_if_unfinished(output)
     device = resolve_device(device)
-    net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
-                                              attn_implementation=attn_implementation)
+    if quantization not in (None, "none"):
+        net, tokenizer = _load_quantized(model, quantization, resolve_dtype(dtype, device), device)
+    else:
+        net, tokenizer = load_model_and_tokenizer(model, dtype=resolve_dtype(dtype, device), device=device,
+                                                  attn_implementation=attn_implementation)
     if loaded is not None:
+        from sift import quantize
+
         try:
-            apply_increment(net, (increment, *loaded), force=force)
+            if quantize.is_quantized_increment(increment) or quantize.is_quantized(net):
+                quantize.apply_increment(net, increment)  # QSIFT: onto the 4-bit base, or base + delta
+            else:
+                apply_increment(net, (increment, *loaded), force=force)
         except IncrementError as e:
             raise IncrementError(f"--increment {e}") from None
     net.eval()
     return net, tokenizer
+
+
+def _load_quantized(model: str | None, quantization: str, dtype, device: str):
+    from transformers import AutoTokenizer
+
+    from common.modeling import resolve_model_path
+    from sift.quantize import load_quantized
+
+    path = resolve_model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return load_quantized(path, quantization, dtype=dtype, device=device), tokenizer
 
 
 def default_model_id(model: str | None, increment: str | None = None) -> str:

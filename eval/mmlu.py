@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         subjects = [Subject(s.name, s.dev, s.test[: args.limit]) for s in subjects]
     # SDPA, not flash-attention-2: the masks of prefix-cached batches (pads between the shared prefix
     # and each question) are what the tests verify, and SDPA takes any mask
-    model, tokenizer = load_eval_model(args.model, args.increment, args.device, args.dtype, "sdpa", args.force)
+    model, tokenizer = load_eval_model(args.model, args.increment, args.device, args.dtype, "sdpa", args.force,
+                                       quantization=args.quantization)
     if args.chat_template and not tokenizer.chat_template:
         raise ValueError(f"--chat_template: the tokenizer of {args.model or 'the embedded model'} has none")
     max_length = args.max_length or context_length(model, tokenizer)

@@ -136,7 +136,8 @@ def run_gen(args: GenArgs) -> int:
     model_id = args.model_id or default_model_id(args.model, args.increment)
     # the prompt format is settled from the tokenizer alone, before a multi-GB model load
     template = resolve_template(AutoTokenizer.from_pretrained(resolve_model_path(args.model)), args.template)
-    model, tokenizer = load_eval_model(args.model, args.increment, args.device, args.dtype, force=args.force)
+    model, tokenizer = load_eval_model(args.model, args.increment, args.device, args.dtype, force=args.force,
+                                       quantization=args.quantization)
     answer_file = f"{args.output_dir}/model_answer/{model_id}.jsonl"
     print(f"{model_id}: {template} prompts, {model.device} {model.dtype}")
     with tqdm(total=len(questions), unit="question", dynamic_ncols=True, desc=model_id) as progress:

@@ -17,8 +17,13 @@ def matches_module(param_name: str, target: str) -> bool:
 def find_trainable(model: nn.Module, targets, dense) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """(sparse targets, dense params) in `named_parameters` order; raises listing every problem."""
     named = list(model.named_parameters())
-    sparse = [(n, p) for n, p in named if any(matches_module(n, t) for t in targets)]
-    dense_ = [(n, p) for n, p in named if any(d in n for d in dense)]
+    # A target module that already is sparse (QSIFTLinear's k-sized delta) is trained densely.
+    own_dense = {f"{mn}.{pn}" if mn else pn for mn, mod in model.named_modules()
+                 for pn in getattr(mod, "sift_dense_params", ())}
+    targeted = [(n, p) for n, p in named if any(matches_module(n, t) for t in targets)]
+    sparse = [(n, p) for n, p in targeted if n not in own_dense]
+    own_dense &= {n for n, _ in targeted}
+    dense_ = [(n, p) for n, p in named if any(d in n for d in dense) or n in own_dense]
     problems = []
     for t in targets:
         if not any(matches_module(n, t) for n, _ in named):

@@ -52,6 +52,10 @@ class ModelArguments:
     lora_rank: int = _help("LoRA rank", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
     lora_dropout: float = _help("LoRA dropout", default=0.0)
+    quantization: str = _help("none | nf4 | fp4: the target linears' base held in bitsandbytes 4 bits "
+                              "(QSIFT with sift, QLoRA with lora)", default="none")
+    double_quant: bool = _help("with --quantization: quantize the 4-bit scales too (--no_double_quant: off)",
+                               default=True)
 
 
 @dataclass
@@ -273,6 +277,9 @@ def resolve(m: ModelArguments, d: DataArguments, t: TrainArguments) -> tuple[Res
         out += ds_problems + [p for p in [launcher_problem(t.deepspeed)] if p]
         if resolved.deepspeed:
             resolved.bf16 = bool(resolved.deepspeed["bf16"]["enabled"])
+    from .quantized import problems as quantization_problems
+
+    out += quantization_problems(m, t)
     out += _output_dir_problems(m, d, t, resolved.bf16)
     return resolved, out
 

@@ -20,6 +20,7 @@ from common.atomic import atomic_dir
 from sift import SIFT, SIFTConfig, save_increment
 from sift.increment import FILENAME
 
+from . import quantized
 from .args import ModelArguments, TrainArguments, sift_fields, split_list
 
 OPTIMIZER_FILE, TRAINABLE_FILE = "optimizer.pt", "trainable.safetensors"
@@ -85,9 +86,13 @@ class Method:
 
     def save_final(self, output_dir: str, tokenizer, base_model: str) -> list[str]:
         """What a finished run leaves (the merged model here); returns the paths written."""
-        return [save_merged(self.merged_model(), tokenizer, os.path.join(output_dir, MERGED_DIR))]
+        return [save_merged(self.merged_model(base_model), tokenizer, os.path.join(output_dir, MERGED_DIR))]
 
-    def merged_model(self):
+    def merged_model(self, base_model: str):
+        """The fine-tuned model as a plain transformers model (SIFT wrote its values in place); on a
+        4-bit base, the full-precision base plus what was trained."""
+        if quantized.enabled(self.m):
+            return quantized.merged_full_model(self.model, self.m, base_model)
         return self.model
 
 
@@ -124,15 +129,24 @@ class Sift(Method):
     def save_payload(self, directory, base_model):
         # the optimizer state holds the trained values; the increment beside it is for people
         torch.save(self.opt.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-        save_increment(self.opt, os.path.join(directory, FILENAME), base_model=base_model)
+        self._save_increment(os.path.join(directory, FILENAME), base_model)
 
     def load_payload(self, directory):
+        if quantized.is_quantized(self.model):  # QSIFT's indices are module buffers: restored first
+            quantized.load_payload(directory, self.model, FILENAME)
         self.opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
 
     def save_final(self, output_dir, tokenizer, base_model):
         path = os.path.join(output_dir, FILENAME)
-        save_increment(self.opt, path, base_model=base_model)
+        self._save_increment(path, base_model)
         return [path] + super().save_final(output_dir, tokenizer, base_model)  # SIFT wrote its values in place
+
+    def _save_increment(self, path, base_model):
+        if quantized.is_quantized(self.model):  # QSIFT: the deltas and indices live in the 4-bit modules
+            quantized.save_increment(self.model, path, self.m, base_model)
+        else:
+            save_increment(self.opt, path, base_model=base_model)
+
 
 
 class Full(Method):
@@ -162,7 +176,9 @@ class Lora(Method):
             self.model.save_pretrained(tmp)
         return [adapter] + super().save_final(output_dir, tokenizer, base_model)
 
-    def merged_model(self):
+    def merged_model(self, base_model):
+        if quantized.enabled(self.m):
+            return super().merged_model(base_model)
         return self.model.merge_and_unload()
 
 
