@@ -65,16 +65,17 @@ class SIFT(torch.optim.Optimizer):
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._make_hook(s)) for s in self.slots]
 
     def _make_banks(self, eightbit: bool, fp32_master: bool) -> list[Bank]:
-        """One Bank per (device, weight dtype), slots laid out in model order, each padded to 256."""
+        """One Bank per (device, weight dtype, needs offsets), slots laid out in model order, each padded to 256."""
         groups = defaultdict(list)
         for s in self.slots:
-            groups[(str(s.param.device), s.param.dtype)].append(s)
+            # dense fp32 tensors apart: they need no offsets (nor remainders)
+            groups[(str(s.param.device), s.param.dtype, s.sparse or s.param.dtype != torch.float32)].append(s)
         banks = []
-        for (dev, dtype), slots in groups.items():
+        for (dev, dtype, sparse), slots in groups.items():
             start = 0
             for s in slots:
                 s.start, start = start, start + s.kp
-            bank = Bank(dev, dtype, eightbit, fp32_master, start)
+            bank = Bank(dev, dtype, eightbit, fp32_master, start, sparse)
             for s in slots:
                 s.bank = bank
             banks.append(bank)

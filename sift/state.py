@@ -105,16 +105,19 @@ def encode_master(m: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torc
 class Bank:
     """Flat state buffers of every trained tensor of one device and weight dtype."""
 
-    def __init__(self, device, dtype: torch.dtype, eightbit: bool, fp32_master: bool, entries: int):
-        self.device, self.dtype, self.eightbit = torch.device(device), dtype, eightbit
+    def __init__(self, device, dtype: torch.dtype, eightbit: bool, fp32_master: bool, entries: int,
+                 sparse: bool = True):
+        self.device, self.dtype, self.eightbit, self.sparse = torch.device(device), dtype, eightbit, sparse
         self.kind = master_kind(dtype, fp32_master)
         n, dev = entries, self.device
         self.moments = torch.zeros(2, n, dtype=torch.uint8 if eightbit else torch.float32, device=dev)
         self.absmax = torch.zeros(2, n // BLOCK, dtype=torch.float32, device=dev) if eightbit else None
         # int16 rows: offsets + tie bits, and (bf16 weights) the remainders; one buffer, so that the
-        # in-backward guard backs a tensor's slice of both up with one clone
-        self.side = torch.zeros(2 if self.kind == "rem" else 1, n, dtype=torch.int16, device=dev)
-        self.aux = self.side[0]
+        # in-backward guard backs a tensor's slice of both up with one clone. A bank of densely trained
+        # fp32 tensors (QSIFT's deltas) needs neither: no side buffer, 2 B per entry less.
+        rows = 2 if self.kind == "rem" else int(sparse)
+        self.side = torch.zeros(rows, n, dtype=torch.int16, device=dev) if rows else None
+        self.aux = self.side[0] if rows else None
         self.rem = self.side[1] if self.kind == "rem" else None
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
 
@@ -289,7 +292,7 @@ class SparseState:
         """(view, copy) of every state slice a step changes: moments, absmax, remainder / tie bits
         (or the fp32 master). One clone each: 3 launches, k-sized (far below the dense grad)."""
         b = self.bank
-        views = [b.moments[:, self.start:self.start + self.kp], self._view(b.side)]
+        views = [b.moments[:, self.start:self.start + self.kp]] + ([self._view(b.side)] if b.side is not None else [])
         if b.absmax is not None:
             views.append(b.absmax[:, self.start // BLOCK:(self.start + self.kp) // BLOCK])
         if b.master is not None:
@@ -300,7 +303,7 @@ class SparseState:
     def nbytes(self) -> dict[str, int]:
         """Persistent device bytes of this tensor's share of the bank (padding included), by kind."""
         b, kp = self.bank, self.kp
-        out = {"indices": 2 * kp + (self.starts.nbytes if self.starts is not None else 0),
+        out = {"indices": (2 * kp if b.sparse else 0) + (self.starts.nbytes if self.starts is not None else 0),
                "master": (2 * kp if b.rem is not None else 0) + (4 * kp if b.master is not None else 0),
                "optimizer_states": b.moments.element_size() * 2 * kp + (8 * kp // BLOCK if b.absmax is not None else 0)}
         return out

@@ -119,7 +119,8 @@ def test_step_is_one_bitsandbytes_call_per_bank(monkeypatch):
         opt.zero_grad()
     assert len(opt.banks) == 2
     assert len(calls) == 2 * 2  # two steps, one call per bank (each well below CHUNK)
-    assert sorted(calls[:2]) == sorted(int(b.aux.numel()) for b in opt.banks)
+    assert sorted(calls[:2]) == sorted(int(b.moments.shape[1]) for b in opt.banks)
+    assert [b.side is None for b in opt.banks].count(True) == 1  # the fp32 dense bank keeps no offsets
 
 
 def test_mixed_dtype_banks_step_in_backward_equals_deferred():
