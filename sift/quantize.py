@@ -230,22 +230,15 @@ def save_increment(model: nn.Module, path: str, base_model: str = "", rate: floa
 
 def load_increment(path: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a quantized-base increment; QuantizedIncrementError names the file."""
-    import os
+    from . import increment
 
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(path):
-        raise QuantizedIncrementError(f"{path}: no such increment file")
     try:
-        tensors = load_file(path)
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QuantizedIncrementError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise QuantizedIncrementError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                                      f"expected {FORMAT!r} version {VERSION!r}")
+        tensors, meta = increment.load_increment(path)  # the one reader: missing, torn, foreign files
+    except IncrementError as e:
+        raise QuantizedIncrementError(str(e)) from None
+    if meta.get("version") != VERSION:
+        raise QuantizedIncrementError(f"{path}: increment version {meta.get('version')!r}, a quantized-base "
+                                      f"increment is version {VERSION!r}")
     if not meta.get("quantization") or meta["quantization"] == "{}":
         raise QuantizedIncrementError(f"{path}: not trained on a quantized base (no 'quantization' metadata)")
     return tensors, meta
