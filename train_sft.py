@@ -96,14 +96,15 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, dict
 def main(argv=None):
     """The loop; a usage or input problem raises `common.cli.UsageError` (one message, exit status 2)."""
     # ------------------------------------------------------------------ setup
-    m, d, t = targs.parse(argv)
-    resolved, problems = targs.resolve(m, d, t)
+    args = targs.parse(argv)  # args.model, .method, .data, .train, .output
+    resolved, problems = targs.resolve(args)
     if problems:
         raise cli.problems_error("train_sft.py", problems)
-    torch.manual_seed(t.seed)
+    output_dir = args.output.output_dir
+    torch.manual_seed(args.train.seed)
     bf16, ds_cfg = resolved.bf16, resolved.deepspeed
     rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    if t.deepspeed:
+    if args.train.deepspeed:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
@@ -112,41 +113,42 @@ def main(argv=None):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
     main_process = rank == 0
-    model_path = resolve_model_path(m.model_name_or_path)
-    base_id = m.model_name_or_path or EMBEDDED  # what the increment records: the id users load, not our cache path
-    targs.check_targets(model_path, m)  # on a meta-device model: before any weight is read
+    model_path = resolve_model_path(args.model.model_name_or_path)
+    base_id = args.model.model_name_or_path or EMBEDDED  # the increment records the id users load, not our cache path
+    targs.check_targets(model_path, args.method)  # on a meta-device model: before any weight is read
 
     try:  # the data is settled with the tokenizer alone, before a multi-GB model load
-        train_set, eval_set, data_report = build_datasets(d, load_tokenizer(model_path), t.seed, verbose=main_process)
+        train_set, eval_set, data_report = build_datasets(args.data, load_tokenizer(model_path), args.train.seed,
+                                                            verbose=main_process)
     except (ValueError, FileNotFoundError) as e:
         raise cli.UsageError(f"train_sft.py: {e}") from None  # the data errors name their file (and line)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    if quantized.enabled(m):  # QSIFT / QLoRA: the base straight into 4 bits on the device
-        model, tokenizer = quantized.load(model_path, m, t, dtype, device)
+    if quantized.enabled(args.model):  # QSIFT / QLoRA: the base straight into 4 bits on the device
+        model, tokenizer = quantized.load(model_path, args, dtype, device)
     else:
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype,
                                                     device="cpu" if resolved.zero3 else device)  # ZeRO-3 places it
-    if t.gradient_checkpointing:
+    if args.train.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None
-    method = methods.build(model, m, t)
+    method = methods.build(model, args)
     model, opt = method.model, method.opt
-    per_epoch = micro_batches_per_epoch(len(train_set), t.per_device_train_batch_size * world)
-    total_steps = targs.total_steps(m, t, per_epoch)
+    per_epoch = micro_batches_per_epoch(len(train_set), args.train.per_device_train_batch_size * world)
+    total_steps = targs.total_steps(args, per_epoch)
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=int(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(args.train.lr_scheduler_type, opt,
+                              num_warmup_steps=int(args.train.warmup_ratio * total_steps), num_training_steps=total_steps)
     candidates = []
-    if t.resume_from_checkpoint:
-        candidates = resume_candidates(t.output_dir, t.resume_from_checkpoint,
-                                       rundir.run_info(t.output_dir).get("run_id"), warn=main_process)
-    run_args = targs.resolved(m, d, t, bf16, resolved_model_path=model_path, total_steps=total_steps, device=device,
+    if args.output.resume_from_checkpoint:
+        candidates = resume_candidates(output_dir, args.output.resume_from_checkpoint,
+                                       rundir.run_info(output_dir).get("run_id"), warn=main_process)
+    run_args = targs.record(args, bf16, resolved_model_path=model_path, total_steps=total_steps, device=device,
                               deepspeed_config=ds_cfg, data_report=data_report)
     run_id = None
     if main_process:  # the old run's files go before this run writes its first one
-        run_id = rundir.start(t.output_dir, candidates[0] if candidates else None)
-        write_json_atomic(os.path.join(t.output_dir, "args.json"), {**run_args, "run_id": run_id})
+        run_id = rundir.start(output_dir, candidates[0] if candidates else None)
+        write_json_atomic(os.path.join(output_dir, "args.json"), {**run_args, "run_id": run_id})
 
     start_step, before = 0, None
     for ckpt in candidates:  # newest first; a payload that fails to load falls back to the one before
@@ -155,7 +157,7 @@ def main(argv=None):
             state = load_state(ckpt)
             scheduler.load_state_dict(state["scheduler"])
         except Exception as e:  # noqa: BLE001  whatever a damaged file raises (OSError, SafetensorError, ...)
-            if t.resume_from_checkpoint != "latest" or ckpt == candidates[-1]:
+            if args.output.resume_from_checkpoint != "latest" or ckpt == candidates[-1]:
                 raise SystemExit(f"train_sft.py: cannot resume from {ckpt}: {type(e).__name__}: {e}") from None
             print(f"warning: skipping {ckpt}: its payload fails to load ({type(e).__name__}: {e})", file=sys.stderr)
             continue
@@ -167,12 +169,12 @@ def main(argv=None):
     gen_prompt = eval_set[0]["prompt_ids"]
 
     def evaluate() -> float:
-        return heldout_loss(model, eval_set, pad_id, t.per_device_eval_batch_size, device)
+        return heldout_loss(model, eval_set, pad_id, args.train.per_device_eval_batch_size, device)
 
     def measure():
         out = {"heldout_loss": evaluate()}
-        if t.generate_tokens:
-            out["sample"] = sample_generation(model, tokenizer, gen_prompt, t.generate_tokens, device)
+        if args.output.generate_tokens:
+            out["sample"] = sample_generation(model, tokenizer, gen_prompt, args.output.generate_tokens, device)
         return out
 
     if before is None:
@@ -181,19 +183,19 @@ def main(argv=None):
         print(f"before: {json.dumps(before, ensure_ascii=False)}")
 
     # ------------------------------------------------------------------ train
-    log = Logger(t.output_dir, t.report_to, resume_step=start_step, run_name=targs.run_name(t),
-                 config={"model": vars(m), "data": vars(d), "train": vars(t)}) if main_process else None
-    if main_process and t.eval_steps and start_step == 0:
+    log = Logger(output_dir, args.output.report_to, resume_step=start_step, run_name=targs.run_name(args.output),
+                 config=args.groups()) if main_process else None
+    if main_process and args.output.eval_steps and start_step == 0:
         log.write({"step": 0, "eval_loss": before["heldout_loss"]})
     distributed = world > 1
 
     def checkpoint(done: int) -> str:
-        path = os.path.join(t.output_dir, f"checkpoint-{done}")
+        path = os.path.join(output_dir, f"checkpoint-{done}")
         if main_process:  # SIFT's state is replicated: one rank writes it
             state = {"step": done, "run_id": run_id, "scheduler": scheduler.state_dict(),
                      "rng": torch.get_rng_state().tolist(), "before": before}
-            path = save_checkpoint(t.output_dir, done, lambda tmp: method.save_payload(tmp, base_id),
-                                   state, t.save_total_limit, args=run_args)
+            path = save_checkpoint(output_dir, done, lambda tmp: method.save_payload(tmp, base_id),
+                                   state, args.output.save_total_limit, args=run_args)
         if distributed:
             dist.barrier()
         return path
@@ -202,14 +204,14 @@ def main(argv=None):
         interrupts.restore()
         if main_process:
             log.close()
-            rundir.set_status(t.output_dir, run_id, status, done)
+            rundir.set_status(output_dir, run_id, status, done)
             print(message, file=sys.stderr, flush=True)
         raise SystemExit(code)
 
     interrupts = Interrupts().install()  # from here on a signal means: checkpoint at the next step boundary
     if start_step < total_steps and interrupts.requested(distributed):
         stop("interrupted", start_step, f"{interrupts.name} before the first step: nothing new to save", interrupts.exit_code)
-    skip_limit = t.max_skipped_steps * total_steps
+    skip_limit = args.train.max_skipped_steps * total_steps
     last_loss = None  # of the last step of this process (none when resumed at the end)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                dynamic_ncols=True, disable=not main_process)
@@ -219,8 +221,9 @@ def main(argv=None):
     model.train()
     try:
         for step in bar:
-            micro = batches_for_window(train_set, step, t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                                       t.seed, pad_id, rank, world, packed=d.packing)
+            micro = batches_for_window(train_set, step, args.train.per_device_train_batch_size,
+                                       args.train.gradient_accumulation_steps, args.train.seed, pad_id, rank, world,
+                                       packed=args.data.packing)
             loss, seen = train_window(model, micro, device, engine)
             grad_norm = method.step()
             scheduler.step()
@@ -228,8 +231,8 @@ def main(argv=None):
             window_loss += loss
             counts.update(tokens=seen["tokens"] * world, grid=seen["grid"] * world, labels=seen["label_tokens"])
             done = step + 1
-            if main_process and (done % t.logging_steps == 0 or done == total_steps):
-                n = done % t.logging_steps or t.logging_steps
+            if main_process and (done % args.output.logging_steps == 0 or done == total_steps):
+                n = done % args.output.logging_steps or args.output.logging_steps
                 elapsed = time.perf_counter() - window_start
                 row = {"step": done, "loss": window_loss / n, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm, "tokens_per_s": counts["tokens"] / elapsed,
@@ -246,7 +249,8 @@ def main(argv=None):
                 postfix.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 bar.set_postfix(postfix)
                 window_loss, window_start, window_cpu, counts = 0.0, time.perf_counter(), time.process_time(), Counter()
-            if t.eval_steps and done % t.eval_steps == 0 and done < total_steps:  # the last one is "after"
+            # held-out loss every --eval_steps; the last one is "after"
+            if args.output.eval_steps and done % args.output.eval_steps == 0 and done < total_steps:
                 eval_loss = evaluate()  # every rank: ZeRO-3 gathers need them all
                 if main_process:
                     log.write({"step": done, "eval_loss": eval_loss})
@@ -255,11 +259,11 @@ def main(argv=None):
                 window_start, window_cpu = time.perf_counter(), time.process_time()  # throughput leaves evaluation out
             if getattr(opt, "skipped_steps", 0) > skip_limit:  # replicated count: every rank stops here alike
                 stop("failed", done, f"train_sft.py: {opt.skipped_steps} of {done} steps skipped for non-finite "
-                     f"gradients, more than --max_skipped_steps {t.max_skipped_steps} of {total_steps}: the run "
-                     "diverges (lower --learning_rate?); no merged model written", 1)
+                     f"gradients, more than --max_skipped_steps {args.train.max_skipped_steps} of {total_steps}: "
+                     "the run diverges (lower --learning_rate?); no merged model written", 1)
             interrupted = interrupts.requested(distributed)
             # the final checkpoint too: a finished run can be extended with a larger --max_steps
-            if (t.save_steps and done % t.save_steps == 0) or done == total_steps or interrupted:
+            if (args.output.save_steps and done % args.output.save_steps == 0) or done == total_steps or interrupted:
                 saved = checkpoint(done)
                 if interrupted:
                     stop("interrupted", done, f"{interrupts.name} at step {done} of {total_steps}: saved {saved}; "
@@ -267,7 +271,7 @@ def main(argv=None):
 
         # ------------------------------------------------------------------ save
         after = measure()
-        if main_process and t.eval_steps:
+        if main_process and args.output.eval_steps:
             log.write({"step": total_steps, "eval_loss": after["heldout_loss"]})
     finally:
         interrupts.restore()
@@ -281,14 +285,14 @@ def main(argv=None):
     with ds.gathered(model):  # ZeRO-3: every rank takes part in the gather
         if main_process:
             print(f"after: {json.dumps(after, ensure_ascii=False)}")
-            method.save_final(t.output_dir, tokenizer, base_id)
+            method.save_final(output_dir, tokenizer, base_id)
             if method.memory_report():
                 print(f"memory: {json.dumps(method.memory_report())}")
-            write_json_atomic(os.path.join(t.output_dir, "results.json"),
+            write_json_atomic(os.path.join(output_dir, "results.json"),
                               {"before": before, "after": after, "steps": total_steps})
-            plot_loss(t.output_dir)
-            rundir.set_status(t.output_dir, run_id, "finished", total_steps)  # last: the completion marker
-            print(f"saved to {t.output_dir}")
+            plot_loss(output_dir)
+            rundir.set_status(output_dir, run_id, "finished", total_steps)  # last: the completion marker
+            print(f"saved to {output_dir}")
     if world > 1:
         dist.barrier()
     return before, after

@@ -136,7 +136,7 @@ class Trainee:
         else:
             if kind == "lora":
                 self._train_only([])  # PEFT freezes the base; the adapters it adds train
-            self.trained = trainer_methods.build(model, *trainer_arguments(method, seed, max_grad_norm))
+            self.trained = trainer_methods.build(model, trainer_arguments(method, seed, max_grad_norm))
             self.model, self.opt = self.trained.model, self.trained.opt
             self.entries = self.trained.trained_entries()
 
@@ -205,16 +205,18 @@ class Trainee:
 
 
 def trainer_arguments(method: Method, seed: int, max_grad_norm: float | None):
-    """The train_sft.py arguments that build `method` (full / lora / sift) on LLAMA_LINEARS."""
-    from trainer.args import ModelArguments, TrainArguments
+    """The train_sft.py arguments (trainer.args.Arguments) that build `method` (full / lora / sift) on
+    LLAMA_LINEARS."""
+    from trainer.args import Arguments, MethodArguments, ModelArguments, TrainArguments
 
     clip = 0.0 if method.step_in_backward or max_grad_norm is None else max_grad_norm
-    m = ModelArguments(finetuning_type=method.kind, sift_rate=method.rate or 0.05, sift_targets=",".join(LLAMA_LINEARS),
-                       sift_selection=method.selection, optim=method.optimizer, step_in_backward=method.step_in_backward,
-                       lora_rank=method.rank or 8, lora_alpha=2 * (method.rank or 8), lora_dropout=0.0,
-                       quantization=method.quantization or "none", double_quant=method.double_quant)
-    t = TrainArguments(learning_rate=method.lr, weight_decay=0.0, max_grad_norm=clip, seed=seed)
-    return m, t
+    return Arguments(
+        model=ModelArguments(quantization=method.quantization or "none", double_quant=method.double_quant),
+        method=MethodArguments(finetuning_type=method.kind, sift_rate=method.rate or 0.05,
+                               sift_targets=",".join(LLAMA_LINEARS), sift_selection=method.selection,
+                               optim=method.optimizer, step_in_backward=method.step_in_backward,
+                               lora_rank=method.rank or 8, lora_alpha=2 * (method.rank or 8), lora_dropout=0.0),
+        train=TrainArguments(learning_rate=method.lr, weight_decay=0.0, max_grad_norm=clip, seed=seed))
 
 
 def _drop_grad(p: nn.Parameter):

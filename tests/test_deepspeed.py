@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import train_sft
 from conftest import train_args
-from trainer.args import ModelArguments, TrainArguments
+from trainer.args import Arguments, MethodArguments, ModelArguments, TrainArguments
 from trainer.ds import resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,20 +92,21 @@ def test_unsupported_deepspeed_configs_are_refused(tmp_path):
            "fp16": {"enabled": True}, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(cfg))
-    _, problems = resolve_config(str(path), ModelArguments(), TrainArguments(per_device_train_batch_size=2), False)
+    fp32 = ModelArguments(bf16=False)
+    _, problems = resolve_config(str(path), Arguments(model=fp32, train=TrainArguments(per_device_train_batch_size=2)))
     text = "\n".join(problems)
     for needle in ("train_micro_batch_size_per_gpu is 8 but the arguments say 2", "remove the 'optimizer' section",
                    "remove the 'scheduler' section", "fp16 needs dynamic loss scaling", "offload_optimizer"):
         assert needle in text, needle
-    _, problems = resolve_config(str(path), ModelArguments(finetuning_type="lora"), TrainArguments(), False)
+    _, problems = resolve_config(str(path), Arguments(model=fp32, method=MethodArguments(finetuning_type="lora")))
     assert any("runs SIFT only" in p for p in problems)
 
 
 def test_shipped_configs_resolve_from_the_arguments():
     for name in ("zero2.json", "zero3_offload.json"):
-        cfg, problems = resolve_config(os.path.join(REPO, "ds_configs", name), ModelArguments(),
-                                       TrainArguments(per_device_train_batch_size=3, gradient_accumulation_steps=5),
-                                       True)
+        args = Arguments(model=ModelArguments(bf16=True),
+                         train=TrainArguments(per_device_train_batch_size=3, gradient_accumulation_steps=5))
+        cfg, problems = resolve_config(os.path.join(REPO, "ds_configs", name), args)
         assert problems == []
         assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["train_batch_size"] == 15
         assert cfg["bf16"]["enabled"] is True and "auto" not in json.dumps(cfg)

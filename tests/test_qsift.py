@@ -375,10 +375,10 @@ def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped():
 def test_zero3_is_refused_with_a_4bit_base():
     import os
 
-    from trainer.args import ModelArguments, TrainArguments
+    from trainer.args import Arguments, ModelArguments, TrainArguments
     from trainer.quantized import problems
 
     zero3 = os.path.join(os.path.dirname(train_sft.__file__), "ds_configs", "zero3_offload.json")
-    assert problems(ModelArguments(quantization="nf4"), TrainArguments(deepspeed=zero3)) == [
+    assert problems(Arguments(model=ModelArguments(quantization="nf4"), train=TrainArguments(deepspeed=zero3))) == [
         "--quantization with ZeRO-3: 4-bit weights are not partitioned; use ZeRO-2 or one device"]
-    assert problems(ModelArguments(), TrainArguments(deepspeed=zero3)) == []
+    assert problems(Arguments(train=TrainArguments(deepspeed=zero3))) == []

@@ -130,3 +130,20 @@ def test_learning_rates_that_cannot_be_right_are_refused_for_every_method(tmp_pa
     with pytest.raises(SystemExit) as err:
         train_sft.main(["--output_dir", str(tmp_path / "x"), "--finetuning_type", method, f"--learning_rate={lr}"])
     assert err.value.code == 2 and f"--learning_rate {float(lr)}: must be a finite number > 0" in str(err.value)
+
+
+def test_a_record_of_the_older_argument_groups_still_compares_flag_by_flag(tmp_path):
+    """Before the method and output groups existed, args.json kept the method flags under "model" and
+    the output flags (and --bf16) under "train": resuming such a checkpoint compares the same flags."""
+    import trainer.args as targs
+
+    current = targs.record(targs.parse(["--output_dir", str(tmp_path), "--sift_rate", "0.1"]), bf16=False)
+    groups = {name: current[name] for name in ("model", "method", "data", "train", "output")}
+    model = {k: v for k, v in groups["model"].items() if k != "bf16"}
+    old = {"model": {**model, **groups["method"]}, "data": groups["data"],
+           "train": {**groups["train"], **groups["output"], "bf16": groups["model"]["bf16"]},
+           "world_size": 1, "bf16": False}
+    assert len(rundir.flat_args(old)) == len(rundir.flat_args(current)) > 40
+    assert rundir.resume_differences(old, current) == []
+    old["model"]["sift_rate"], old["train"]["seed"], old["train"]["save_steps"] = 0.05, 1, 7  # save_steps may change
+    assert rundir.resume_differences(old, current) == ["--seed 1 -> 42", "--sift_rate 0.05 -> 0.1"]

@@ -1,6 +1,7 @@
 """The real train_sft.py on a tiny Llama with the SmolLM2 tokenizer and real Alpaca rows (CPU)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -185,11 +186,38 @@ def test_options_from_a_yaml_file_with_flag_overrides_and_launcher_rank(tmp_path
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text("learning_rate: 3.0e-4\nsift_targets: [q_proj, v_proj]\nbf16: true\nmax_steps: 7\n")
-    m, d, t = parse(["--local_rank=1", str(cfg), "--learning_rate", "1e-4"])
-    assert (t.learning_rate, m.sift_targets, t.bf16, t.max_steps, t.local_rank) == (1e-4, "q_proj,v_proj", True, 7, 1)
+    args = parse(["--local_rank=1", str(cfg), "--learning_rate", "1e-4"])
+    assert (args.train.learning_rate, args.method.sift_targets, args.model.bf16, args.train.max_steps,
+            args.train.local_rank) == (1e-4, "q_proj,v_proj", True, 7, 1)
     (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
     with pytest.raises(UsageError, match="unknown option.*learning_rat"):
         parse([str(tmp_path / "bad.yaml")])
+
+
+def test_help_and_readme_list_every_option_under_its_group(capsys):
+    """Each argument group is one titled --help section holding exactly its flags, and README's
+    Options section names every flag under the same group."""
+    from dataclasses import fields
+
+    from trainer.args import GROUPS, parse
+
+    with pytest.raises(SystemExit) as done:
+        parse(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    readme = open(os.path.join(os.path.dirname(train_sft.__file__), "README.md")).read()
+    readme = readme[readme.index("\n## Options\n"):]
+    readme = readme[:readme.index("\n## ", 1)]
+    titles = [g._argument_group_name for g in GROUPS]
+    for i, group in enumerate(GROUPS):
+        flags = {f"--{f.name}" for f in fields(group)}
+        for where, start, entry in ((text, f"\n{titles[i]}:\n", r"^  (--[a-z0-9_]+)"),  # an option, not wrapped help
+                                    (readme, f"**{titles[i][0].upper()}{titles[i][1:]}**", r"^- `(--[a-z0-9_]+)`")):
+            section = where[where.index(start):]
+            if i + 1 < len(GROUPS):
+                section = section[:section.lower().index(titles[i + 1].lower())]
+            listed = set(re.findall(entry, section, re.M)) - {f"--no_{f.name}" for f in fields(group)}
+            assert listed == flags, (group.__name__, listed ^ flags)
 
 
 @pytest.mark.parametrize("argv, steps", [
@@ -203,8 +231,7 @@ def test_options_from_a_yaml_file_with_flag_overrides_and_launcher_rank(tmp_path
 def test_training_length(argv, steps):
     from trainer.args import parse, total_steps
 
-    m, d, t = parse(argv)
-    assert total_steps(m, t, 100) == steps
+    assert total_steps(parse(argv), 100) == steps
 
 
 def test_bf16_is_tri_state(monkeypatch):
@@ -213,8 +240,7 @@ def test_bf16_is_tri_state(monkeypatch):
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         for argv, expected in (([], cuda), (["--bf16"], True), (["--bf16", "true"], True), (["--bf16", "false"], False)):
-            m, d, t = targs.parse(argv)
-            assert targs.resolve(m, d, t)[0].bf16 is expected, (cuda, argv)
+            assert targs.resolve(targs.parse(argv))[0].bf16 is expected, (cuda, argv)
 
 
 def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_unset(tmp_path, monkeypatch):
@@ -226,7 +252,7 @@ def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_u
     cfg = tmp_path / "fp32.json"
     cfg.write_text(json.dumps({"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}))
     out = ["--output_dir", str(tmp_path / "run")]
-    resolved, problems = targs.resolve(*targs.parse(["--deepspeed", str(cfg), *out]))
+    resolved, problems = targs.resolve(targs.parse(["--deepspeed", str(cfg), *out]))
     assert problems == [] and resolved.bf16 is False and resolved.deepspeed["bf16"]["enabled"] is False
-    problems = targs.problems(*targs.parse(["--deepspeed", str(cfg), "--bf16", *out]))
+    problems = targs.problems(targs.parse(["--deepspeed", str(cfg), "--bf16", *out]))
     assert problems == [f"--deepspeed {cfg}: bf16.enabled=False contradicts --bf16 True"]

@@ -11,46 +11,46 @@ import torch
 from data_prep.dataset import collate, load_dataset_for_training
 from data_prep.encode import IGNORE_INDEX
 
-from .args import UsageError
+from .args import DataArguments, UsageError
 from .packing import collate_packed, pack
 
 
-def build_datasets(d, tokenizer, seed: int, verbose: bool = True) -> tuple[list[dict], list[dict], dict]:
+def build_datasets(data: DataArguments, tokenizer, seed: int, verbose: bool = True) -> tuple[list[dict], list[dict], dict]:
     """(training units, held-out samples, data report). The units are samples, or packed rows with
     `--packing` (trainer.packing); held-out samples stay unpacked and carry `prompt_ids` (the tokens
     before the first assistant token) for the before/after sample generation."""
-    samples, report = _load(d.data_path, d, tokenizer)
+    samples, report = _load(data.data_path, data, tokenizer)
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    if d.eval_data_path:
-        held, held_report = _load(d.eval_data_path, d, tokenizer)
-        held = held[:d.eval_samples or None]
+    if data.eval_data_path:
+        held, held_report = _load(data.eval_data_path, data, tokenizer)
+        held = held[:data.eval_samples or None]
         train = [samples[i] for i in order]
     else:
-        if len(samples) <= d.eval_samples:
-            raise UsageError(f"{d.data_path}: {len(samples)} usable samples, need more than --eval_samples "
-                             f"{d.eval_samples}: lower --eval_samples or add data\n{report.summary()}")
-        held, held_report = [samples[i] for i in order[:d.eval_samples]], None
-        train = [samples[i] for i in order[d.eval_samples:]]
+        if len(samples) <= data.eval_samples:
+            raise UsageError(f"{data.data_path}: {len(samples)} usable samples, need more than --eval_samples "
+                             f"{data.eval_samples}: lower --eval_samples or add data\n{report.summary()}")
+        held, held_report = [samples[i] for i in order[:data.eval_samples]], None
+        train = [samples[i] for i in order[data.eval_samples:]]
     for s in held:
         s["prompt_ids"] = s["input_ids"][:next(i for i, x in enumerate(s["labels"]) if x != IGNORE_INDEX)]
-    if d.max_train_samples:
-        train = train[:d.max_train_samples]
+    if data.max_train_samples:
+        train = train[:data.max_train_samples]
     out = {**report.to_dict(), "train_samples": len(train), "heldout_samples": len(held)}
     if held_report is not None:
         out["eval_data"] = held_report.to_dict()
-    if d.packing:
-        train = pack(train, d.model_max_length, seed)
+    if data.packing:
+        train = pack(train, data.model_max_length, seed)
         out["packed_rows"] = len(train)
     if verbose:
-        packed = f", packed into {len(train)} rows of <= {d.model_max_length} tokens" if d.packing else ""
-        print(f"data {d.data_path}: {report.summary()}\n  train {out['train_samples']}{packed}, "
-              f"held-out {len(held)}" + (f" from {d.eval_data_path}" if d.eval_data_path else ""))
+        packed = f", packed into {len(train)} rows of <= {data.model_max_length} tokens" if data.packing else ""
+        print(f"data {data.data_path}: {report.summary()}\n  train {out['train_samples']}{packed}, "
+              f"held-out {len(held)}" + (f" from {data.eval_data_path}" if data.eval_data_path else ""))
     return train, held, out
 
 
-def _load(path: str, d, tokenizer) -> tuple[list[dict], object]:
+def _load(path: str, data: DataArguments, tokenizer) -> tuple[list[dict], object]:
     try:
-        return load_dataset_for_training(path, tokenizer, d.template, d.model_max_length, d.strict)
+        return load_dataset_for_training(path, tokenizer, data.template, data.model_max_length, data.strict)
     except ValueError as e:  # nothing usable, or a bad record under --strict: the message names the file
         raise UsageError(str(e)) from None
 

@@ -23,10 +23,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_config(path: str, m, t, bf16: bool | None) -> tuple[dict, list[str]]:
-    """The DeepSpeed config with every "auto" filled from our arguments (one source of truth),
-    and every reason we cannot run it. `bf16` is --bf16 (None: unset): an explicit bf16.enabled in
-    the config then decides, and "auto" means bf16 on CUDA."""
+def resolve_config(path: str, args) -> tuple[dict, list[str]]:
+    """The DeepSpeed config with every "auto" filled from our arguments (trainer.args.Arguments; one
+    source of truth), and every reason we cannot run it. With --bf16 unset an explicit bf16.enabled
+    in the config decides, and "auto" means bf16 on CUDA."""
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -35,10 +35,10 @@ def resolve_config(path: str, m, t, bf16: bool | None) -> tuple[dict, list[str]]
     if not isinstance(cfg, dict):
         return {}, [f"--deepspeed {path}: expected a JSON object of DeepSpeed settings, got a {type(cfg).__name__} "
                     "(see ds_configs/zero2.json)"]
-    world = world_size()
-    ours = {"train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
-            "gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
+    world, train, bf16 = world_size(), args.train, args.model.bf16
+    ours = {"train_micro_batch_size_per_gpu": train.per_device_train_batch_size,
+            "gradient_accumulation_steps": train.gradient_accumulation_steps,
+            "train_batch_size": train.per_device_train_batch_size * train.gradient_accumulation_steps * world,
             "gradient_clipping": 0.0}  # SIFT clips by the global norm of its sparse grads itself
     out = []
     for key in _OURS:
@@ -56,13 +56,13 @@ def resolve_config(path: str, m, t, bf16: bool | None) -> tuple[dict, list[str]]
     bf16_cfg["enabled"] = bool(bf16_cfg["enabled"])
     zero = cfg.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
-    hidden = _hidden_size(m)
+    hidden = _hidden_size(args.model.model_name_or_path)
     for key, value in (("stage3_param_persistence_threshold", 10 * hidden),
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))):
         if zero.get(key) == "auto":
             zero[key] = value
-    if m.finetuning_type != "sift":
-        out.append(f"--deepspeed runs SIFT only; run the {m.finetuning_type} baseline without --deepspeed")
+    if args.method.finetuning_type != "sift":
+        out.append(f"--deepspeed runs SIFT only; run the {args.method.finetuning_type} baseline without --deepspeed")
     if "optimizer" in cfg:
         out.append(f"--deepspeed {path}: remove the 'optimizer' section: SIFT is the optimizer "
                    "(its sparse AdamW steps inside our loop)")
@@ -93,13 +93,13 @@ def launcher_problem(path: str) -> str | None:
             f"{path}` (plain `python train_sft.py` does not set up its ranks)")
 
 
-def _hidden_size(m) -> int:
+def _hidden_size(model_name_or_path: str | None) -> int:
     from transformers import AutoConfig
 
     from common.modeling import resolve_model_path
 
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(m.model_name_or_path)).hidden_size
+        return AutoConfig.from_pretrained(resolve_model_path(model_name_or_path)).hidden_size
     except (OSError, ValueError, AttributeError):
         return 4096
 

@@ -1,6 +1,7 @@
 """The three fine-tuning methods behind one interface, for the trainer and the benchmarks alike.
 
-    method = build(model, m, t)          # Sift | Full | Lora; method.model may be wrapped (LoRA)
+    method = build(model, args)          # Sift | Full | Lora (args: trainer.args.Arguments);
+                                         # method.model may be wrapped (LoRA)
     loss.backward(); method.step()       # clip, step, clear; returns the global grad norm
     method.save_payload(dir, base) / method.load_payload(dir)    # checkpoint files
     method.save_final(output_dir, tokenizer, base)               # what a finished run leaves
@@ -21,29 +22,29 @@ from sift import SIFT, SIFTConfig, save_increment
 from sift.increment import FILENAME
 
 from . import quantized
-from .args import ModelArguments, TrainArguments, sift_fields, split_list
+from .args import Arguments, TrainArguments, sift_fields, split_list
 
 OPTIMIZER_FILE, TRAINABLE_FILE = "optimizer.pt", "trainable.safetensors"
 ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
 
 
-def sift_config(m: ModelArguments, t: TrainArguments) -> SIFTConfig:
+def sift_config(args: Arguments) -> SIFTConfig:
     """The SIFT configuration the flags describe (the CLI has reported its problems already)."""
-    return SIFTConfig(**sift_fields(m, t))
+    return SIFTConfig(**sift_fields(args))
 
 
 class Method:
     """What the loop and the benchmarks need of a method; subclasses fill in the optimizer."""
 
-    def __init__(self, model, m: ModelArguments, t: TrainArguments):
-        self.model, self.m, self.t = model, m, t
+    def __init__(self, model, args: Arguments):
+        self.model, self.args = model, args
         self.opt: torch.optim.Optimizer
 
     # ---------------------------------------------------------------- the step
     def step(self) -> float:
         """Clip by the global norm (0 = off), step, clear the gradients; returns the norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm or float("inf")))  # host sync
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.args.train.max_grad_norm or float("inf")))  # host sync
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return norm
@@ -91,17 +92,17 @@ class Method:
     def merged_model(self, base_model: str):
         """The fine-tuned model as a plain transformers model (SIFT wrote its values in place); on a
         4-bit base, the full-precision base plus what was trained."""
-        if quantized.enabled(self.m):
-            return quantized.merged_full_model(self.model, self.m, base_model)
+        if quantized.enabled(self.args.model):
+            return quantized.merged_full_model(self.model, self.args.method, base_model)
         return self.model
 
 
 class Sift(Method):
     """SIFT: its hooks reduce each target's gradient to the selected entries inside backward."""
 
-    def __init__(self, model, m, t):
-        super().__init__(model, m, t)
-        self.opt = SIFT(model, sift_config(m, t))
+    def __init__(self, model, args):
+        super().__init__(model, args)
+        self.opt = SIFT(model, sift_config(args))
 
     def step(self) -> float:
         self.opt.step()  # clips by the global norm of its sparse gradients itself
@@ -143,7 +144,7 @@ class Sift(Method):
 
     def _save_increment(self, path, base_model):
         if quantized.is_quantized(self.model):  # QSIFT: the deltas and indices live in the 4-bit modules
-            quantized.save_increment(self.model, path, self.m, base_model)
+            quantized.save_increment(self.model, path, self.args.method, base_model)
         else:
             save_increment(self.opt, path, base_model=base_model)
 
@@ -152,23 +153,24 @@ class Sift(Method):
 class Full(Method):
     """Every weight trained (a baseline)."""
 
-    def __init__(self, model, m, t):
-        super().__init__(model, m, t)
+    def __init__(self, model, args):
+        super().__init__(model, args)
         model.requires_grad_(True)
-        self.opt = _adamw(m.optim, list(model.parameters()), t)
+        self.opt = _adamw(args.method.optim, list(model.parameters()), args.train)
 
 
 class Lora(Method):
     """PEFT LoRA on the target modules (a baseline); the model comes back wrapped."""
 
-    def __init__(self, model, m, t):
+    def __init__(self, model, args):
         from peft import LoraConfig, get_peft_model
 
-        torch.manual_seed(t.seed)  # LoRA's A matrices are random
-        cfg = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                         target_modules=list(split_list(m.sift_targets)), task_type="CAUSAL_LM")
-        super().__init__(get_peft_model(model, cfg), m, t)
-        self.opt = _adamw(m.optim, [p for p in self.model.parameters() if p.requires_grad], t)
+        method = args.method
+        torch.manual_seed(args.train.seed)  # LoRA's A matrices are random
+        cfg = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
+                         target_modules=list(split_list(method.sift_targets)), task_type="CAUSAL_LM")
+        super().__init__(get_peft_model(model, cfg), args)
+        self.opt = _adamw(method.optim, [p for p in self.model.parameters() if p.requires_grad], args.train)
 
     def save_final(self, output_dir, tokenizer, base_model):
         adapter = os.path.join(output_dir, ADAPTER_DIR)
@@ -177,7 +179,7 @@ class Lora(Method):
         return [adapter] + super().save_final(output_dir, tokenizer, base_model)
 
     def merged_model(self, base_model):
-        if quantized.enabled(self.m):
+        if quantized.enabled(self.args.model):
             return super().merged_model(base_model)
         return self.model.merge_and_unload()
 
@@ -185,18 +187,18 @@ class Lora(Method):
 METHODS = {"sift": Sift, "full": Full, "lora": Lora}
 
 
-def build(model, m: ModelArguments, t: TrainArguments) -> Method:
-    return METHODS[m.finetuning_type](model, m, t)
+def build(model, args: Arguments) -> Method:
+    return METHODS[args.method.finetuning_type](model, args)
 
 
-def _adamw(name: str, params: list, t: TrainArguments) -> torch.optim.Optimizer:
+def _adamw(name: str, params: list, train: TrainArguments) -> torch.optim.Optimizer:
     """torch AdamW (moments in the weights' dtype) or bitsandbytes AdamW with 8-bit / fp32 moments."""
     if name in ("adamw8bit", "adamw32bit"):
         import bitsandbytes as bnb
 
         cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.AdamW32bit
-        return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        return cls(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
 def save_merged(model, tokenizer, target: str) -> str:

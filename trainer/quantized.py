@@ -13,7 +13,7 @@ import torch
 
 from sift import quantize as q
 
-from .args import ModelArguments, TrainArguments, split_list
+from .args import Arguments, MethodArguments, ModelArguments, split_list
 
 CHOICES = ("none", *q.QUANT_TYPES)
 
@@ -22,22 +22,23 @@ def is_quantized(model) -> bool:
     return q.is_quantized(model)
 
 
-def enabled(m: ModelArguments) -> bool:
-    return m.quantization != "none"
+def enabled(model: ModelArguments) -> bool:
+    return model.quantization != "none"
 
 
-def problems(m: ModelArguments, t: TrainArguments) -> list[str]:
-    if m.quantization not in CHOICES:
-        return [f"--quantization {m.quantization}: choose one of {', '.join(CHOICES)}"]
-    if not enabled(m):
+def problems(args: Arguments) -> list[str]:
+    method, deepspeed = args.method, args.train.deepspeed
+    if args.model.quantization not in CHOICES:
+        return [f"--quantization {args.model.quantization}: choose one of {', '.join(CHOICES)}"]
+    if not enabled(args.model):
         return []
     out = []
-    if m.finetuning_type == "full":
+    if method.finetuning_type == "full":
         out.append("--quantization needs --finetuning_type sift (QSIFT) or lora (QLoRA): a 4-bit base is frozen")
-    if m.finetuning_type == "sift" and split_list(m.sift_dense):
+    if method.finetuning_type == "sift" and split_list(method.sift_dense):
         out.append("--sift_dense is not supported with --quantization (only the target linears' deltas train)")
-    if t.deepspeed and os.path.isfile(t.deepspeed):
-        with open(t.deepspeed) as f:
+    if deepspeed and os.path.isfile(deepspeed):
+        with open(deepspeed) as f:
             try:
                 stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
             except ValueError:
@@ -47,7 +48,7 @@ def problems(m: ModelArguments, t: TrainArguments) -> list[str]:
     return out
 
 
-def load(model_path: str, m: ModelArguments, t: TrainArguments, dtype: torch.dtype, device: str):
+def load(model_path: str, args: Arguments, dtype: torch.dtype, device: str):
     """(model, tokenizer): the base loaded straight into 4 bits on `device` (transformers'
     BitsAndBytesConfig: one tensor at a time, never the whole model in full precision there).
     QSIFT: the target linears become QSIFTLinear with their zero deltas attached."""
@@ -56,17 +57,17 @@ def load(model_path: str, m: ModelArguments, t: TrainArguments, dtype: torch.dty
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    sift = m.finetuning_type == "sift"
-    model = q.load_quantized(model_path, m.quantization, m.double_quant, dtype, device,
-                             targets=split_list(m.sift_targets), to_qsift=sift)
+    method, sift = args.method, args.method.finetuning_type == "sift"
+    model = q.load_quantized(model_path, args.model.quantization, args.model.double_quant, dtype, device,
+                             targets=split_list(method.sift_targets), to_qsift=sift)
     if sift:
-        q.attach(model, m.sift_rate, m.sift_selection, t.seed)
+        q.attach(model, method.sift_rate, method.sift_selection, args.train.seed)
     return model, tokenizer
 
 
-def save_increment(model, path: str, m: ModelArguments, base_model: str) -> None:
+def save_increment(model, path: str, method: MethodArguments, base_model: str) -> None:
     """QSIFT's increment (checkpoint or final): its indices and deltas live in the modules, not in SIFT's state."""
-    q.save_increment(model, path, base_model=base_model, rate=m.sift_rate, selection=m.sift_selection)
+    q.save_increment(model, path, base_model=base_model, rate=method.sift_rate, selection=method.sift_selection)
 
 
 def load_payload(directory: str, model, filename: str) -> None:
@@ -74,7 +75,7 @@ def load_payload(directory: str, model, filename: str) -> None:
 
 
 @torch.no_grad()
-def merged_full_model(model, m: ModelArguments, base_model: str):
+def merged_full_model(model, method: MethodArguments, base_model: str):
     """merged/: the full-precision base (loaded again on the host, in the run's dtype) + the training's
     delta (QSIFT) or adapter (QLoRA), never the 4-bit weights."""
     from transformers import AutoModelForCausalLM
@@ -83,7 +84,7 @@ def merged_full_model(model, m: ModelArguments, base_model: str):
 
     dtype = model.get_input_embeddings().weight.dtype  # the run's dtype: embeddings are never 4-bit
     full = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_model), dtype=dtype)
-    if m.finetuning_type == "sift":
+    if method.finetuning_type == "sift":
         q.apply_onto_full(full, q.increment_tensors(model), source="the trained 4-bit model")
         return full
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict

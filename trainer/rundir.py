@@ -30,6 +30,8 @@ from common.jsonl import read_jsonl
 from .checkpoint import ARGS, complete_checkpoints, load_args, load_state, resume_candidates
 
 RUN_FILE, LOG = "run.json", "train_log.jsonl"
+# The argument groups an args.json may hold: today's (trainer.args.Arguments) and older ones'.
+RECORD_GROUPS = ("model", "method", "data", "train", "output")
 # What a run writes at the top of its directory; --overwrite_output_dir removes exactly these (and the
 # checkpoints), never a file the user keeps there. A new output must be added here.
 RUN_OUTPUTS = (RUN_FILE, ARGS, LOG, "results.json", "loss.png", "sift_increment.safetensors", "merged", "adapter",
@@ -118,8 +120,10 @@ def read_log(output_dir: str, up_to_step: int | None = None) -> list[dict]:
 
 
 def flat_args(args: dict) -> dict:
-    """{option: value} over the argument groups of an args.json, plus the resolved world size and bf16."""
-    flat = {k: v for group in ("model", "data", "train") for k, v in (args.get(group) or {}).items()}
+    """{option: value} over the argument groups of an args.json, plus the resolved world size and bf16.
+    Keyed by flag name, so a record whose groups differ (older versions had the method flags under
+    "model" and no "method" / "output" groups) compares with today's flag by flag."""
+    flat = {k: v for group in RECORD_GROUPS for k, v in (args.get(group) or {}).items()}
     flat.update({k: args[k] for k in ("world_size", "bf16") if k in args})
     return flat
 
@@ -138,7 +142,7 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
 def output_dir_problems(current_args: dict, output_dir: str, resume: str | None, overwrite: bool) -> list[str]:
     """What keeps this run from using `output_dir` (before any weight is loaded); `current_args`
-    has the shape of args.json (groups "model", "data", "train", plus "world_size", "bf16")."""
+    has the shape of args.json (trainer.args.record: the argument groups, "world_size", "bf16")."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         return [f"--output_dir {output_dir}: is a file, not a directory: pick another --output_dir"]
     parent = os.path.dirname(os.path.abspath(output_dir))
