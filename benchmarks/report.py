@@ -59,7 +59,7 @@ def breakdown_table(m: dict) -> str:
 
 def goals_table(m: dict) -> str:
     lines = ["| SIFT run | wall / floor | CPU / floor | ≤ 1.05 × floor | peak − floor (MiB) | sparse state (MiB) "
-             "| peak ≤ floor + state | B/entry (persistent) | B/entry (+ fp32 grad) |",
+             "| peak ≤ floor + state | B/entry (persistent) | B/entry (+ deferred grad) |",
              "|---|---:|---:|:-:|---:|---:|:-:|---:|---:|"]
     for r in m["results"]:
         g = r.get("goals")

@@ -120,6 +120,22 @@ def test_item1_machinery_on_a_tiny_model():
         assert r["goals"]["peak_le_floor_plus_sparse_state"], r["goals"]
 
 
+@pytest.mark.parametrize("dtype, grad_bytes", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_sparse_state_counts_the_deferred_gradients_in_the_weights_dtype(dtype, grad_bytes):
+    """The deferred step's sparse gradients stay in the weight's dtype until a second micro-batch
+    accumulates (none does here): 4 B per entry on fp32 weights, 2 on bf16; in-backward keeps none."""
+    model = tiny_llama(layers=1, hidden=64, vocab=128, dtype=dtype)
+    methods = [Method("floor", "floor"), Method("deferred", "sift", rate=0.05),
+               Method("in-backward", "sift", rate=0.05, step_in_backward=True)]
+    results = memory_speed.run(model, [batch(i, vocab=128) for i in range(2)], methods, tracked_steps=2,
+                               timed_steps=1, log=lambda *_: None)
+    deferred, in_backward = results[1], results[2]
+    entries = deferred["trainable_entries"]
+    assert entries == deferred["sift"]["entries"] > 0
+    assert deferred["goals"]["sparse_state_bytes"] == deferred["state_bytes"] + grad_bytes * entries
+    assert in_backward["goals"]["sparse_state_bytes"] == in_backward["state_bytes"]
+
+
 def test_mean_pairwise_overlap_matches_set_intersections():
     g = torch.Generator().manual_seed(0)
     sets = [torch.randperm(1000, generator=g)[:50].sort().values.int() for _ in range(4)]
