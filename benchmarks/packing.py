@@ -1,7 +1,14 @@
 """--packing on the default run: the embedded SmolLM2-135M on the bundled Alpaca, with and without
 packing, in one process one after the other (same machine state, same held-out samples).
 
-    python -m benchmarks.packing [--max_steps N] [--json benchmarks/results/packing.json]
+    python -m benchmarks.packing [--max_steps N] [--model_max_length L] [--json benchmarks/results/packing.json]
+    python -m benchmarks.packing --pipeline [--lengths 256,512,1024]   # counts only, no training
+
+`--pipeline` counts, from train_sft.py's own data pipeline (trainer.data, trainer.packing) and
+without a forward pass, the label tokens and grid tokens (tokens + padding) per optimizer step of
+one epoch of the padded and the packed loader at each --model_max_length, and the matmul FLOPs of
+those grids: what the label tokens per second of packing can reach where a step costs its grid
+tokens, or its FLOPs (attention's [width x width] scores grow with the packed rows' width).
 
 Reports per run: trained label tokens per second (label tokens of all logged windows / their
 seconds, evaluation and saving left out; also per CPU second of the process, steadier than wall
@@ -42,15 +49,97 @@ def run_one(output_dir: str, packing: bool, extra: list[str]) -> dict:
             "wall_s": wall}
 
 
+def pipeline_counts(model_max_length: int, packing: bool, batch_size: int = 4, accumulation: int = 2,
+                    seed: int = 42, data_path: str | None = None, model: str | None = None) -> dict:
+    """One epoch of train_sft.py's loader (its defaults: embedded model, bundled Alpaca, batch 4 x
+    accumulation 2, seed 42), counted without training: optimizer steps, label tokens (what the
+    loss trains), real and grid tokens, and forward matmul FLOPs of the grids."""
+    from transformers import AutoConfig
+
+    from common.modeling import load_tokenizer, resolve_model_path
+    from trainer.args import DEFAULT_DATA, DataArguments
+    from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
+    from trainer.loss import label_tokens
+
+    data = DataArguments(data_path=data_path or DEFAULT_DATA, model_max_length=model_max_length, packing=packing)
+    tokenizer = load_tokenizer(model)
+    units, _, _ = build_datasets(data, tokenizer, seed, verbose=False)
+    flops = _flops_per_row(AutoConfig.from_pretrained(resolve_model_path(model)))
+    steps = micro_batches_per_epoch(len(units), batch_size) // accumulation
+    out = {"model_max_length": model_max_length, "packing": packing, "units": len(units), "steps": steps,
+           "label_tokens": 0, "real_tokens": 0, "grid_tokens": 0, "flops": 0}
+    for step in range(steps):
+        for b in batches_for_window(units, step, batch_size, accumulation, seed, tokenizer.pad_token_id,
+                                    packed=packing):
+            rows, width = b["input_ids"].shape
+            out["label_tokens"] += label_tokens(b["labels"])
+            out["real_tokens"] += int(b["num_tokens"] if packing else b["attention_mask"].sum())
+            out["grid_tokens"] += rows * width
+            out["flops"] += rows * flops(width)
+    return out
+
+
+def _flops_per_row(cfg):
+    """Forward matmul FLOPs of one row of `width` tokens: the linears and the head per token, plus the
+    attention scores and their weighted sum over the whole [width x width] square (SDPA with a mask,
+    as padded and packed rows both get, computes all of it). Backward is about twice this, alike."""
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    kv = cfg.num_key_value_heads * head_dim
+    linear = cfg.num_hidden_layers * (2 * d * heads * head_dim + 2 * d * kv + 3 * d * cfg.intermediate_size)
+    per_token = 2 * (linear + d * cfg.vocab_size)
+    return lambda width: width * per_token + cfg.num_hidden_layers * 4 * width * width * heads * head_dim
+
+
+def _labels_per(counts: dict, key: str) -> float:
+    """Label tokens per step / grid token / FLOP of a `pipeline_counts` row."""
+    return counts["label_tokens"] / counts[key]
+
+
+def pipeline_table(lengths=(256, 512, 1024), **kw) -> tuple[str, list[dict]]:
+    """The markdown table of `pipeline_counts`, padded and packed at each length, and its rows."""
+    lines = ["| --model_max_length | loader | steps / epoch | label tokens / step | grid tokens / step "
+             "| padding share | label tokens / grid token | packed / padded: label tokens per step | "
+             "per grid token | per FLOP |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
+    for length in lengths:
+        padded, packed = (pipeline_counts(length, p, **kw) for p in (False, True))
+        rows += [padded, packed]
+        ratios = [f"{_labels_per(packed, key) / _labels_per(padded, key):.2f} ×"
+                  for key in ("steps", "grid_tokens", "flops")]
+        for r in (padded, packed):
+            cells = [str(length), "packed" if r["packing"] else "padded", str(r["steps"]),
+                     f"{_labels_per(r, 'steps'):,.0f}", f"{r['grid_tokens'] / r['steps']:,.0f}",
+                     f"{1 - r['real_tokens'] / r['grid_tokens']:.1%}", f"{_labels_per(r, 'grid_tokens'):.3f}",
+                     *(ratios if r is packed else ["", "", ""])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
     ap.add_argument("--max_steps", type=int, default=None, help="shorten the runs (default: the demo's 20 steps)")
-    ap.add_argument("--json", default=None, help="write the two rows here")
+    ap.add_argument("--model_max_length", type=int, default=None,
+                    help="both runs at this length (default: the demo's 256); with --pipeline see --lengths")
+    ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--packed_first", action="store_true",
                     help="run the packed one first (a second run in the other order shows how much the "
                          "machine's load moved between the two)")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="print the label / grid tokens per step of both loaders from the data pipeline, no training")
+    ap.add_argument("--lengths", default="256,512,1024", help="with --pipeline: the --model_max_length values")
     args = ap.parse_args(argv)
+    if args.pipeline:
+        table, rows = pipeline_table(tuple(int(x) for x in args.lengths.split(",")))
+        print(table)
+        if args.json:
+            from common.atomic import atomic_write
+
+            atomic_write(args.json, [json.dumps({"rows": rows}, indent=1)])
+        return 0
     extra = ["--max_steps", str(args.max_steps)] if args.max_steps else []
+    extra += ["--model_max_length", str(args.model_max_length)] if args.model_max_length else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="packing-bench-") as tmp:
         for packing in ((True, False) if args.packed_first else (False, True)):

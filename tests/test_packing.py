@@ -99,3 +99,25 @@ def test_packed_run_resumes_bit_exactly(tiny_dir, alpaca_40, tmp_path):
     assert [json.loads(line)["loss"] for line in open(resumed / "train_log.jsonl")] == [r["loss"] for r in rows][2:]
     args = json.loads((straight / "args.json").read_text())
     assert args["data_report"]["packed_rows"] < args["data_report"]["train_samples"]
+
+
+def test_pipeline_counts_cover_one_epoch_of_each_loader_exactly(tiny_dir, alpaca_40):
+    """benchmarks.packing's counts (no training): at batch 1 every sample of the training split is one
+    unit (padded) or part of one row (packed) exactly once per epoch, so both loaders count its label
+    tokens and tokens, against the samples' own lists; at batch 4 x 2 the padded grid holds padding."""
+    from benchmarks.packing import pipeline_counts
+    from common.modeling import load_tokenizer
+    from trainer.args import DataArguments
+    from trainer.data import build_datasets
+
+    train, _, _ = build_datasets(DataArguments(data_path=alpaca_40, model_max_length=512), load_tokenizer(tiny_dir),
+                                 42, verbose=False)  # the tool's split: --eval_samples 32 of 40, seed 42
+    labels = sum(sum(x != -100 for x in s["labels"]) for s in train)
+    tokens = sum(len(s["input_ids"]) for s in train)
+    kw = dict(data_path=alpaca_40, model=tiny_dir)
+    padded, packed = (pipeline_counts(512, p, batch_size=1, accumulation=1, **kw) for p in (False, True))
+    assert padded["steps"] == len(train) > packed["steps"] == packed["units"]
+    for r in (padded, packed):
+        assert (r["label_tokens"], r["real_tokens"], r["grid_tokens"]) == (labels, tokens, tokens)
+    padded, packed = (pipeline_counts(512, p, batch_size=2, accumulation=2, **kw) for p in (False, True))
+    assert padded["grid_tokens"] > padded["real_tokens"] and padded["steps"] == len(train) // 4
