@@ -139,13 +139,10 @@ class OutputArguments:
     generate_tokens: int = _help("tokens of the before/after sample generation (0 = skip)", default=48)
 
 
-GROUPS = (ModelArguments, MethodArguments, DataArguments, TrainArguments, OutputArguments)
-
-
 @dataclass
 class Arguments:
     """Every option of train_sft.py, by group: `args.model.bf16`, `args.method.sift_rate`, `args.train.seed`,
-    ... (the fields in GROUPS' order; a flag's name is unique across the groups)."""
+    ... (a flag's name is unique across the groups; the --help sections follow this order)."""
     model: ModelArguments = field(default_factory=ModelArguments)
     method: MethodArguments = field(default_factory=MethodArguments)
     data: DataArguments = field(default_factory=DataArguments)
@@ -159,6 +156,9 @@ class Arguments:
     def value(self, flag: str):
         """The value of the flag `--<flag>`, whichever group holds it."""
         return next(group[flag] for group in self.groups().values() if flag in group)
+
+
+GROUPS = tuple(f.default_factory for f in fields(Arguments))  # the group classes, in Arguments' order
 
 
 @dataclass
