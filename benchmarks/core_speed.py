@@ -9,7 +9,9 @@ each on a fresh copy of the same weights and batches, measured by benchmarks.mem
 tensor bytes of the steady-state step (exact, MemoryTracker), then `--timed` steps per method
 timed round-robin (one step of each, then the next), so load from other processes on a shared
 machine hits all methods alike. Goals (issue 10): median step <= 1.05 x the floor; extra peak
-bytes per trained entry <= 6.5 (bf16) / <= 4.5 (fp32).
+bytes per trained entry <= 6.5 (bf16) / <= 4.5 (fp32). Beside each SIFT row: bitsandbytes' 8-bit
+AdamW update alone over as many entries (timed right after, same process), as a fraction of the
+floor's step: the share of SIFT's cost that lies in bitsandbytes' CPU kernel, not in sift/.
 
 Nothing here sets OMP_WAIT_POLICY (train_sft.py and benchmarks.run do): it runs the way a user
 who imports torch and sift gets it; the value seen is recorded.
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,12 +51,34 @@ def batches(n: int = 4, size: int = 4, seq: int = 128, vocab: int = 8192) -> lis
     return out
 
 
+def bnb_update_seconds(entries: int, repeats: int) -> float:
+    """Median time of bitsandbytes' 8-bit blockwise AdamW update alone over `entries` fp32 values:
+    the one kernel SIFT's deferred step must call (on CPU, bitsandbytes' own dequantise / update /
+    requantise), i.e. the part of SIFT's step time no change in sift/ can remove."""
+    from bitsandbytes import functional as bnbf
+
+    n = -(-entries // 256) * 256
+    g, p = torch.randn(n) * 1e-3, torch.randn(n) * 2e-2
+    s1, s2 = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    a1, a2 = torch.zeros(n // 256), torch.zeros(n // 256)
+    q1, q2 = bnbf.create_dynamic_map(signed=True), bnbf.create_dynamic_map(signed=False)
+    times = []
+    for step in range(1, repeats + 2):
+        t0 = time.perf_counter()
+        bnbf.optimizer_update_8bit_blockwise("adam", g=g, p=p, state1=s1, state2=s2, beta1=0.9, beta2=0.999,
+                                             beta3=0.0, alpha=0.0, eps=1e-8, step=step, lr=1e-5, qmap1=q1,
+                                             qmap2=q2, absmax1=a1, absmax2=a2, weight_decay=0.0)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def measure(dtype: str, timed: int, log=print) -> list[dict]:
     model = build_model(LlamaConfig(**CONFIG), "cpu", DTYPES[dtype], "sdpa")
     model.config.use_cache = False
     methods = [Method("floor", "floor"), Method("SIFT 5% deferred", "sift", rate=0.05),
                Method("SIFT 5% in-backward", "sift", rate=0.05, step_in_backward=True)]
     rows = memory_speed.run(model, batches(), methods, tracked_steps=3, timed_steps=timed, log=log)
+    bnb = bnb_update_seconds(rows[1]["trainable_entries"], timed)
     out = []
     for r in rows:
         out.append({"dtype": dtype, "name": r["name"], "entries": r["trainable_entries"],
@@ -60,18 +86,22 @@ def measure(dtype: str, timed: int, log=print) -> list[dict]:
                     "time_vs_floor": r["time_vs_floor"], "cpu_time_vs_floor": r["cpu_time_vs_floor"],
                     "peak_bytes": r["memory"]["peak"], "extra_peak_bytes_per_entry": r["extra_peak_bytes_per_entry"],
                     "state_bytes_per_entry": (r["sift"] or {}).get("bytes_per_entry"),
-                    "median_phase_s": r["median_phase_s"]})
+                    "median_phase_s": r["median_phase_s"],
+                    "bnb_update_s": bnb if r["trainable_entries"] else None,
+                    "bnb_update_vs_floor": bnb / rows[0]["median_step_s"] if r["trainable_entries"] else None})
     return out
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| weights | method | median step (s) | x floor (wall) | x floor (CPU time) | peak (MiB) | "
-             "extra peak B / entry | state B / entry |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| weights | method | median step (s) | x floor (wall) | x floor (CPU time) | bitsandbytes update "
+             "alone / floor | peak (MiB) | extra peak B / entry | state B / entry |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         extra = f"{r['extra_peak_bytes_per_entry']:.2f}" if r["entries"] else ""
         state = f"{r['state_bytes_per_entry']:.2f}" if r["state_bytes_per_entry"] else ""
+        bnb = f"{r['bnb_update_vs_floor']:.3f}" if r["bnb_update_vs_floor"] else ""
         lines.append(f"| {r['dtype']} | {r['name']} | {r['median_step_s']:.3f} | {r['time_vs_floor']:.3f} | "
-                     f"{r['cpu_time_vs_floor']:.3f} | {r['peak_bytes'] / 2**20:.1f} | {extra} | {state} |")
+                     f"{r['cpu_time_vs_floor']:.3f} | {bnb} | {r['peak_bytes'] / 2**20:.1f} | {extra} | {state} |")
     return "\n".join(lines)
 
 

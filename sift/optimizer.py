@@ -110,7 +110,7 @@ class SIFT(torch.optim.Optimizer):
                         "this mode cannot accumulate gradients: call opt.step() after every backward "
                         "(gradient_accumulation_steps=1) or use step_in_backward=False")
                 slot.stepped = True
-                self._step_in_hook(slot, g, group)
+                self._step_in_hook(slot, g, idx, group)
             elif slot.grad is None:
                 slot.grad = g  # a fresh gather, or (dense) the gradient itself, no longer p.grad
             else:  # a second micro-batch: accumulate in fp32 (bf16 sums would lose the small terms)
@@ -120,18 +120,19 @@ class SIFT(torch.optim.Optimizer):
 
         return hook
 
-    def _step_in_hook(self, slot: SparseState, g: torch.Tensor, group: dict):
+    def _step_in_hook(self, slot: SparseState, g: torch.Tensor, idx, group: dict):
         """Update now. A non-finite gradient leaves this tensor (entries, moments, step count)
         untouched, decided on the device with torch.where: the hook never syncs to the host.
-        The step count is a host int: advanced here, taken back in step() for skipped tensors."""
-        finite = torch.isfinite(g).all()
+        The step count is a host int: advanced here, taken back in step() for skipped tensors.
+        The flag is sum(g) * 0 != 0 (3 launches, one pass over g): NaN or inf anywhere makes it
+        true, and so does an fp32 overflow of the sum itself (|sum| > 3.4e38), also skipped."""
+        bad = self._bad[str(slot.device)][self._slot_no[id(slot)]]
+        torch.ne(g.sum().mul_(0), 0, out=bad)
         saved = slot.backup()
         slot.step += 1
-        slot.bank.step([slot], [g], group, self._qmap_pair(slot.device), finite=finite)
+        slot.bank.step([slot], [g], group, self._qmap_pair(slot.device), skip=bad, idx=idx)
         for view, copy in saved:
-            torch.where(finite, view, copy, out=view)  # in place: no second k-sized temporary
-        i = self._slot_no[id(slot)]
-        torch.logical_not(finite, out=self._bad[str(slot.device)][i])
+            torch.where(bad, copy, view, out=view)  # in place: no second k-sized temporary
 
     # ---------------------------------------------------------------- step
     def _qmap_pair(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +303,8 @@ class SIFT(torch.optim.Optimizer):
             for key, n in s.nbytes().items():
                 parts[key] += n
         parts["optimizer_states"] += sum(q.nbytes for pair in self._qmaps.values() for q in pair)
-        parts["optimizer_states"] += sum(f.nbytes for f in self._bad.values())
+        parts["optimizer_states"] += sum(f.nbytes for f in self._bad.values()) + sum(b._pad.nbytes + b.unit.nbytes for b in self.banks)
+        parts["indices"] += sum(t.nbytes for b in self.banks for pair in b.tables.values() for t in pair)
         entries = sum(s.k for s in self.slots if s.ready())
         report = {"entries": entries, "indices": parts["indices"], "master": parts["master"],
                   "optimizer_states": parts["optimizer_states"],

@@ -87,18 +87,19 @@ def master_kind(dtype: torch.dtype, fp32_master: bool = False) -> str:
 
 
 def decode_master(w: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-    """fp32 masters from bf16 weights `w`, int16 remainders and the tie bits of `aux` (see above)."""
-    d = rem.int() + (aux < 0).int() * 65536
-    return (w.view(torch.int16).int() * 65536 + d).view(torch.float32)  # no int32 overflow for finite w
+    """fp32 masters from bf16 weights `w`, int16 remainders and the tie bits of `aux` (see above):
+    bits(m) = (bits(w) + tie) << 16 + rem, with tie = 1 where aux's top bit is set (aux >> 15 = -1)."""
+    hi = w.view(torch.int16).int().sub_(aux >> 15)  # no int32 overflow for finite w
+    return hi.mul_(65536).add_(rem).view(torch.float32)
 
 
 def encode_master(m: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
     """Split fp32 masters `m` into the bf16 weights (returned) and remainder / tie bit, in place."""
     w = m.bfloat16()  # round to nearest even: what a plain fp32 master writes into the weight
-    d = m.view(torch.int32) - w.view(torch.int16).int() * 65536
-    tie = d > 32767  # d == 2^15
-    rem.copy_(d - tie.int() * 65536)
-    aux.bitwise_and_(_OFFSET).bitwise_or_(tie.short() * _TIE)
+    d = m.view(torch.int32) - w.view(torch.int16).int().mul_(65536)  # in [-2^15, 2^15]
+    rem.copy_(d)  # int16: d mod 2^16 (the tie d = 2^15 wraps to -2^15, its flag says which)
+    tie = d.add_(32768).bitwise_right_shift_(1).bitwise_and_(0x8000)  # 0x8000 exactly where d == 2^15
+    aux.bitwise_and_(_OFFSET).bitwise_or_(tie)
     return w
 
 
@@ -120,42 +121,76 @@ class Bank:
         self.aux = self.side[0] if rows else None
         self.rem = self.side[1] if self.kind == "rem" else None
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
+        self.tables = {}  # (lo, hi) -> the block-start table of that run of sparse slots (chunk_indices)
+        self._pad = torch.zeros(BLOCK, dtype=torch.float32, device=dev)  # zeros between slots in a chunk
+        self.unit = torch.full((), INDEX_BLOCK, dtype=torch.int64, device=dev)  # a block start's step
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.moments, self.absmax, self.side, self.master) if t is not None]
+        return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad, self.unit)
+                if t is not None] + [
+            t for pair in self.tables.values() for t in pair]
+
+    def chunk_indices(self, slots: list[SparseState], lo: int, hi: int) -> torch.Tensor:
+        """Every entry's flat index into its own weight, for the sparse slots filling [lo, hi) of this
+        bank, decoded in one pass (5 launches for the run, not 5 per tensor); padding entries get
+        meaningless values. The run's table of block starts is built once and kept (16 B per 2^15
+        weight entries): +2^15 at each block start, and at each slot's end a reset that brings the
+        running sum back to 0 whatever the slot's trailing empty blocks (starts equal to k)."""
+        if (lo, hi) not in self.tables:
+            pos, val = [], []
+            for s in slots:
+                pos += [s.starts + (s.start - lo), s.starts.new_full((1,), s.start - lo + s.k)]
+                val += [torch.full_like(s.starts, INDEX_BLOCK), s.starts.new_full((1,), -INDEX_BLOCK * s.starts.numel())]
+            self.tables[(lo, hi)] = (torch.cat(pos), torch.cat(val))
+        pos, val = self.tables[(lo, hi)]
+        idx = torch.zeros(hi - lo + 1, dtype=torch.int64, device=self.device)  # [n]: a last slot's reset
+        idx.index_put_((pos,), val, accumulate=True)
+        return idx[:hi - lo].cumsum_(0).add_(self.offsets(self.aux[lo:hi]))
+
+    def offsets(self, aux: torch.Tensor) -> torch.Tensor:
+        """The 15-bit offsets of `aux` (only bf16 remainders use the 16th bit: the tie)."""
+        return aux & _OFFSET if self.kind == "rem" else aux
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
-             finite: torch.Tensor | None = None) -> None:
+             skip: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
         """One AdamW step of `states` (consecutive in this bank, same step count, already advanced)
-        on `grads`, in chunks of <= CHUNK entries: one bitsandbytes call per chunk. With `finite`
-        (a device bool), a False leaves the weights untouched (the caller restores the state)."""
+        on `grads`, in chunks of <= CHUNK entries: one bitsandbytes call per chunk. With `skip`
+        (a device bool), a True leaves the weights untouched (the caller restores the state);
+        `idx`: one state's decoded indices, when the caller has them already."""
         chunk, size = [], 0
         for s, g in zip(states, grads):
             if chunk and (size + s.kp > CHUNK or s.start != chunk[-1][0].start + chunk[-1][0].kp):
-                self._step_chunk(chunk, hp, qmaps, scale, finite)
+                self._step_chunk(chunk, hp, qmaps, scale, skip)
                 chunk, size = [], 0
             chunk.append((s, g))
             size += s.kp
         if chunk:
-            self._step_chunk(chunk, hp, qmaps, scale, finite)
+            self._step_chunk(chunk, hp, qmaps, scale, skip, idx)
 
-    def _step_chunk(self, chunk, hp, qmaps, scale, finite):
+    def _step_chunk(self, chunk, hp, qmaps, scale, skip, given=None):
         lo = chunk[0][0].start
         hi = chunk[-1][0].start + chunk[-1][0].kp
         n, dev = hi - lo, self.device
-        g = torch.zeros(n, dtype=torch.float32, device=dev)
-        idx = {}
+        parts = []  # the gradients and zeros for each slot's padding, concatenated into fp32 in one call
         for s, grad in chunk:
-            g[s.start - lo:s.start - lo + s.k].copy_(grad)
+            parts += [grad, self._pad[:s.kp - s.k]]
+        g = torch.cat(parts, out=torch.empty(n, dtype=torch.float32, device=dev))
+        slots = [s for s, _ in chunk]
+        if given is not None:
+            idx = [given]
+        elif all(s.sparse for s in slots):  # one decode for the run
+            flat = self.chunk_indices(slots, lo, hi)
+            idx = [flat[s.start - lo:s.start - lo + s.k] for s in slots]
+        else:
+            idx = [s.indices() for s in slots]
         if self.kind == "fp32":
             p = self.master[lo:hi]  # the kernel updates the master in place
-            old = [s.weights(s.indices()) for s, _ in chunk] if finite is not None else None
+            old = [s.weights(i) for s, i in zip(slots, idx)] if skip is not None else None
         else:
             w = torch.zeros(n, dtype=self.dtype, device=dev)  # padding stays 0 (no effect on the moments)
-            for s, _ in chunk:
-                idx[s.name] = s.indices()
-                s.weights(idx[s.name], out=w[s.start - lo:s.start - lo + s.k])
-            old = w.clone() if finite is not None and self.kind == "own" else w
+            for s, i in zip(slots, idx):
+                s.weights(i, out=w[s.start - lo:s.start - lo + s.k])
+            old = w.clone() if skip is not None and self.kind == "own" else w
             p = w if self.kind == "own" else decode_master(w, self.rem[lo:hi], self.aux[lo:hi])
         beta1, beta2 = hp["betas"]
         step = chunk[0][0].step
@@ -172,12 +207,12 @@ class Bank:
                 lr=hp["lr"], state2=self.moments[1, lo:hi], beta2=beta2, weight_decay=hp["weight_decay"],
                 gnorm_scale=scale)
         new = encode_master(p, self.rem[lo:hi], self.aux[lo:hi]) if self.kind == "rem" else p
-        for i, (s, _) in enumerate(chunk):
+        for j, s in enumerate(slots):
             part = new[s.start - lo:s.start - lo + s.k]
-            if finite is not None:
-                prev = old[i] if self.kind == "fp32" else old[s.start - lo:s.start - lo + s.k]
-                part = torch.where(finite, part.to(self.dtype), prev)
-            s.write_weights(part, idx.get(s.name) if s.name in idx else s.indices())
+            if skip is not None:
+                prev = old[j] if self.kind == "fp32" else old[s.start - lo:s.start - lo + s.k]
+                part = torch.where(skip, prev, part.to(self.dtype))
+            s.write_weights(part, idx[j])
 
 
 class SparseState:
@@ -221,6 +256,7 @@ class SparseState:
             blocks = math.ceil(self.numel / INDEX_BLOCK)
             edges = torch.arange(1, blocks, device=idx.device) * INDEX_BLOCK  # idx is sorted
             self.starts = torch.searchsorted(idx, edges)  # where blocks 1, 2, ... begin in the list
+            self.bank.tables.clear()
             self._ready = True
         w = self.weights(self.indices())
         self.base = to_host(w)
@@ -234,8 +270,8 @@ class SparseState:
         # block base per entry: +2^15 at each block start, summed up (a cumsum: several times
         # cheaper than repeat_interleave on CPU, no host sync anywhere); empty blocks add up in place
         idx = torch.zeros(self.k + 1, dtype=torch.int64, device=self.device)  # [k]: trailing empty blocks
-        idx.index_put_((self.starts,), idx.new_full((), INDEX_BLOCK), accumulate=True)
-        return idx[:self.k].cumsum_(0).add_(self._view(self.bank.aux) & _OFFSET)
+        idx.index_put_((self.starts,), self.bank.unit, accumulate=True)
+        return idx[:self.k].cumsum_(0).add_(self.bank.offsets(self._view(self.bank.aux)))
 
     # ---------------------------------------------------------------- gather / scatter
     def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):

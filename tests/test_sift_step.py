@@ -260,10 +260,14 @@ def test_memory_report_counts_bytes_by_hand():
         assert report["indices"] == 2 * padded + tables
         assert report["master"] == master * padded
         flags = len(targets)  # one skip flag per tensor (step_in_backward), a byte each
-        assert report["optimizer_states"] == 2 * padded + 2 * 4 * padded // 256 + flags  # no qmaps before step()
+        pad = 4 * 256 + 8  # one bank: its fp32 zeros between slots in a chunk, its int64 block step
+        assert report["optimizer_states"] == 2 * padded + 2 * 4 * padded // 256 + flags + pad  # no qmaps before step()
         assert report["sparse_grads"] == params[targets[0]].element_size() * sum(k.values())
         opt.step()
-        assert opt.memory_report()["optimizer_states"] == 2 * padded + 8 * padded // 256 + flags + 2 * 256 * 4
+        # the step's block-start table of the bank's one run: (position, value) int64 per block start and per slot end
+        run_table = 16 * sum(math.ceil(params[n].numel() / 2**15) for n in targets)
+        assert opt.memory_report()["indices"] == 2 * padded + tables + run_table
+        assert opt.memory_report()["optimizer_states"] == 2 * padded + 8 * padded // 256 + flags + 2 * 256 * 4 + pad
         assert opt.memory_report()["sparse_grads"] == 0
         state = sum(t.nbytes for t in opt.state_tensors())
         assert state == opt.memory_report()["persistent"]  # the benchmarks' count agrees
