@@ -93,6 +93,17 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, dict
     return float(loss_sum), {"tokens": tokens, "grid": grid, "label_tokens": n_labels}
 
 
+def continue_schedule(scheduler) -> None:
+    """Set the resumed step's learning rate from this run's schedule. A checkpoint holds the rate its
+    own schedule gave next (0 at the end of a finished cosine run): right only while --max_steps is
+    unchanged, where both are the same float (base_lr * lambda(step), as LambdaLR computes it)."""
+    if hasattr(scheduler, "lr_lambdas"):  # every transformers schedule but reduce_lr_on_plateau
+        lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+
+
 def main(argv=None):
     """The loop; a usage or input problem raises `common.cli.UsageError` (one message, exit status 2)."""
     # ------------------------------------------------------------------ setup
@@ -156,6 +167,7 @@ def main(argv=None):
             method.load_payload(ckpt)
             state = load_state(ckpt)
             scheduler.load_state_dict(state["scheduler"])
+            continue_schedule(scheduler)
         except Exception as e:  # noqa: BLE001  whatever a damaged file raises (OSError, SafetensorError, ...)
             if args.output.resume_from_checkpoint != "latest" or ckpt == candidates[-1]:
                 raise SystemExit(f"train_sft.py: cannot resume from {ckpt}: {type(e).__name__}: {e}") from None

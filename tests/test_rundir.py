@@ -83,6 +83,23 @@ def test_unfinished_run_is_flagged_to_readers(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_extending_a_finished_cosine_run_follows_the_longer_schedule(tiny_dir, alpaca_40, tmp_path):
+    """A finished 2-step cosine run saved lr 0 for its next step; extended to 3 steps, step 3 must
+    use the 3-step schedule's rate at step 2 (a quarter of the peak), so the weights move again."""
+    run, cosine = tmp_path / "run", ("--lr_scheduler_type", "cosine")
+    train(tiny_dir, alpaca_40, run, "--max_steps", "2", "--save_steps", "2", *cosine)
+    after_2 = load_file(run / "sift_increment.safetensors")
+    train(tiny_dir, alpaca_40, run, "--max_steps", "3", "--resume_from_checkpoint", "latest", *cosine)
+    after_3 = load_file(run / "sift_increment.safetensors")
+    assert any(not torch.equal(after_2[k], after_3[k]) for k in after_2 if k.endswith(".delta"))
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1)], lr=1e-3)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=3)
+    sched.step(), sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25e-3)  # what step 3 trains with
+
+
 def test_finished_run_extends_and_falls_back_past_a_damaged_checkpoint(tiny_dir, alpaca_40, tmp_path, capsys):
     straight, run = tmp_path / "straight", tmp_path / "run"
     train(tiny_dir, alpaca_40, straight, "--max_steps", "6")
