@@ -34,6 +34,9 @@ class SIFT(torch.optim.Optimizer):
     trained ones, and registers a post-accumulate-grad hook on each trained one (`remove_hooks()`).
     """
 
+    # Devices whose step_in_backward guard reads its non-finite flag on the host (no sync to wait for)
+    HOST_BRANCH = ("cpu",)
+
     def __init__(self, model: nn.Module, cfg: SIFTConfig | None = None, *, _fp32_master: bool = False):
         cfg = cfg or SIFTConfig()
         sparse, dense = find_trainable(model, cfg.targets, cfg.dense)
@@ -122,15 +125,22 @@ class SIFT(torch.optim.Optimizer):
 
     def _step_in_hook(self, slot: SparseState, g: torch.Tensor, idx, group: dict):
         """Update now. A non-finite gradient leaves this tensor (entries, moments, step count)
-        untouched, decided on the device with torch.where: the hook never syncs to the host.
-        The step count is a host int: advanced here, taken back in step() for skipped tensors.
-        The flag is sum(g) * 0 != 0 (3 launches, one pass over g): NaN or inf anywhere makes it
-        true, and so does an fp32 overflow of the sum itself (|sum| > 3.4e38), also skipped."""
+        untouched. The flag is sum(g) * 0 != 0 (3 launches, one pass over g): NaN or inf anywhere
+        makes it true, and so does an fp32 overflow of the sum itself (|sum| > 3.4e38), also skipped.
+        On a GPU the hook never syncs to the host: the step runs and torch.where puts the state and
+        the weights back (7 more launches). Where reading the flag costs nothing (the CPU, see
+        HOST_BRANCH) a skipped tensor is simply not stepped. The step count is a host int: advanced
+        here, taken back in step() for skipped tensors."""
         bad = self._bad[str(slot.device)][self._slot_no[id(slot)]]
         torch.ne(g.sum().mul_(0), 0, out=bad)
-        saved = slot.backup()
         slot.step += 1
-        slot.bank.step([slot], [g], group, self._qmap_pair(slot.device), skip=bad, idx=idx)
+        qmaps = self._qmap_pair(slot.device)
+        if slot.device.type in self.HOST_BRANCH:
+            if not bad.item():
+                slot.bank.step([slot], [g], group, qmaps, idx=idx)
+            return
+        saved = slot.backup()
+        slot.bank.step([slot], [g], group, qmaps, skip=bad, idx=idx)
         for view, copy in saved:
             torch.where(bad, copy, view, out=view)  # in place: no second k-sized temporary
 

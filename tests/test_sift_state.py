@@ -62,8 +62,12 @@ def test_bf16_master_equals_an_fp32_master_over_40_steps(optimizer):
     assert any((va[n] != va[n].bfloat16().float()).any() for n in va)  # masters below one bf16 ulp exist
 
 
+@pytest.mark.parametrize("host_branch", [("cpu",), ()], ids=["host-branch", "device-where"])
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
-def test_in_backward_nan_batch_then_normal_steps_equals_the_run_without_it(optimizer):
+def test_in_backward_nan_batch_then_normal_steps_equals_the_run_without_it(optimizer, host_branch, monkeypatch):
+    """Both guards: the CPU's host branch, and the GPU's sync-free where-restore (forced here)."""
+    monkeypatch.setattr(SIFT, "HOST_BRANCH", host_branch)
+
     def train(schedule):
         model = tiny_llama(dtype=torch.bfloat16)
         opt = SIFT(model, SIFTConfig(rate=0.1, optimizer=optimizer, lr=1e-3, max_grad_norm=None,
