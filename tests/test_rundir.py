@@ -83,6 +83,18 @@ def test_unfinished_run_is_flagged_to_readers(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_bundled_data_compares_as_itself_across_checkouts():
+    from data_prep.dataset import BUNDLED_ALPACA
+
+    assert str(BUNDLED_ALPACA).replace(os.sep, "/").endswith(rundir.BUNDLED_TAIL)
+    here = {"data": {"data_path": str(BUNDLED_ALPACA)}, "train": {"seed": 1}}
+    there = {"data": {"data_path": "/tmp/other-clone" + rundir.BUNDLED_TAIL}, "train": {"seed": 1}}
+    mine = {"data": {"data_path": "/home/me/my_alpaca.json"}, "train": {"seed": 1}}
+    assert rundir.resume_differences(there, here) == []
+    assert rundir.resume_differences(mine, here) == [
+        f"--data_path /home/me/my_alpaca.json -> (bundled) {rundir.BUNDLED_TAIL}"]
+
+
 def test_extending_a_finished_cosine_run_follows_the_longer_schedule(tiny_dir, alpaca_40, tmp_path):
     """A finished 2-step cosine run saved lr 0 for its next step; extended to 3 steps, step 3 must
     use the 3-step schedule's rate at step 2 (a quarter of the peak), so the weights move again."""

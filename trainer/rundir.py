@@ -32,6 +32,7 @@ from .checkpoint import ARGS, complete_checkpoints, load_args, load_state, resum
 RUN_FILE, LOG = "run.json", "train_log.jsonl"
 # The argument groups an args.json may hold: today's (trainer.args.Arguments) and older ones'.
 RECORD_GROUPS = ("model", "method", "data", "train", "output")
+BUNDLED_TAIL = "/data_prep/samples/alpaca_en_demo.json"  # data_prep.dataset.BUNDLED_ALPACA, in any checkout
 # What a run writes at the top of its directory; --overwrite_output_dir removes exactly these (and the
 # checkpoints), never a file the user keeps there. A new output must be added here.
 RUN_OUTPUTS = (RUN_FILE, ARGS, LOG, "results.json", "loss.png", "sift_increment.safetensors", "merged", "adapter",
@@ -122,9 +123,13 @@ def read_log(output_dir: str, up_to_step: int | None = None) -> list[dict]:
 def flat_args(args: dict) -> dict:
     """{option: value} over the argument groups of an args.json, plus the resolved world size and bf16.
     Keyed by flag name, so a record whose groups differ (older versions had the method flags under
-    "model" and no "method" / "output" groups) compares with today's flag by flag."""
+    "model" and no "method" / "output" groups) compares with today's flag by flag. The bundled
+    Alpaca sample compares as itself whichever checkout's absolute path the record holds."""
     flat = {k: v for group in RECORD_GROUPS for k, v in (args.get(group) or {}).items()}
     flat.update({k: args[k] for k in ("world_size", "bf16") if k in args})
+    for key in ("data_path", "eval_data_path"):
+        if isinstance(flat.get(key), str) and flat[key].replace(os.sep, "/").endswith(BUNDLED_TAIL):
+            flat[key] = "(bundled) " + BUNDLED_TAIL
     return flat
 
 
