@@ -20,7 +20,7 @@ from bitsandbytes import functional as bnbf
 from .config import SIFTConfig
 from .selection import select
 from .state import Bank, SparseState, flat_weight, index_dtype, numel, shape  # noqa: F401 (re-exported)
-from .targets import find_trainable
+from .targets import exact_grad_dtypes, find_trainable
 
 # What a resumed run must share with the run that saved the state (the rest may change: lr, ...)
 RESUME_FIELDS = ("rate", "targets", "dense", "selection", "optimizer", "step_in_backward")
@@ -45,7 +45,8 @@ class SIFT(torch.optim.Optimizer):
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         self.slots = [SparseState(n, p, math.ceil(cfg.rate * numel(p))) for n, p in sparse]
-        self.slots += [SparseState(n, p, None) for n, p in dense]
+        narrow = exact_grad_dtypes(model)
+        self.slots += [SparseState(n, p, None, narrow.get(n)) for n, p in dense]
         self.banks = self._make_banks(cfg.optimizer == "adamw8bit", _fp32_master)
         defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         super().__init__([s.param for s in self.slots], defaults)
@@ -114,8 +115,8 @@ class SIFT(torch.optim.Optimizer):
                         "(gradient_accumulation_steps=1) or use step_in_backward=False")
                 slot.stepped = True
                 self._step_in_hook(slot, g, idx, group)
-            elif slot.grad is None:
-                slot.grad = g  # a fresh gather, or (dense) the gradient itself, no longer p.grad
+            elif slot.grad is None:  # a fresh gather, or (dense) the gradient itself, no longer p.grad;
+                slot.grad = g.to(slot.grad_dtype)  # QSIFT's delta: fp32 -> the bf16 it came from, exact
             else:  # a second micro-batch: accumulate in fp32 (bf16 sums would lose the small terms)
                 if slot.grad.dtype != torch.float32:
                     slot.grad = slot.grad.float()
@@ -163,6 +164,9 @@ class SIFT(torch.optim.Optimizer):
         pending = [s for s in self.slots if s.grad is not None]
         if not pending:
             return loss
+        if self.world > 1:  # sum over ranks in fp32: a bf16 all-reduce would round the partial sums
+            for s in pending:
+                s.grad = s.grad.float()
         grads = [s.grad for s in pending]
         self._all_reduce(grads)
         dev = grads[0].device
@@ -323,7 +327,7 @@ class SIFT(torch.optim.Optimizer):
         report["persistent"] = report["indices"] + report["master"] + report["optimizer_states"]
         report["total"] = report["persistent"] + report["sparse_grads"]
         report["bytes_per_entry"] = report["persistent"] / max(entries, 1)
-        grad_bytes = sum(s.k * s.param.element_size() for s in self.slots if s.ready())  # deferred, no accumulation
+        grad_bytes = sum(s.k * s.grad_dtype.itemsize for s in self.slots if s.ready())  # deferred, no accumulation
         report["bytes_per_entry_with_grad"] = (report["persistent"] + grad_bytes) / max(entries, 1)
         return report
 

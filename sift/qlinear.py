@@ -82,6 +82,12 @@ class QSIFTLinear(nn.Module):
         return bool(self.quant_state.nested)
 
     @property
+    def sift_grad_dtypes(self) -> dict[str, torch.dtype]:
+        """sift.targets: delta's gradient is the weight-dtype dW gathered at the indices, so it is
+        exact in that dtype (one call of this layer per micro-batch, as in every decoder)."""
+        return {"delta": self.quant_state.dtype}
+
+    @property
     def shape(self) -> torch.Size:
         return torch.Size((self.out_features, self.in_features))
 

@@ -222,8 +222,9 @@ class SparseState:
     Public: indices(), values(), nbytes(), state(), load(); the rest serves SIFT's hooks and step.
     """
 
-    def __init__(self, name: str, param: nn.Parameter, k: int | None):
+    def __init__(self, name: str, param: nn.Parameter, k: int | None, grad_dtype: torch.dtype | None = None):
         self.name, self.param = name, param
+        self.grad_dtype = grad_dtype or param.dtype  # the deferred gradient's until it accumulates (exact)
         self.numel = numel(param)
         self.sparse = k is not None
         self.k = k if self.sparse else self.numel

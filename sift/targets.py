@@ -1,6 +1,7 @@
 """Which parameters SIFT trains: exact module-name matching, never silent substring surprises."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 
@@ -39,3 +40,12 @@ def find_trainable(model: nn.Module, targets, dense) -> tuple[list[tuple[str, nn
         raise ValueError("SIFT target selection failed:\n  - " + "\n  - ".join(problems)
                          + f"\n  module names available include: {', '.join(examples)}")
     return sparse, dense_
+
+
+def exact_grad_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """{parameter name: a dtype narrower than the parameter's that holds its gradient exactly}, as
+    modules declare it (`sift_grad_dtypes`: QSIFTLinear's fp32 delta gets the bf16 weight gradient
+    gathered at its indices). SIFT keeps such a deferred gradient in that dtype until a second
+    micro-batch accumulates onto it."""
+    return {f"{mn}.{pn}" if mn else pn: dtype for mn, mod in model.named_modules()
+            for pn, dtype in getattr(mod, "sift_grad_dtypes", {}).items()}

@@ -347,10 +347,40 @@ def test_zero2_two_ranks_equal_one_process_with_twice_the_batch_on_a_4bit_base(t
     assert_increments_close(single, ranks)  # the same indices (from the all-reduced first gradient), deltas close
 
 
-def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped():
+@pytest.mark.parametrize("accum", [1, 2])
+def test_bf16_deferred_gradient_equals_an_fp32_one_bit_for_bit(accum):
+    """On a bf16 base delta's deferred gradient is kept in bf16 (2 B/entry: it is gathered from the
+    bf16 dW, so exactly a bf16 value) until a second micro-batch accumulates (then fp32): the run
+    equals the one that keeps it in fp32 throughout, bit for bit (clipping and decay on)."""
+    runs = []
+    for narrow in (True, False):
+        _, q = quantized(rate=0.1, dtype=torch.bfloat16)
+        opt = SIFT(q, SIFTConfig(rate=0.1, lr=1e-2, weight_decay=0.01, max_grad_norm=0.05))
+        for s in opt.slots:
+            s.grad_dtype = torch.bfloat16 if narrow else torch.float32
+        for step in range(3):
+            for micro in range(accum):
+                q(**batch(10 * step + micro)).loss.div(accum).backward()
+                want = torch.bfloat16 if narrow and micro == 0 else torch.float32
+                assert {g.dtype for g in opt.grad_tensors()} == {want}
+            opt.step()
+            opt.zero_grad()
+        runs.append([layer.delta.detach().clone() for layer in layers(q).values()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs)) and any(d.abs().sum() > 0 for d in runs[0])
+
+
+def test_the_delta_gradient_is_narrowed_to_the_base_dtype():
+    for dtype in (torch.float32, torch.bfloat16):
+        _, q = quantized(rate=0.1, dtype=dtype)
+        opt = SIFT(q, SIFTConfig(rate=0.1))
+        assert {s.grad_dtype for s in opt.slots} == {dtype}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped(dtype):
     deltas = []
     for in_backward in (False, True):
-        _, q = quantized(rate=0.1)
+        _, q = quantized(rate=0.1, dtype=dtype)
         opt = SIFT(q, SIFTConfig(rate=0.1, lr=1e-3, weight_decay=0.01, max_grad_norm=None,
                                  step_in_backward=in_backward))
         for step in range(3):
