@@ -99,17 +99,16 @@ class QSIFTLinear(nn.Module):
     def indices(self) -> torch.Tensor | None:
         """Sorted flat indices (int32 unless numel >= 2^31), decoded from the compact form: a new
         k-sized tensor each call (what the increment stores)."""
-        if self.offsets is None:
-            return None
-        n = self.out_features * self.in_features
-        return self._flat_indices().to(index_dtype(n))
+        return None if self.offsets is None else self._flat_indices()
 
     def _flat_indices(self) -> torch.Tensor:
+        """Decoded in place into one k-sized tensor of `index_dtype` (4 B per entry at LLaMA shapes)."""
         counts = self.block_starts[1:] - self.block_starts[:-1]
-        blocks = torch.arange(counts.numel(), device=counts.device)
+        blocks = torch.arange(counts.numel(), device=counts.device,
+                              dtype=index_dtype(self.out_features * self.in_features))
         # output_size: no host sync to learn the length
-        high = torch.repeat_interleave(blocks, counts, output_size=self.offsets.numel())
-        return (high << _OFFSET_BITS) + (self.offsets.long() + 2 ** (_OFFSET_BITS - 1))
+        idx = torch.repeat_interleave(blocks, counts, output_size=self.offsets.numel())
+        return idx.bitwise_left_shift_(_OFFSET_BITS).add_(self.offsets).add_(2 ** (_OFFSET_BITS - 1))
 
     def index_tensors(self) -> list[torch.Tensor]:
         """The persistent index state (for memory counts)."""
@@ -154,13 +153,14 @@ class QSIFTLinear(nn.Module):
         """deq(Q): a fresh dense tensor in the weight's dtype (transient: callers drop it)."""
         return _born(bnbf.dequantize_4bit(self.weight_4bit, self.quant_state))
 
-    def effective_weight(self, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """deq(Q) with delta added at the selected entries, rounded once to the weight's dtype."""
+    def effective_weight(self, delta: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """deq(Q) with delta added at the selected entries (`idx`: their decoded indices, if at
+        hand), rounded once to the weight's dtype."""
         w = self.dequantized()
         delta = self.delta if delta is None else delta
         if delta is not None and self.selected:
             flat = w.view(-1)
-            idx = self._flat_indices()
+            idx = self._flat_indices() if idx is None else idx
             flat.index_put_((idx,), (flat.index_select(0, idx).float() + delta.detach()).to(w.dtype))
         return w
 
@@ -202,14 +202,16 @@ class _QSIFTMatmul(torch.autograd.Function):
         x, delta = ctx.saved_tensors
         layer = ctx.layer
         dx = g = None
+        idx = layer._flat_indices() if layer.selected else None  # once, before any dense tensor exists
         if ctx.needs_input_grad[0]:
-            w = layer.effective_weight(delta)
+            w = layer.effective_weight(delta, idx)
             dx = gy @ w
             del w  # freed before dW exists: one dense weight-sized tensor at a time
         if ctx.needs_input_grad[1]:
             dw = _born(gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
-            if not layer.selected:
+            if idx is None:
                 layer.select_by_grad(dw)
-            g = dw.view(-1).index_select(0, layer._flat_indices()).float()
+                idx = layer._flat_indices()
+            g = dw.view(-1).index_select(0, idx).float()
             del dw  # the dense weight gradient dies here, inside this layer's backward
         return dx, g, None
