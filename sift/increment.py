@@ -134,22 +134,28 @@ def increment_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
     return out, {"dtype": dtype, "base_fingerprint": fingerprint(samples), "shapes": json.dumps(shapes)}
 
 
+def write_increment(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """The one writer of increment files, SIFT's and QSIFT's (sift.quantize): format v2's header over
+    `meta`, written atomically (temp file + fsync + rename): an interrupted save never leaves a torn file."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={**meta, "format": FORMAT, "version": VERSION})
+
+
 def save_increment(opt, path: str, base_model: str = "", quantization: str | None = None,
                    extra: dict | None = None) -> None:
-    """Write atomically (temp file + fsync + rename): an interrupted save never leaves a torn file.
+    """Write `opt`'s increment (`write_increment`).
 
     `base_model` is the id a user loads the base by (the hub id, or EMBEDDED), not a resolved local
     path; `quantization` names the training base's quantization (e.g. "nf4") if any.
     """
     cfg = opt.cfg
     tensors, derived = increment_tensors(opt)
-    meta = {"format": FORMAT, "version": VERSION, "base_model": base_model or "", "rate": str(cfg.rate),
+    meta = {"base_model": base_model or "", "rate": str(cfg.rate),
             "targets": json.dumps(list(cfg.targets)), "dense": json.dumps(list(cfg.dense)),
             "selection": cfg.selection, **derived, **(extra or {})}
     if quantization:
         meta["quantization"] = quantization
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    write_increment(path, tensors, meta)
 
 
 # ------------------------------------------------------------------ load / check / apply

@@ -20,7 +20,7 @@ from bitsandbytes import functional as bnbf
 from .config import SIFTConfig
 from .selection import select
 from .state import Bank, SparseState, flat_weight, index_dtype, numel, shape  # noqa: F401 (re-exported)
-from .targets import exact_grad_dtypes, find_trainable
+from .targets import exact_grad_dtypes, find_trainable, increment_params
 
 # What a resumed run must share with the run that saved the state (the rest may change: lr, ...)
 RESUME_FIELDS = ("rate", "targets", "dense", "selection", "optimizer", "step_in_backward")
@@ -45,8 +45,8 @@ class SIFT(torch.optim.Optimizer):
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         self.slots = [SparseState(n, p, math.ceil(cfg.rate * numel(p))) for n, p in sparse]
-        narrow = exact_grad_dtypes(model)
-        self.slots += [SparseState(n, p, None, narrow.get(n)) for n, p in dense]
+        narrow, increments = exact_grad_dtypes(model), increment_params(model)
+        self.slots += [SparseState(n, p, None, narrow.get(n), n in increments) for n, p in dense]
         self.banks = self._make_banks(cfg.optimizer == "adamw8bit", _fp32_master)
         defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         super().__init__([s.param for s in self.slots], defaults)
@@ -240,8 +240,10 @@ class SIFT(torch.optim.Optimizer):
 
     def base_values(self) -> dict[str, torch.Tensor]:
         """{name: base values (weight dtype, on the host)} of every trained entry, as they were
-        before training: what an increment's deltas are taken against."""
-        return {s.name: s.base for s in self.slots if s.ready()}
+        before training: what an increment's deltas are taken against (zeros, made on the call,
+        for a parameter that is an increment itself)."""
+        return {s.name: torch.zeros(s.k, dtype=s.param.dtype) if s.zero_base else s.base
+                for s in self.slots if s.ready()}
 
     def shapes(self) -> dict[str, torch.Size]:
         """{name: full parameter shape} of every trained tensor (ZeRO-3: the unpartitioned one)."""

@@ -19,7 +19,7 @@ import json
 import torch
 import torch.nn as nn
 
-from .increment import IncrementError
+from .increment import VERSION, IncrementError
 from .qlinear import BLOCKSIZE, QUANT_TYPES, QSIFTLinear
 from .targets import matches_module
 
@@ -207,25 +207,21 @@ def apply_onto_full(model: nn.Module, tensors: dict, meta: dict | None = None, s
 
 
 # ---------------------------------------------------------------- the increment file
-FORMAT, VERSION = "sift-increment", "2"
-
-
 def save_increment(model: nn.Module, path: str, base_model: str = "", rate: float | None = None,
                    selection: str = "", extra: dict | None = None) -> None:
-    """Write the quantized layers' increment in format v2's layout (crash-safe: temp + rename),
-    with `quantization` in the metadata. (Until sift/increment.py's v2 writer takes these tensors
-    and this metadata, this is the writer of quantized runs.)"""
-    from safetensors.torch import save_file
+    """Write the quantized layers' increment through sift.increment's one writer (format v2, crash-safe),
+    with `quantization` in the metadata. No `base_fingerprint`: the training base is deq(Q), whose
+    values at the trained entries are not the full-precision base's that the file also applies onto;
+    `restore` / `apply_onto_full` check names, shapes, indices and the quantization instead."""
+    from . import increment
 
-    from common.atomic import atomic_path
-
-    shapes = {name: list(layer.shape) for name, layer in layers(model).items()}
-    meta = {"format": FORMAT, "version": VERSION, "base_model": base_model,
-            "rate": "" if rate is None else str(rate), "selection": selection, "shapes": json.dumps(shapes),
-            "quantization": json.dumps(quantization_info(model)), **(extra or {})}
-    tensors = increment_tensors(model)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    found = layers(model)
+    shapes = {name: list(layer.shape) for name, layer in found.items()}
+    dtype = str(next(iter(found.values())).quant_state.dtype).removeprefix("torch.") if found else ""
+    meta = {"base_model": base_model, "rate": "" if rate is None else str(rate), "selection": selection,
+            "dtype": dtype, "shapes": json.dumps(shapes), "quantization": json.dumps(quantization_info(model)),
+            **(extra or {})}
+    increment.write_increment(path, increment_tensors(model), meta)
 
 
 def load_increment(path: str) -> tuple[dict, dict]:

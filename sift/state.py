@@ -222,8 +222,10 @@ class SparseState:
     Public: indices(), values(), nbytes(), state(), load(); the rest serves SIFT's hooks and step.
     """
 
-    def __init__(self, name: str, param: nn.Parameter, k: int | None, grad_dtype: torch.dtype | None = None):
+    def __init__(self, name: str, param: nn.Parameter, k: int | None, grad_dtype: torch.dtype | None = None,
+                 zero_base: bool = False):
         self.name, self.param = name, param
+        self.zero_base = zero_base  # an increment itself (QSIFT's delta): its base is 0, no host copy
         self.grad_dtype = grad_dtype or param.dtype  # the deferred gradient's until it accumulates (exact)
         self.numel = numel(param)
         self.sparse = k is not None
@@ -260,7 +262,7 @@ class SparseState:
             self.bank.tables.clear()
             self._ready = True
         w = self.weights(self.indices())
-        self.base = to_host(w)
+        self.base = None if self.zero_base else to_host(w)
         if self.bank.kind == "fp32":
             self._view(self.bank.master).copy_(w)
 
@@ -348,11 +350,12 @@ class SparseState:
     def state(self) -> dict:
         """Self-contained: indices, values and base travel, so a fresh base model can resume."""
         b, nb = self.bank, self.kp // BLOCK
-        st = {"step": self.step, "shape": list(shape(self.param)), "k": self.k,
-              "values": self.values(), "base": self.base,
+        st = {"step": self.step, "shape": list(shape(self.param)), "k": self.k, "values": self.values(),
               # padded: an 8-bit padding code is the quantised 0 after a step, not the initial code 0
               "state1": b.moments[0, self.start:self.start + self.kp].clone(),
               "state2": b.moments[1, self.start:self.start + self.kp].clone()}
+        if self.base is not None:
+            st["base"] = self.base
         if self.sparse:
             st["indices"] = self.indices().to(index_dtype(self.numel))
         if b.absmax is not None:
@@ -382,7 +385,7 @@ class SparseState:
         b, nb = self.bank, self.kp // BLOCK
         if self.sparse:
             self.select(st["indices"].long())
-        self.base = st["base"].clone() if "base" in st else self.base
+        self.base = st["base"].clone() if "base" in st and not self.zero_base else self.base
         for i, key in enumerate(("state1", "state2")):
             b.moments[i, self.start:self.start + self.kp].copy_(st[key])
         if b.absmax is not None:

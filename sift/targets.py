@@ -19,8 +19,7 @@ def find_trainable(model: nn.Module, targets, dense) -> tuple[list[tuple[str, nn
     """(sparse targets, dense params) in `named_parameters` order; raises listing every problem."""
     named = list(model.named_parameters())
     # A target module that already is sparse (QSIFTLinear's k-sized delta) is trained densely.
-    own_dense = {f"{mn}.{pn}" if mn else pn for mn, mod in model.named_modules()
-                 for pn in getattr(mod, "sift_dense_params", ())}
+    own_dense = increment_params(model)
     targeted = [(n, p) for n, p in named if any(matches_module(n, t) for t in targets)]
     sparse = [(n, p) for n, p in targeted if n not in own_dense]
     own_dense &= {n for n, _ in targeted}
@@ -40,6 +39,13 @@ def find_trainable(model: nn.Module, targets, dense) -> tuple[list[tuple[str, nn
         raise ValueError("SIFT target selection failed:\n  - " + "\n  - ".join(problems)
                          + f"\n  module names available include: {', '.join(examples)}")
     return sparse, dense_
+
+
+def increment_params(model: nn.Module) -> set[str]:
+    """Names of the parameters that modules declare to be increments themselves (`sift_dense_params`:
+    QSIFTLinear's delta): trained densely, their base is 0 by definition."""
+    return {f"{mn}.{pn}" if mn else pn for mn, mod in model.named_modules()
+            for pn in getattr(mod, "sift_dense_params", ())}
 
 
 def exact_grad_dtypes(model: nn.Module) -> dict[str, torch.dtype]:

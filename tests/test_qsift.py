@@ -163,6 +163,10 @@ def test_resume_is_bit_exact():
     fp, q = quantized(rate=0.05)
     opt = SIFT(q, cfg)
     train(q, opt, 2)
+    # delta is an increment itself (base 0): no host copy of a base, none in the checkpoint
+    assert opt.host_tensors() == [] and opt.memory_report()["host_base"] == 0
+    assert all("base" not in st for st in opt.state_dict()["slots"].values())
+    assert all(torch.equal(b, torch.zeros(s.k)) for s, b in zip(opt.slots, opt.base_values().values()))
     saved_opt, saved_inc = copy.deepcopy(opt.state_dict()), increment_tensors(q)
     straight = train(q, opt, 3, start=2)
 
