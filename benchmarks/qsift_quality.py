@@ -109,34 +109,42 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    """Held-out loss per method and budget (one dot per seed), the bases as lines; training curves."""
+    """Held-out loss per method and budget (one dot per seed), the bases as lines; training curves
+    (a colour per method, a line style per seed). Legends sit outside the axes, clear of the data."""
     from pathlib import Path
+
+    from matplotlib.lines import Line2D
 
     from .plots import _save, plt
 
     runs = results["runs"]
     names = list(dict.fromkeys(r["method"] for r in runs))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    seeds = list(dict.fromkeys(r["seed"] for r in runs))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
     for i, name in enumerate(names):
         ys = [r["heldout_loss"] for r in runs if r["method"] == name]
         a.plot([i] * len(ys), ys, "o", color="C0" if "Q" in name[:2] else "C1")
     a.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-    a.axhline(results["base_heldout_loss"], color="gray", ls=":", label="fp32 base, before training")
+    a.axhline(results["base_heldout_loss"], color="gray", ls=":", label="fp32 base,\nbefore training")
     if "quantized_base_heldout_loss" in results:
         a.axhline(results["quantized_base_heldout_loss"], color="C0", ls="--", lw=0.8,
-                  label=f"{results['setting']['quantization']} base, before training")
+                  label=f"{results['setting']['quantization']} base,\nbefore training")
     a.set_ylabel("held-out loss (assistant tokens)")
-    a.legend(fontsize=7)
+    a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     a.set_title("4-bit base (blue) vs full-precision base (orange)", fontsize=9)
     window = 10
+    colors = {name: f"C{i}" for i, name in enumerate(names)}  # <= 10 methods: one colour each
+    styles = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(seeds)}
     for r in runs:
         loss = r["train_losses"]
         smooth = [sum(loss[max(0, j - window + 1):j + 1]) / len(loss[max(0, j - window + 1):j + 1])
                   for j in range(len(loss))]
-        b.plot(smooth, lw=0.9, label=f"{r['method']} (seed {r['seed']})")
+        b.plot(smooth, lw=0.9, color=colors[r["method"]], ls=styles[r["seed"]])
     b.set_xlabel("step")
     b.set_ylabel(f"training loss ({window}-step mean)")
-    b.legend(fontsize=6)
+    handles = [Line2D([], [], color=c, lw=1.5, label=n) for n, c in colors.items()]
+    handles += [Line2D([], [], color="black", lw=0.9, ls=ls, label=f"seed {seed}") for seed, ls in styles.items()]
+    b.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     st = results["setting"]
     fig.suptitle(f"SmolLM2-135M on Alpaca: {st['steps']} steps x {st['batch_size']} conversation(s) of <= "
                  f"{st['max_length']} tokens", fontsize=9)
