@@ -321,7 +321,8 @@ def test_compact_indices_round_trip_across_blocks():
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_planner_matches_a_measured_cpu_step_for_qsift_and_qlora(ckpt):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: delta's gradients kept in bf16
+def test_planner_matches_a_measured_cpu_step_for_qsift_and_qlora(ckpt, dtype):
     """The 4-bit base built on meta tensors and the real step, against the same step on CPU tensors."""
     from benchmarks import memory_plan, memory_speed
     from benchmarks.methods import Method
@@ -331,9 +332,9 @@ def test_planner_matches_a_measured_cpu_step_for_qsift_and_qlora(ckpt):
     for method in (Method("qsift", "sift", rate=0.05, quantization="nf4"),
                    Method("qsift-ib", "sift", rate=0.05, quantization="nf4", step_in_backward=True),
                    Method("qlora", "lora", rank=4, quantization="nf4")):
-        model = memory_plan.build(cfg, "cpu", torch.float32, ckpt)
+        model = memory_plan.build(cfg, "cpu", dtype, ckpt)
         _, steps, _ = memory_speed.track_steps(method, model, batches, 2)
-        plan = memory_plan.plan(cfg, method, batch_size=2, seq_len=96, dtype=torch.float32,
+        plan = memory_plan.plan(cfg, method, batch_size=2, seq_len=96, dtype=dtype,
                                 gradient_checkpointing=ckpt, steps=2)
         measured = steps[-1]["peak"]
         assert abs(plan["peak_with_host"] - measured) <= 0.10 * measured, (method.name, plan, measured)
