@@ -161,7 +161,8 @@ class QSIFTLinear(nn.Module):
         if delta is not None and self.selected:
             flat = w.view(-1)
             idx = self._flat_indices() if idx is None else idx
-            flat.index_put_((idx,), (flat.index_select(0, idx).float() + delta.detach()).to(w.dtype))
+            vals = flat.index_select(0, idx).float().add_(delta.detach())  # in place: one fp32 k-vector
+            flat.index_put_((idx,), vals.to(w.dtype))
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,6 +213,7 @@ class _QSIFTMatmul(torch.autograd.Function):
             if idx is None:
                 layer.select_by_grad(dw)
                 idx = layer._flat_indices()
-            g = dw.view(-1).index_select(0, idx).float()
+            # in dW's dtype: autograd casts it to delta's fp32 after this returns, once dW is gone
+            g = dw.view(-1).index_select(0, idx)
             del dw  # the dense weight gradient dies here, inside this layer's backward
         return dx, g, None
