@@ -3,6 +3,7 @@
     python -m benchmarks.memory_plan --model llama-7b --seq 2048 --batch 1 \\
         --gradient_checkpointing --method sift --rate 0.05
     python -m benchmarks.memory_plan --model path/to/config.json ...   # any HF causal-LM config
+    python -m benchmarks.memory_plan ... --gradient_accumulation_steps 2   # micro-batches per step (deferred rows)
 
 How: the model is built on the meta device (shapes and dtypes, no storage), and the *real*
 training step of each method (benchmarks.methods: the method built by trainer.methods, the
@@ -63,14 +64,16 @@ def build(config, device: str, dtype: torch.dtype, gradient_checkpointing: bool)
 
 
 def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-         gradient_checkpointing: bool = False, steps: int = 3) -> dict:
-    """Peak bytes of `method`'s steady-state step (the last of `steps`) and what made it up."""
+         gradient_checkpointing: bool = False, steps: int = 3, accumulation: int = 1) -> dict:
+    """Peak bytes of `method`'s steady-state step (the last of `steps`, each of `accumulation`
+    micro-batches) and what made it up."""
     model = build(config, "meta", dtype, gradient_checkpointing)
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     batches = [{"input_ids": ids, "labels": ids}]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SIFT's non-finite warning (see the module doc), peft's notes
-        trainee, out, after = memory_speed.track_steps(method, model, batches, steps, tracker=MetaTracker)
+        trainee, out, after = memory_speed.track_steps(method, model, batches, steps, tracker=MetaTracker,
+                                                       accumulation=accumulation)
     trainee.close()
     host = out[-1]["breakdown"]["host"]  # fixed after the first step, so it shifts the peak only
     return {"name": method.name, "method": method.__dict__.copy(), "trainable_entries": trainee.entries,
@@ -149,21 +152,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="weight / activation dtype")
     ap.add_argument("--quantization", default=None, choices=["nf4", "fp4"],
                     help="plan QSIFT / QLoRA on a 4-bit base of the targets (double quantization) instead")
+    ap.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                    help="micro-batches per optimizer step (the in-backward rows need 1 and are left out)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
+    if args.gradient_accumulation_steps < 1:
+        ap.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be >= 1")
 
     config = load_config(args.model)
     dtype = DTYPES[args.dtype]
     rows = []
     methods = quantized_methods(config, args.rate, args.quantization, args.lora_rank) if args.quantization \
         else table1_methods(config, args.rate, args.lora_rank, args.method)
-    for method in methods:
-        rows.append(plan(config, method, args.batch, args.seq, dtype, args.gradient_checkpointing))
+    accumulation = args.gradient_accumulation_steps
+    for method in (m for m in methods if accumulation == 1 or not m.step_in_backward):
+        rows.append(plan(config, method, args.batch, args.seq, dtype, args.gradient_checkpointing,
+                         accumulation=accumulation))
     setting = (f"{args.model}, {rows[0]['params'] / 1e9:.2f} B params, {args.dtype}, seq {args.seq}, "
-               f"batch {args.batch}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+               f"batch {args.batch}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+               + (f", {accumulation} micro-batches per step" if accumulation > 1 else ""))
     print(f"Planned peak tensor memory (GiB) of one steady-state training step: {setting}\n")
     print(render_table(rows))
-    if args.model == "llama-7b" and args.seq == 2048 and args.batch == 1 and args.gradient_checkpointing:
+    if args.model == "llama-7b" and args.seq == 2048 and args.batch == 1 and args.gradient_checkpointing \
+            and accumulation == 1:
         print(f"\nPaper (Song et al. 2024, same setting): full fine-tuning {PAPER_7B['full']} GB, "
               f"SIFT 5% {PAPER_7B['sift 5%']} GB.")
     print("\nTensor bytes only (torch.cuda.max_memory_allocated); add the CUDA context and allocator slack.")

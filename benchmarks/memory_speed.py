@@ -22,7 +22,7 @@ from .models import enable_checkpointing
 
 
 def track_steps(method: Method, model: torch.nn.Module, batches: list[dict], steps: int,
-                tracker=MemoryTracker) -> tuple[Trainee, list[dict], dict]:
+                tracker=MemoryTracker, accumulation: int = 1) -> tuple[Trainee, list[dict], dict]:
     """Build `method` on `model` and run `steps` steps inside a tracker (so the optimizer's own
     allocations are seen); per-step peak and breakdown, and what is alive after the last step."""
     out = []
@@ -32,7 +32,7 @@ def track_steps(method: Method, model: torch.nn.Module, batches: list[dict], ste
         for step in range(steps):
             mt.reset_peak()
             start, t0 = mt.current, time.perf_counter()
-            trainee.train_step(batches[step % len(batches)], mt)
+            trainee.train_step(batches[step % len(batches)], mt, accumulation)
             out.append({"peak": mt.peak, "start": start, "breakdown": mt.peak_breakdown(),
                         "seconds_tracked": time.perf_counter() - t0})  # dispatch-mode overhead included
         after = {"bytes": mt.current, "breakdown": mt.breakdown()}

@@ -146,15 +146,17 @@ class Trainee:
             p.requires_grad_(id(p) in keep)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batch: dict, tracker=None) -> torch.Tensor:
-        """forward, backward, optimizer step, zero_grad; phases and names reported to `tracker`."""
+    def train_step(self, batch: dict, tracker=None, accumulation: int = 1) -> torch.Tensor:
+        """forward, backward (`accumulation` micro-batches of `batch`), optimizer step, zero_grad;
+        phases and names reported to `tracker`."""
         phase = tracker.phase if tracker is not None else _no_phase
         t0 = time.perf_counter()
-        with phase("forward"):
-            loss = causal_lm_loss(self.model, batch)  # the trainer's loss: chunked, no full fp32 logits
-        t1 = time.perf_counter()
-        with phase("backward"):
-            loss.backward()  # SIFT's hooks (and its whole update, in step_in_backward mode) run here
+        for _ in range(accumulation):
+            with phase("forward"):
+                loss = causal_lm_loss(self.model, batch)  # the trainer's loss: chunked, no full fp32 logits
+            t1 = time.perf_counter()
+            with phase("backward"):
+                loss.backward()  # SIFT's hooks (and its whole update, in step_in_backward mode) run here
         t2 = time.perf_counter()
         if tracker is not None:
             tracker.tag(self.grads(), "grads")  # before the step frees them

@@ -329,17 +329,26 @@ def test_planner_matches_a_measured_cpu_step_for_qsift_and_qlora(ckpt, dtype):
 
     cfg = tiny_llama(layers=2, hidden=64, vocab=128).config
     batches = [batch(i, size=2, length=96, vocab=128) for i in range(2)]
-    for method in (Method("qsift", "sift", rate=0.05, quantization="nf4"),
-                   Method("qsift-ib", "sift", rate=0.05, quantization="nf4", step_in_backward=True),
-                   Method("qlora", "lora", rank=4, quantization="nf4")):
+    qsift = Method("qsift", "sift", rate=0.05, quantization="nf4")
+    for method, accumulation in ((qsift, 1), (qsift, 2),  # 2: delta's gradients turn fp32
+                                 (Method("qsift-ib", "sift", rate=0.05, quantization="nf4", step_in_backward=True), 1),
+                                 (Method("qlora", "lora", rank=4, quantization="nf4"), 1)):
         model = memory_plan.build(cfg, "cpu", dtype, ckpt)
-        _, steps, _ = memory_speed.track_steps(method, model, batches, 2)
+        _, steps, _ = memory_speed.track_steps(method, model, batches, 2, accumulation=accumulation)
         plan = memory_plan.plan(cfg, method, batch_size=2, seq_len=96, dtype=dtype,
-                                gradient_checkpointing=ckpt, steps=2)
+                                gradient_checkpointing=ckpt, steps=2, accumulation=accumulation)
         measured = steps[-1]["peak"]
         assert abs(plan["peak_with_host"] - measured) <= 0.10 * measured, (method.name, plan, measured)
         assert plan["peak_breakdown"]["params"] < 0.5 * sum(p.numel() * 4 for p in tiny_llama(
             layers=2, hidden=64, vocab=128).parameters())  # the 4-bit base is counted, and small
+
+
+def test_planner_refuses_a_bad_accumulation_count(capsys):
+    from benchmarks import memory_plan
+
+    with pytest.raises(SystemExit) as err:
+        memory_plan.main(["--model", "llama-7b", "--gradient_accumulation_steps", "0"])
+    assert err.value.code == 2 and "--gradient_accumulation_steps 0: must be >= 1" in capsys.readouterr().err
 
 
 def test_zero2_two_ranks_equal_one_process_with_twice_the_batch_on_a_4bit_base(tiny_dir, alpaca_40, tmp_path):
