@@ -86,8 +86,8 @@ def stage_memory(spec, log) -> dict:
     config = load_config(model_name)
     for r, method in zip(results, methods):  # the planner, on meta tensors, for the same step
         plan = memory_plan.plan(config, method, bsz, seq, torch.float32, ckpt, steps=tracked)
-        r["planned_peak"] = plan["peak_with_host"]
-        r["plan_error"] = plan["peak_with_host"] / r["memory"]["peak"] - 1
+        r["planned_peak"] = plan["peak_with_host"]  # like with like: device + host-resident state
+        r["plan_error"] = plan["peak_with_host"] / r["memory"]["steps"][-1]["peak_with_host"] - 1
     log("  planner vs measured: " + ", ".join(f"{r['plan_error']:+.2%}" for r in results))
     return {"model": model_name, "params": sum(p.numel() for p in model.parameters()), "batch": bsz,
             "seq": seq, "tracked_steps": tracked, "timed_steps": timed, "gradient_checkpointing": ckpt,
