@@ -320,7 +320,7 @@ class SIFT(torch.optim.Optimizer):
                 parts[key] += n
         parts["optimizer_states"] += sum(q.nbytes for pair in self._qmaps.values() for q in pair)
         parts["optimizer_states"] += sum(f.nbytes for f in self._bad.values()) + sum(b._pad.nbytes + b.unit.nbytes for b in self.banks)
-        parts["indices"] += sum(t.nbytes for b in self.banks for pair in b.tables.values() for t in pair)
+        parts["indices"] += sum(t.nbytes for b in self.banks for table in b.tables.values() for t in table)
         entries = sum(s.k for s in self.slots if s.ready())
         report = {"entries": entries, "indices": parts["indices"], "master": parts["master"],
                   "optimizer_states": parts["optimizer_states"],

@@ -121,30 +121,29 @@ class Bank:
         self.aux = self.side[0] if rows else None
         self.rem = self.side[1] if self.kind == "rem" else None
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
-        self.tables = {}  # (lo, hi) -> the block-start table of that run of sparse slots (chunk_indices)
+        self.tables = {}  # (lo, hi) -> the block-start tables of that run of sparse slots (chunk_indices)
         self._pad = torch.zeros(BLOCK, dtype=torch.float32, device=dev)  # zeros between slots in a chunk
         self.unit = torch.full((), INDEX_BLOCK, dtype=torch.int64, device=dev)  # a block start's step
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad, self.unit)
-                if t is not None] + [
-            t for pair in self.tables.values() for t in pair]
+                if t is not None] + [t for table in self.tables.values() for t in table]
 
     def chunk_indices(self, slots: list[SparseState], lo: int, hi: int) -> torch.Tensor:
         """Every entry's flat index into its own weight, for the sparse slots filling [lo, hi) of this
-        bank, decoded in one pass (5 launches for the run, not 5 per tensor); padding entries get
-        meaningless values. The run's table of block starts is built once and kept (16 B per 2^15
-        weight entries): +2^15 at each block start, and at each slot's end a reset that brings the
-        running sum back to 0 whatever the slot's trailing empty blocks (starts equal to k)."""
+        bank, decoded in one pass (6 launches for the run, not 5 per tensor); padding entries get
+        meaningless values. The run's table is built once and kept: the int32 position of every block
+        start (+2^15 each; 4 B per 2^15 weight entries), and per slot, at its end, a reset that brings
+        the running sum back to 0 whatever its trailing empty blocks (starts equal to k)."""
         if (lo, hi) not in self.tables:
-            pos, val = [], []
-            for s in slots:
-                pos += [s.starts + (s.start - lo), s.starts.new_full((1,), s.start - lo + s.k)]
-                val += [torch.full_like(s.starts, INDEX_BLOCK), s.starts.new_full((1,), -INDEX_BLOCK * s.starts.numel())]
-            self.tables[(lo, hi)] = (torch.cat(pos), torch.cat(val))
-        pos, val = self.tables[(lo, hi)]
+            starts = torch.cat([s.starts + (s.start - lo) for s in slots]).int()
+            ends = torch.cat([s.starts.new_full((1,), s.start - lo + s.k) for s in slots]).int()
+            resets = torch.cat([s.starts.new_full((1,), -INDEX_BLOCK * s.starts.numel()) for s in slots])
+            self.tables[(lo, hi)] = (starts, ends, resets)
+        starts, ends, resets = self.tables[(lo, hi)]
         idx = torch.zeros(hi - lo + 1, dtype=torch.int64, device=self.device)  # [n]: a last slot's reset
-        idx.index_put_((pos,), val, accumulate=True)
+        idx.index_put_((starts,), self.unit, accumulate=True)
+        idx.index_put_((ends,), resets, accumulate=True)
         return idx[:hi - lo].cumsum_(0).add_(self.offsets(self.aux[lo:hi]))
 
     def offsets(self, aux: torch.Tensor) -> torch.Tensor:

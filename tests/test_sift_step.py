@@ -264,8 +264,9 @@ def test_memory_report_counts_bytes_by_hand():
         assert report["optimizer_states"] == 2 * padded + 2 * 4 * padded // 256 + flags + pad  # no qmaps before step()
         assert report["sparse_grads"] == params[targets[0]].element_size() * sum(k.values())
         opt.step()
-        # the step's block-start table of the bank's one run: (position, value) int64 per block start and per slot end
-        run_table = 16 * sum(math.ceil(params[n].numel() / 2**15) for n in targets)
+        # the step's tables of the bank's one run: an int32 position per block start, per slot an
+        # int32 end and an int64 reset
+        run_table = 4 * sum(math.ceil(params[n].numel() / 2**15) - 1 for n in targets) + 12 * len(targets)
         assert opt.memory_report()["indices"] == 2 * padded + tables + run_table
         assert opt.memory_report()["optimizer_states"] == 2 * padded + 8 * padded // 256 + flags + 2 * 256 * 4 + pad
         assert opt.memory_report()["sparse_grads"] == 0
