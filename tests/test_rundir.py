@@ -108,8 +108,10 @@ def test_extending_a_finished_cosine_run_follows_the_longer_schedule(tiny_dir, a
 
     opt = torch.optim.SGD([torch.zeros(1)], lr=1e-3)
     sched = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=3)
-    sched.step(), sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.25e-3)  # what step 3 trains with
+    for _ in range(2):  # two steps done: the rate step 3 trains with
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25e-3)
 
 
 def test_finished_run_extends_and_falls_back_past_a_damaged_checkpoint(tiny_dir, alpaca_40, tmp_path, capsys):
