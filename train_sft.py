@@ -34,6 +34,7 @@ from trainer import args as targs
 from trainer import ds, methods, quantized, rundir
 from trainer.checkpoint import load_state, resume_candidates, save_checkpoint
 from trainer.interrupts import Interrupts
+from trainer import offload
 from trainer.loss import causal_lm_loss, label_tokens
 from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
 from trainer.report import Logger, memory_stats, plot_loss, write_json_atomic
@@ -141,6 +142,8 @@ def main(argv=None):
                                                     device="cpu" if resolved.zero3 else device)  # ZeRO-3 places it
     if args.train.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
+    if args.train.offload_activations:
+        offload.enable(model)
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None
     method = methods.build(model, args)
     model, opt = method.model, method.opt

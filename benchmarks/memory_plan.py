@@ -27,6 +27,7 @@ on a GPU the default foreach / fused paths allocate other temporaries).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -79,7 +80,8 @@ def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dty
     return {"name": method.name, "method": method.__dict__.copy(), "trainable_entries": trainee.entries,
             "params": count_params(trainee.model), "peak": out[-1]["peak"] - host,
             "peak_with_host": out[-1]["peak"], "first_step_peak": out[0]["peak"] - host,
-            "peak_breakdown": out[-1]["breakdown"], "after_step": after, "sift": trainee.sift_report()}
+            "peak_breakdown": out[-1]["breakdown"], "after_step": after, "sift": trainee.sift_report(),
+            "offloaded_bytes": trainee.offload.offloaded_bytes if trainee.offload else 0}
 
 
 def table1_methods(config, rate: float, rank: int | None = None, which: str = "all") -> list[Method]:
@@ -122,14 +124,15 @@ def quantized_methods(config, rate: float, quantization: str, rank: int | None =
 
 def render_table(rows: list[dict]) -> str:
     """Markdown, in the shape of the paper's Table 1 (GiB): the device columns sum to the peak;
-    host-resident state (the original SIFT's coordinates) is shown apart."""
+    host-resident state (the original SIFT's coordinates, offloaded activations) is shown apart."""
     lines = ["| method | trainable | weights | grads | optimizer state | activations & temporaries | "
              "peak | host RAM |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         bd = r["peak_breakdown"]
         rest = bd["activations"] + bd["backward"] + bd["step"] + bd["other"]
-        host = f"{bd['host'] / GIB:.2f}" if bd["host"] else ""
+        host_bytes = bd["host"] + r.get("offloaded_bytes", 0)  # + activations waiting on the host
+        host = f"{host_bytes / GIB:.2f}" if host_bytes else ""
         lines.append(f"| {r['name']} | {r['trainable_entries'] / 1e6:,.1f} M | {bd['params'] / GIB:.2f} | "
                      f"{bd['grads'] / GIB:.2f} | {bd['optimizer'] / GIB:.2f} | {rest / GIB:.2f} | "
                      f"**{r['peak'] / GIB:.2f}** | {host} |")
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan QSIFT / QLoRA on a 4-bit base of the targets (double quantization) instead")
     ap.add_argument("--gradient_accumulation_steps", type=int, default=1,
                     help="micro-batches per optimizer step (the in-backward rows need 1 and are left out)")
+    ap.add_argument("--offload_activations", action="store_true",
+                    help="plan every row with the saved activations in host memory (trainer.offload)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
     if args.gradient_accumulation_steps < 1:
@@ -164,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     methods = quantized_methods(config, args.rate, args.quantization, args.lora_rank) if args.quantization \
         else table1_methods(config, args.rate, args.lora_rank, args.method)
+    if args.offload_activations:
+        methods = [dataclasses.replace(m, name=f"{m.name} + offload", offload_activations=True) for m in methods]
     accumulation = args.gradient_accumulation_steps
     for method in (m for m in methods if accumulation == 1 or not m.step_in_backward):
         rows.append(plan(config, method, args.batch, args.seq, dtype, args.gradient_checkpointing,

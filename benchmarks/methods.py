@@ -25,6 +25,7 @@ from sift.quantize import layers as qlayers
 from sift.targets import find_trainable
 
 from trainer import methods as trainer_methods
+from trainer import offload
 from trainer.loss import causal_lm_loss
 
 from .original_sift import OriginalSIFTProfile
@@ -47,6 +48,7 @@ class Method:
     lr: float = 1e-5
     quantization: str | None = None   # sift (QSIFT) / lora (QLoRA): nf4 | fp4 4-bit base of the targets
     double_quant: bool = True
+    offload_activations: bool = False  # trainer.offload: saved activations in host memory
 
     def __post_init__(self):
         if self.optimizer is None:
@@ -139,6 +141,7 @@ class Trainee:
             self.trained = trainer_methods.build(model, trainer_arguments(method, seed, max_grad_norm))
             self.model, self.opt = self.trained.model, self.trained.opt
             self.entries = self.trained.trained_entries()
+        self.offload = offload.enable(self.model) if method.offload_activations else None
 
     def _train_only(self, params):
         keep = {id(p) for p in params}

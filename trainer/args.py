@@ -116,6 +116,9 @@ class TrainArguments:
     max_skipped_steps: float = _help("stop (exit 1, no merged model) when more than this share of the steps is "
                                      "skipped for non-finite gradients", default=0.05)
     gradient_checkpointing: bool = _help("recompute activations in backward", default=False)
+    offload_activations: bool = _help("keep the activations saved for backward (with checkpointing: each "
+                                      "layer's input) in pinned host memory until backward: less GPU "
+                                      "memory, two host-link copies per layer and step", default=False)
     seed: int = _help("seed of data order, selection and init", default=42)
     deepspeed: str | None = _help("DeepSpeed JSON config (launch with `deepspeed train_sft.py ...`)", default=None)
     local_rank: int = _help("set by the deepspeed launcher", default=-1)

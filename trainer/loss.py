@@ -30,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from data_prep.encode import IGNORE_INDEX
 
+from . import offload
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # fp32 logits of one chunk (its backward holds ~4 such buffers: logits, log-softmax, their grads).
 # Planned at seq 2048 with checkpointing (benchmarks/README.md), 32-128 MiB leave the LLaMA-7B and
@@ -53,7 +55,8 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None, chunk_bytes: int
     """Next-token cross-entropy of `batch` (input_ids, labels, optional attention_mask / position_ids)."""
     lm = unwrap(model)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
+    with offload.around_forward(model, lm):  # --offload_activations: saved layer inputs wait on the host
+        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
     # as HF's ForCausalLMLoss: position t predicts labels[t + 1], the last position predicts nothing
     labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:].to(hidden.device)
     total = head_loss_sum(lm.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1),

@@ -1,0 +1,73 @@
+"""--offload_activations (trainer.offload): the same training, fewer device bytes while it waits."""
+import torch
+from transformers import LlamaConfig
+
+from conftest import batch, tiny_llama
+from sift import SIFT, SIFTConfig
+from trainer import offload
+from trainer.loss import causal_lm_loss
+
+from benchmarks import memory_plan
+from benchmarks.methods import Method
+
+
+def train(offloaded: bool, steps: int = 3):
+    torch.manual_seed(0)
+    model = tiny_llama(dtype=torch.float32)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    opt = SIFT(model, SIFTConfig(rate=0.1, lr=1e-3))
+    hooks = offload.enable(model, min_bytes=0, devices=("cpu",)) if offloaded else None  # CPU "host": a copy
+    for i in range(steps):
+        causal_lm_loss(model, batch(i)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, hooks
+
+
+def test_offloaded_training_equals_the_plain_one_bit_for_bit():
+    plain, _ = train(False)
+    moved, hooks = train(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), moved.parameters()))
+    layers, hidden = plain.config.num_hidden_layers, plain.config.hidden_size
+    x = batch(2)["input_ids"]
+    # at least every checkpointed layer's input went through the host, and no parameter did
+    assert hooks.offloaded_tensors >= layers and hooks.offloaded_bytes >= layers * x.numel() * hidden * 4
+    assert hooks.offloaded_bytes < sum(p.nbytes for p in plain.parameters())
+
+
+def test_planner_sees_the_checkpointed_inputs_leave_the_device():
+    """4 layers x (1 x 2048 x 512) bf16 inputs = 2 MiB each: the floor's peak falls by the ones that
+    are not in use at the peak, and they are counted as host memory instead."""
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=512, tie_word_embeddings=False)
+    plain = memory_plan.plan(cfg, Method("floor", "floor"), 1, 2048, torch.bfloat16, True, steps=2)
+    moved = memory_plan.plan(cfg, Method("floor", "floor", offload_activations=True), 1, 2048, torch.bfloat16,
+                             True, steps=2)
+    layer_input = 2048 * 512 * 2
+    assert moved["offloaded_bytes"] >= 4 * layer_input
+    assert plain["peak"] - moved["peak"] >= 3 * layer_input - 2**16  # all but the one being recomputed
+
+
+def test_train_sft_takes_the_flag_and_records_it(tiny_dir, alpaca_40, tmp_path, monkeypatch):
+    """The trainer switches the hooks on (here on CPU, where they copy) and its run is the same."""
+    import json
+
+    import train_sft
+    from conftest import train_args
+    from safetensors.torch import load_file
+
+    runs, made = {}, []
+    for flag in (False, True):
+        if flag:  # let the CPU play the host link: every saved activation is copied and copied back
+            enable = offload.enable
+            monkeypatch.setattr(offload, "enable",
+                                lambda model: made.append(enable(model, min_bytes=0, devices=("cpu",))) or made[-1])
+        out = tmp_path / str(flag)
+        train_sft.main(train_args(tiny_dir, alpaca_40, out, "--max_steps", "2", "--gradient_checkpointing",
+                                  "--generate_tokens", "0", *(["--offload_activations"] if flag else [])))
+        runs[flag] = load_file(out / "sift_increment.safetensors")
+        assert json.loads((out / "args.json").read_text())["train"]["offload_activations"] is flag
+    assert len(made) == 1 and made[0].offloaded_tensors > 0  # the last forward's saved activations went out
+    assert runs[False].keys() == runs[True].keys()
+    assert all(torch.equal(runs[False][k], runs[True][k]) for k in runs[False])
