@@ -31,11 +31,10 @@ from data_prep.dataset import collate
 from common import cli
 from common.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from trainer import args as targs
-from trainer import ds, methods, quantized, rundir
+from trainer import ds, methods, offload, quantized, rundir
 from trainer.checkpoint import load_state, resume_candidates, save_checkpoint
 from trainer.interrupts import Interrupts
-from trainer import offload
-from trainer.loss import causal_lm_loss, label_tokens
+from trainer.loss import causal_lm_loss, label_tokens, unwrap
 from trainer.data import batches_for_window, build_datasets, micro_batches_per_epoch
 from trainer.report import Logger, memory_stats, plot_loss, write_json_atomic
 
@@ -146,6 +145,11 @@ def main(argv=None):
         offload.enable(model)
     engine = ds.initialize(model, ds_cfg) if ds_cfg else None
     method = methods.build(model, args)
+    if args.model.embeddings_on_host:
+        try:
+            offload.embeddings_on_host(unwrap(method.model))
+        except ValueError as e:
+            raise cli.UsageError(f"train_sft.py: --embeddings_on_host: {e}") from None
     model, opt = method.model, method.opt
     per_epoch = micro_batches_per_epoch(len(train_set), args.train.per_device_train_batch_size * world)
     total_steps = targs.total_steps(args, per_epoch)

@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="micro-batches per optimizer step (the in-backward rows need 1 and are left out)")
     ap.add_argument("--offload_activations", action="store_true",
                     help="plan every row with the saved activations in host memory (trainer.offload)")
+    ap.add_argument("--embeddings_on_host", action="store_true",
+                    help="plan the (frozen) input embedding table in host memory (not for full fine-tuning)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
     if args.gradient_accumulation_steps < 1:
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         else table1_methods(config, args.rate, args.lora_rank, args.method)
     if args.offload_activations:
         methods = [dataclasses.replace(m, name=f"{m.name} + offload", offload_activations=True) for m in methods]
+    if args.embeddings_on_host:
+        methods = [dataclasses.replace(m, name=f"{m.name} + host embeddings", embeddings_on_host=True)
+                   for m in methods if m.kind != "full"]
     accumulation = args.gradient_accumulation_steps
     for method in (m for m in methods if accumulation == 1 or not m.step_in_backward):
         rows.append(plan(config, method, args.batch, args.seq, dtype, args.gradient_checkpointing,

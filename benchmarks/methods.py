@@ -26,7 +26,7 @@ from sift.targets import find_trainable
 
 from trainer import methods as trainer_methods
 from trainer import offload
-from trainer.loss import causal_lm_loss
+from trainer.loss import causal_lm_loss, unwrap
 
 from .original_sift import OriginalSIFTProfile
 
@@ -49,6 +49,7 @@ class Method:
     quantization: str | None = None   # sift (QSIFT) / lora (QLoRA): nf4 | fp4 4-bit base of the targets
     double_quant: bool = True
     offload_activations: bool = False  # trainer.offload: saved activations in host memory
+    embeddings_on_host: bool = False   # trainer.offload: the frozen input embedding table in host memory
 
     def __post_init__(self):
         if self.optimizer is None:
@@ -142,6 +143,8 @@ class Trainee:
             self.model, self.opt = self.trained.model, self.trained.opt
             self.entries = self.trained.trained_entries()
         self.offload = offload.enable(self.model) if method.offload_activations else None
+        if method.embeddings_on_host:
+            offload.embeddings_on_host(unwrap(self.model))
 
     def _train_only(self, params):
         keep = {id(p) for p in params}
@@ -179,7 +182,11 @@ class Trainee:
                 tracker.tag(self.trained.host_tensors(), "host")
             elif self.method.kind == "original":
                 tracker.tag(self.opt.host_tensors(), "host")
-            tracker.tag(list(self.model.parameters()) + base_tensors(self.model), "params")  # LoRA adapters; 4-bit bases
+            params = list(self.model.parameters()) + base_tensors(self.model)  # LoRA adapters; 4-bit bases
+            device = next(p.device for p in self.model.parameters() if p.device.type != "cpu") \
+                if any(p.device.type != "cpu" for p in self.model.parameters()) else None
+            tracker.tag([p for p in params if device is None or p.device == device], "params")
+            tracker.tag([p for p in params if device is not None and p.device != device], "host")  # host tables
         return loss.detach()
 
     # ------------------------------------------------------------------ naming for the tracker

@@ -1,4 +1,5 @@
-"""--offload_activations (trainer.offload): the same training, fewer device bytes while it waits."""
+"""trainer.offload: --offload_activations and --embeddings_on_host train the same, with fewer device bytes."""
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -71,3 +72,48 @@ def test_train_sft_takes_the_flag_and_records_it(tiny_dir, alpaca_40, tmp_path, 
     assert len(made) == 1 and made[0].offloaded_tensors > 0  # the last forward's saved activations went out
     assert runs[False].keys() == runs[True].keys()
     assert all(torch.equal(runs[False][k], runs[True][k]) for k in runs[False])
+
+
+def test_embeddings_on_host_train_the_same_and_refuse_what_they_cannot_hold():
+    def run(on_host: bool):
+        model = tiny_llama(dtype=torch.float32)
+        opt = SIFT(model, SIFTConfig(rate=0.1, lr=1e-3))  # freezes the table
+        if on_host:
+            offload.embeddings_on_host(model)
+        for i in range(2):
+            causal_lm_loss(model, batch(i)).backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    plain, moved = run(False), run(True)
+    assert moved.get_input_embeddings().weight.device.type == "cpu"
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), moved.parameters()))
+    tied = tiny_llama()
+    tied.lm_head.weight = tied.get_input_embeddings().weight  # what tie_word_embeddings does
+    tied.requires_grad_(False)
+    with pytest.raises(ValueError, match="tied to the output head"):
+        offload.embeddings_on_host(tied)
+    with pytest.raises(ValueError, match="trained here"):
+        offload.embeddings_on_host(tiny_llama())  # every parameter still trains
+
+
+def test_planner_moves_the_table_to_the_host_column():
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False)
+    plain = memory_plan.plan(cfg, Method("floor", "floor"), 1, 256, torch.bfloat16, True, steps=2)
+    moved = memory_plan.plan(cfg, Method("floor", "floor", embeddings_on_host=True), 1, 256, torch.bfloat16,
+                             True, steps=2)
+    table = 4096 * 256 * 2
+    assert plain["peak"] - moved["peak"] == table
+    assert moved["peak_breakdown"]["host"] == table
+
+
+def test_train_sft_refuses_host_embeddings_it_cannot_keep(tiny_dir, alpaca_40, tmp_path):
+    import train_sft
+    from conftest import train_args
+
+    with pytest.raises(SystemExit) as err:
+        train_sft.main(train_args(tiny_dir, alpaca_40, tmp_path / "a", "--embeddings_on_host",
+                                  "--finetuning_type", "full"))
+    assert "--embeddings_on_host: only for a frozen table" in str(err.value)

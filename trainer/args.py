@@ -60,6 +60,9 @@ class ModelArguments:
                               "(QSIFT with sift, QLoRA with lora)", default="none")
     double_quant: bool = _help("with --quantization: quantize the 4-bit scales too (--no_double_quant: off)",
                                default=True)
+    embeddings_on_host: bool = _help("keep the (frozen, untied) input embedding table in host memory: "
+                                     "each step looks its rows up there (0.30 GiB less GPU memory at 13B)",
+                                     default=False)
 
 
 @dataclass
@@ -342,6 +345,10 @@ def resolve(args: Arguments) -> tuple[Resolved, list[str]]:
         elif module and importlib.util.find_spec(module) is None:
             out.append(f"--report_to {backend}: the package is not installed (pip install {module})")
     resolved = Resolved(bf16=default_bf16() if args.model.bf16 is None else args.model.bf16)
+    if args.model.embeddings_on_host and (method.finetuning_type == "full" or train.deepspeed
+                                          or any("embed" in n for n in split_list(method.sift_dense))):
+        out.append("--embeddings_on_host: only for a frozen table without DeepSpeed (not with full fine-tuning, "
+                   "--sift_dense embed..., or --deepspeed)")
     if train.deepspeed and not os.path.isfile(train.deepspeed):
         out.append(f"--deepspeed {train.deepspeed}: no such config file")
     elif train.deepspeed:

@@ -52,6 +52,33 @@ class Offload(torch.autograd.graph.saved_tensors_hooks):
         return host.to(device, non_blocking=True, copy=True)
 
 
+def embeddings_on_host(model) -> None:
+    """--embeddings_on_host: the input embedding table (frozen) lives in host memory; each forward
+    looks its rows up there and moves the [batch, seq, hidden] result to the model's device (exact:
+    the same rows). Refused (ValueError) for a table that trains or that the output head shares."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        raise ValueError("the input embeddings are tied to the output head, which needs them on the device")
+    if emb.weight.requires_grad:
+        raise ValueError("the input embeddings are trained here; only a frozen table can live on the host")
+    device = emb.weight.device
+    if device.type == "meta":  # the planner: an uninitialised table in host memory (what it costs there)
+        emb.to_empty(device="cpu")
+    else:
+        emb.to("cpu")
+
+    def to_host(_module, args):
+        ids = args[0]
+        ids = torch.zeros(ids.shape, dtype=ids.dtype) if ids.device.type == "meta" else ids.to("cpu")
+        return (ids, *args[1:])
+
+    def to_device(_module, _args, out):  # the table is frozen: no gradient goes back to the host
+        return out.detach().to(device, non_blocking=True).requires_grad_(out.requires_grad)
+
+    emb.register_forward_pre_hook(to_host)
+    emb.register_forward_hook(to_device)
+
+
 def enable(model, min_bytes: int = MIN_BYTES, devices=("cuda", "meta")) -> Offload:
     """Offload what `model`'s training forward saves (trainer.loss.causal_lm_loss reads the switch)."""
     hooks = Offload(min_bytes, devices)
