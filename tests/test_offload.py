@@ -26,6 +26,14 @@ def train(offloaded: bool, steps: int = 3):
     return model, hooks
 
 
+def floor_plans(hidden: int, layers: int, vocab: int, seq: int, **option):
+    """The planned floor of a checkpointed bf16 LLaMA shape, without and with `option`."""
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=8, vocab_size=vocab, tie_word_embeddings=False)
+    return [memory_plan.plan(cfg, Method("floor", "floor", **kw), 1, seq, torch.bfloat16, True, steps=2)
+            for kw in ({}, option)]
+
+
 def test_offloaded_training_equals_the_plain_one_bit_for_bit():
     plain, _ = train(False)
     moved, hooks = train(True)
@@ -40,11 +48,7 @@ def test_offloaded_training_equals_the_plain_one_bit_for_bit():
 def test_planner_sees_the_checkpointed_inputs_leave_the_device():
     """4 layers x (1 x 2048 x 512) bf16 inputs = 2 MiB each: the floor's peak falls by the ones that
     are not in use at the peak, and they are counted as host memory instead."""
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=8, vocab_size=512, tie_word_embeddings=False)
-    plain = memory_plan.plan(cfg, Method("floor", "floor"), 1, 2048, torch.bfloat16, True, steps=2)
-    moved = memory_plan.plan(cfg, Method("floor", "floor", offload_activations=True), 1, 2048, torch.bfloat16,
-                             True, steps=2)
+    plain, moved = floor_plans(hidden=512, layers=4, vocab=512, seq=2048, offload_activations=True)
     layer_input = 2048 * 512 * 2
     assert moved["offloaded_bytes"] >= 4 * layer_input
     assert plain["peak"] - moved["peak"] >= 3 * layer_input - 2**16  # all but the one being recomputed
@@ -99,11 +103,7 @@ def test_embeddings_on_host_train_the_same_and_refuse_what_they_cannot_hold():
 
 
 def test_planner_moves_the_table_to_the_host_column():
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False)
-    plain = memory_plan.plan(cfg, Method("floor", "floor"), 1, 256, torch.bfloat16, True, steps=2)
-    moved = memory_plan.plan(cfg, Method("floor", "floor", embeddings_on_host=True), 1, 256, torch.bfloat16,
-                             True, steps=2)
+    plain, moved = floor_plans(hidden=256, layers=2, vocab=4096, seq=256, embeddings_on_host=True)
     table = 4096 * 256 * 2
     assert plain["peak"] - moved["peak"] == table
     assert moved["peak_breakdown"]["host"] == table
