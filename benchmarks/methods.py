@@ -183,10 +183,10 @@ class Trainee:
             elif self.method.kind == "original":
                 tracker.tag(self.opt.host_tensors(), "host")
             params = list(self.model.parameters()) + base_tensors(self.model)  # LoRA adapters; 4-bit bases
-            device = next(p.device for p in self.model.parameters() if p.device.type != "cpu") \
-                if any(p.device.type != "cpu" for p in self.model.parameters()) else None
-            tracker.tag([p for p in params if device is None or p.device == device], "params")
-            tracker.tag([p for p in params if device is not None and p.device != device], "host")  # host tables
+            device = next((p.device for p in params if p.device.type != "cpu"), None)  # None: all on the CPU
+            host = [device is not None and p.device != device for p in params]  # --embeddings_on_host
+            tracker.tag([p for p, h in zip(params, host) if not h], "params")
+            tracker.tag([p for p, h in zip(params, host) if h], "host")
         return loss.detach()
 
     # ------------------------------------------------------------------ naming for the tracker

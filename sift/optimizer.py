@@ -319,8 +319,10 @@ class SIFT(torch.optim.Optimizer):
             for key, n in s.nbytes().items():
                 parts[key] += n
         parts["optimizer_states"] += sum(q.nbytes for pair in self._qmaps.values() for q in pair)
-        parts["optimizer_states"] += sum(f.nbytes for f in self._bad.values()) + sum(b._pad.nbytes + b.unit.nbytes for b in self.banks)
-        parts["indices"] += sum(t.nbytes for b in self.banks for table in b.tables.values() for t in table)
+        parts["optimizer_states"] += sum(f.nbytes for f in self._bad.values())
+        for b in self.banks:
+            for key, n in b.shared_nbytes().items():
+                parts[key] += n
         entries = sum(s.k for s in self.slots if s.ready())
         report = {"entries": entries, "indices": parts["indices"], "master": parts["master"],
                   "optimizer_states": parts["optimizer_states"],

@@ -141,14 +141,25 @@ class Bank:
             resets = torch.cat([s.starts.new_full((1,), -INDEX_BLOCK * s.starts.numel()) for s in slots])
             self.tables[(lo, hi)] = (starts, ends, resets)
         starts, ends, resets = self.tables[(lo, hi)]
-        idx = torch.zeros(hi - lo + 1, dtype=torch.int64, device=self.device)  # [n]: a last slot's reset
-        idx.index_put_((starts,), self.unit, accumulate=True)
-        idx.index_put_((ends,), resets, accumulate=True)
-        return idx[:hi - lo].cumsum_(0).add_(self.offsets(self.aux[lo:hi]))
+        return self.decode(self.aux[lo:hi], starts, (ends, resets))
 
-    def offsets(self, aux: torch.Tensor) -> torch.Tensor:
-        """The 15-bit offsets of `aux` (only bf16 remainders use the 16th bit: the tie)."""
-        return aux & _OFFSET if self.kind == "rem" else aux
+    def decode(self, aux: torch.Tensor, starts: torch.Tensor, resets=None) -> torch.Tensor:
+        """Flat int64 indices from the offsets in `aux` and the positions in the list where index
+        blocks start (+2^15 each, summed up: a cumsum, several times cheaper than repeat_interleave on
+        CPU, no host sync); `resets`: (positions, values) that bring the sum back to 0 between slots.
+        Starts equal to len(aux) (trailing empty blocks) land in a dropped last entry."""
+        idx = torch.zeros(aux.numel() + 1, dtype=torch.int64, device=self.device)
+        idx.index_put_((starts,), self.unit, accumulate=True)
+        if resets is not None:
+            idx.index_put_((resets[0],), resets[1], accumulate=True)
+        offsets = aux & _OFFSET if self.kind == "rem" else aux  # only bf16 remainders set the tie bit
+        return idx[:-1].cumsum_(0).add_(offsets)
+
+    def shared_nbytes(self) -> dict[str, int]:
+        """Bytes of the bank's own tensors beyond its slots' shares: the runs' index tables, the
+        padding zeros and the block-step constant."""
+        return {"indices": sum(t.nbytes for table in self.tables.values() for t in table),
+                "optimizer_states": self._pad.nbytes + self.unit.nbytes}
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
              skip: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
@@ -269,11 +280,7 @@ class SparseState:
         """Sorted flat int64 indices, decoded on the device (a k-sized temporary), or None if dense."""
         if not self.sparse:
             return None
-        # block base per entry: +2^15 at each block start, summed up (a cumsum: several times
-        # cheaper than repeat_interleave on CPU, no host sync anywhere); empty blocks add up in place
-        idx = torch.zeros(self.k + 1, dtype=torch.int64, device=self.device)  # [k]: trailing empty blocks
-        idx.index_put_((self.starts,), self.bank.unit, accumulate=True)
-        return idx[:self.k].cumsum_(0).add_(self.bank.offsets(self._view(self.bank.aux)))
+        return self.bank.decode(self._view(self.bank.aux), self.starts)
 
     # ---------------------------------------------------------------- gather / scatter
     def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):

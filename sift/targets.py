@@ -41,11 +41,20 @@ def find_trainable(model: nn.Module, targets, dense) -> tuple[list[tuple[str, nn
     return sparse, dense_
 
 
+def _declared(model: nn.Module, attr: str) -> dict:
+    """{full parameter name: value} over the modules' `attr` ({parameter: value} or names)."""
+    out = {}
+    for mn, mod in model.named_modules():
+        items = getattr(mod, attr, {})
+        for pn, value in (items.items() if isinstance(items, dict) else ((p, True) for p in items)):
+            out[f"{mn}.{pn}" if mn else pn] = value
+    return out
+
+
 def increment_params(model: nn.Module) -> set[str]:
     """Names of the parameters that modules declare to be increments themselves (`sift_dense_params`:
     QSIFTLinear's delta): trained densely, their base is 0 by definition."""
-    return {f"{mn}.{pn}" if mn else pn for mn, mod in model.named_modules()
-            for pn in getattr(mod, "sift_dense_params", ())}
+    return set(_declared(model, "sift_dense_params"))
 
 
 def exact_grad_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
@@ -53,5 +62,4 @@ def exact_grad_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
     modules declare it (`sift_grad_dtypes`: QSIFTLinear's fp32 delta gets the bf16 weight gradient
     gathered at its indices). SIFT keeps such a deferred gradient in that dtype until a second
     micro-batch accumulates onto it."""
-    return {f"{mn}.{pn}" if mn else pn: dtype for mn, mod in model.named_modules()
-            for pn, dtype in getattr(mod, "sift_grad_dtypes", {}).items()}
+    return _declared(model, "sift_grad_dtypes")
