@@ -126,7 +126,7 @@ def main(argv=None):
     main_process = rank == 0
     model_path = resolve_model_path(args.model.model_name_or_path)
     base_id = args.model.model_name_or_path or EMBEDDED  # the increment records the id users load, not our cache path
-    targs.check_targets(model_path, args.method)  # on a meta-device model: before any weight is read
+    targs.check_targets(model_path, args.method, args.model.embeddings_on_host)  # meta: before any weight is read
 
     try:  # the data is settled with the tokenizer alone, before a multi-GB model load
         train_set, eval_set, data_report = build_datasets(args.data, load_tokenizer(model_path), args.train.seed,

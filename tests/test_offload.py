@@ -110,6 +110,9 @@ def test_planner_moves_the_table_to_the_host_column():
 
 
 def test_train_sft_refuses_host_embeddings_it_cannot_keep(tiny_dir, alpaca_40, tmp_path):
+    import json
+    import shutil
+
     import train_sft
     from conftest import train_args
 
@@ -117,3 +120,13 @@ def test_train_sft_refuses_host_embeddings_it_cannot_keep(tiny_dir, alpaca_40, t
         train_sft.main(train_args(tiny_dir, alpaca_40, tmp_path / "a", "--embeddings_on_host",
                                   "--finetuning_type", "full"))
     assert "--embeddings_on_host: only for a frozen table" in str(err.value)
+    tied = tmp_path / "tied"  # a tied table is refused from the config, before any weight is read
+    shutil.copytree(tiny_dir, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(SystemExit) as err:
+        train_sft.main(train_args(str(tied), alpaca_40, tmp_path / "b", "--embeddings_on_host"))
+    assert "ties its input embeddings to the output head" in str(err.value)
+    train_sft.main(train_args(tiny_dir, alpaca_40, tmp_path / "c", "--embeddings_on_host", "--max_steps", "1",
+                              "--generate_tokens", "0"))  # an untied, frozen table trains
+    assert (tmp_path / "c" / "sift_increment.safetensors").exists()

@@ -427,8 +427,9 @@ def _source_problems(args: Arguments) -> list[str]:
     return out
 
 
-def check_targets(model_path: str, method: MethodArguments) -> None:
-    """Unknown target modules fail here, on a weightless meta-device model built from the config."""
+def check_targets(model_path: str, method: MethodArguments, embeddings_on_host: bool = False) -> None:
+    """Unknown target modules (and a tied table for --embeddings_on_host) fail here, on a weightless
+    meta-device model built from the config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -436,6 +437,10 @@ def check_targets(model_path: str, method: MethodArguments) -> None:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    head = skeleton.get_output_embeddings()
+    if embeddings_on_host and head is not None and head.weight is skeleton.get_input_embeddings().weight:
+        raise UsageError("train_sft.py: --embeddings_on_host: this model ties its input embeddings to the "
+                         "output head, which needs them on the device (tie_word_embeddings)")
     dense = split_list(method.sift_dense) if method.finetuning_type == "sift" else ()
     if method.finetuning_type != "full":
         try:
