@@ -3,10 +3,11 @@
 Layout (bytes per trained entry; k = trained entries of a tensor, padded to kp, a multiple of 256):
 
     indices    2 B   int16 per entry: the entry's offset inside its 2^15-entry block of the flat
-                     weight (15 bits) + the master's tie bit (below); plus a per-tensor table of
-                     where each block starts (int64, 8 B per 32,768 weight entries: 0.005 B/entry at 5 %).
-                     Decoded on the device (a cumsum over the table's block starts + the offsets) when
-                     the hook gathers and when the step writes back; never synced to the host.
+                     weight (15 bits) + the master's tie bit (below); plus a per-tensor table of each
+                     block's first flat index and entry count (2 x int64, 16 B per 32,768 weight
+                     entries: 0.01 B/entry at 5 %). Decoded on the device when the hook gathers and
+                     when the step writes back: repeat_interleave(firsts, counts, output_size=k) + the
+                     offsets, 2 kernels (3 with the tie bit's mask), never synced to the host.
     master     2 B   bf16 weights: the fp32 master is the bf16 weight + an int16 remainder (below);
                0 B   fp32 weights are their own master; other dtypes (fp16) keep a 4 B fp32 master.
     moments    2 B   two 8-bit blockwise moments (adamw8bit; 8 B with adamw) + fp32 absmax per 256.
@@ -90,16 +91,15 @@ def decode_master(w: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torc
     """fp32 masters from bf16 weights `w`, int16 remainders and the tie bits of `aux` (see above):
     bits(m) = (bits(w) + tie) << 16 + rem, with tie = 1 where aux's top bit is set (aux >> 15 = -1)."""
     hi = w.view(torch.int16).int().sub_(aux >> 15)  # no int32 overflow for finite w
-    return hi.mul_(65536).add_(rem).view(torch.float32)
+    return torch.add(rem, hi, alpha=65536).view(torch.float32)
 
 
 def encode_master(m: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
     """Split fp32 masters `m` into the bf16 weights (returned) and remainder / tie bit, in place."""
     w = m.bfloat16()  # round to nearest even: what a plain fp32 master writes into the weight
-    d = m.view(torch.int32) - w.view(torch.int16).int().mul_(65536)  # in [-2^15, 2^15]
+    d = torch.sub(m.view(torch.int32), w.view(torch.int16).int(), alpha=65536)  # in [-2^15, 2^15]
     rem.copy_(d)  # int16: d mod 2^16 (the tie d = 2^15 wraps to -2^15, its flag says which)
-    tie = d.add_(32768).bitwise_right_shift_(1).bitwise_and_(0x8000)  # 0x8000 exactly where d == 2^15
-    aux.bitwise_and_(_OFFSET).bitwise_or_(tie)
+    aux.bitwise_and_(_OFFSET).add_(d == 32768, alpha=_TIE)  # the tie bit set exactly where d == 2^15
     return w
 
 
@@ -121,45 +121,36 @@ class Bank:
         self.aux = self.side[0] if rows else None
         self.rem = self.side[1] if self.kind == "rem" else None
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
-        self.tables = {}  # (lo, hi) -> the block-start tables of that run of sparse slots (chunk_indices)
+        self.tables = {}  # (lo, hi) -> the block table of that run of sparse slots (chunk_indices)
         self._pad = torch.zeros(BLOCK, dtype=torch.float32, device=dev)  # zeros between slots in a chunk
-        self.unit = torch.full((), INDEX_BLOCK, dtype=torch.int64, device=dev)  # a block start's step
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad, self.unit)
-                if t is not None] + [t for table in self.tables.values() for t in table]
+        return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad) if t is not None] + \
+            list(self.tables.values())
 
     def chunk_indices(self, slots: list[SparseState], lo: int, hi: int) -> torch.Tensor:
         """Every entry's flat index into its own weight, for the sparse slots filling [lo, hi) of this
-        bank, decoded in one pass (6 launches for the run, not 5 per tensor); padding entries get
-        meaningless values. The run's table is built once and kept: the int32 position of every block
-        start (+2^15 each; 4 B per 2^15 weight entries), and per slot, at its end, a reset that brings
-        the running sum back to 0 whatever its trailing empty blocks (starts equal to k)."""
+        bank, decoded in one pass (2-3 launches for the run, not per tensor); padding entries get
+        index 0. The run's table is its slots' block tables end to end, each followed by a (0,
+        padding) row, built once and kept (16 B per 2^15 weight entries)."""
         if (lo, hi) not in self.tables:
-            starts = torch.cat([s.starts + (s.start - lo) for s in slots]).int()
-            ends = torch.cat([s.starts.new_full((1,), s.start - lo + s.k) for s in slots]).int()
-            resets = torch.cat([s.starts.new_full((1,), -INDEX_BLOCK * s.starts.numel()) for s in slots])
-            self.tables[(lo, hi)] = (starts, ends, resets)
-        starts, ends, resets = self.tables[(lo, hi)]
-        return self.decode(self.aux[lo:hi], starts, (ends, resets))
+            rows = []
+            for s in slots:
+                rows += [s.table, torch.cat([s.table.new_zeros(1, 1), s.table.new_full((1, 1), s.kp - s.k)])]
+            self.tables[(lo, hi)] = torch.cat(rows, dim=1)
+        return self.decode(self.aux[lo:hi], self.tables[(lo, hi)])
 
-    def decode(self, aux: torch.Tensor, starts: torch.Tensor, resets=None) -> torch.Tensor:
-        """Flat int64 indices from the offsets in `aux` and the positions in the list where index
-        blocks start (+2^15 each, summed up: a cumsum, several times cheaper than repeat_interleave on
-        CPU, no host sync); `resets`: (positions, values) that bring the sum back to 0 between slots.
-        Starts equal to len(aux) (trailing empty blocks) land in a dropped last entry."""
-        idx = torch.zeros(aux.numel() + 1, dtype=torch.int64, device=self.device)
-        idx.index_put_((starts,), self.unit, accumulate=True)
-        if resets is not None:
-            idx.index_put_((resets[0],), resets[1], accumulate=True)
+    def decode(self, aux: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Flat int64 indices from the offsets in `aux` and a block table (row 0: each block's first
+        flat index, row 1: how many entries of `aux` fall in it): no host sync (output_size given)."""
+        firsts = torch.repeat_interleave(table[0], table[1], output_size=aux.numel())
         offsets = aux & _OFFSET if self.kind == "rem" else aux  # only bf16 remainders set the tie bit
-        return idx[:-1].cumsum_(0).add_(offsets)
+        return firsts.add_(offsets)
 
     def shared_nbytes(self) -> dict[str, int]:
-        """Bytes of the bank's own tensors beyond its slots' shares: the runs' index tables, the
-        padding zeros and the block-step constant."""
-        return {"indices": sum(t.nbytes for table in self.tables.values() for t in table),
-                "optimizer_states": self._pad.nbytes + self.unit.nbytes}
+        """Bytes of the bank's own tensors beyond its slots' shares: the runs' block tables and the
+        padding zeros."""
+        return {"indices": sum(t.nbytes for t in self.tables.values()), "optimizer_states": self._pad.nbytes}
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
              skip: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
@@ -245,7 +236,7 @@ class SparseState:
         self.bank: Bank | None = None
         self.step = 0
         self.stepped = False  # step_in_backward: already updated since the last opt.step()
-        self.starts = None    # int64 position in the sorted list where each index block (from the 2nd) begins
+        self.table = None     # int64 [2, blocks]: each index block's first flat index, its entry count
         self.grad = None      # the accumulated sparse gradient (weight dtype; fp32 once accumulated)
         self.base = None      # host copy of the trained entries' base values (weight dtype): the increment's deltas
         self._ready = not self.sparse
@@ -266,9 +257,9 @@ class SparseState:
         if idx is not None:
             idx = idx.to(self.device)
             self._view(self.bank.aux).copy_(idx & _OFFSET)
-            blocks = math.ceil(self.numel / INDEX_BLOCK)
-            edges = torch.arange(1, blocks, device=idx.device) * INDEX_BLOCK  # idx is sorted
-            self.starts = torch.searchsorted(idx, edges)  # where blocks 1, 2, ... begin in the list
+            firsts = torch.arange(0, self.numel, INDEX_BLOCK, device=idx.device)
+            ends = torch.searchsorted(idx, firsts + INDEX_BLOCK)  # idx is sorted: where each block ends in it
+            self.table = torch.stack([firsts, torch.diff(ends, prepend=ends.new_zeros(1))])
             self.bank.tables.clear()
             self._ready = True
         w = self.weights(self.indices())
@@ -280,7 +271,7 @@ class SparseState:
         """Sorted flat int64 indices, decoded on the device (a k-sized temporary), or None if dense."""
         if not self.sparse:
             return None
-        return self.bank.decode(self._view(self.bank.aux), self.starts)
+        return self.bank.decode(self._view(self.bank.aux), self.table)
 
     # ---------------------------------------------------------------- gather / scatter
     def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):
@@ -348,7 +339,7 @@ class SparseState:
     def nbytes(self) -> dict[str, int]:
         """Persistent device bytes of this tensor's share of the bank (padding included), by kind."""
         b, kp = self.bank, self.kp
-        out = {"indices": (2 * kp if b.sparse else 0) + (self.starts.nbytes if self.starts is not None else 0),
+        out = {"indices": (2 * kp if b.sparse else 0) + (self.table.nbytes if self.table is not None else 0),
                "master": (2 * kp if b.rem is not None else 0) + (4 * kp if b.master is not None else 0),
                "optimizer_states": b.moments.element_size() * 2 * kp + (8 * kp // BLOCK if b.absmax is not None else 0)}
         return out

@@ -254,19 +254,18 @@ def test_memory_report_counts_bytes_by_hand():
         targets = [n for n in params if n.rsplit(".", 2)[-2] in SIFTConfig().targets]
         k = {n: math.ceil(0.05 * params[n].numel()) for n in targets}
         kp = {n: math.ceil(k[n] / 256) * 256 for n in targets}
-        tables = sum(8 * (math.ceil(params[n].numel() / 2**15) - 1) for n in targets)  # starts of blocks 2, 3, ...
+        tables = sum(16 * math.ceil(params[n].numel() / 2**15) for n in targets)  # per block: first index, count
         padded = sum(kp.values())
         assert report["entries"] == sum(k.values())
         assert report["indices"] == 2 * padded + tables
         assert report["master"] == master * padded
         flags = len(targets)  # one skip flag per tensor (step_in_backward), a byte each
-        pad = 4 * 256 + 8  # one bank: its fp32 zeros between slots in a chunk, its int64 block step
+        pad = 4 * 256  # one bank: its fp32 zeros between slots in a chunk
         assert report["optimizer_states"] == 2 * padded + 2 * 4 * padded // 256 + flags + pad  # no qmaps before step()
         assert report["sparse_grads"] == params[targets[0]].element_size() * sum(k.values())
         opt.step()
-        # the step's tables of the bank's one run: an int32 position per block start, per slot an
-        # int32 end and an int64 reset
-        run_table = 4 * sum(math.ceil(params[n].numel() / 2**15) - 1 for n in targets) + 12 * len(targets)
+        # the step's table of the bank's one run: the slots' block tables, each + a (0, padding) row
+        run_table = tables + 16 * len(targets)
         assert opt.memory_report()["indices"] == 2 * padded + tables + run_table
         assert opt.memory_report()["optimizer_states"] == 2 * padded + 8 * padded // 256 + flags + 2 * 256 * 4 + pad
         assert opt.memory_report()["sparse_grads"] == 0
