@@ -153,32 +153,34 @@ class Bank:
         return {"indices": sum(t.nbytes for t in self.tables.values()), "optimizer_states": self._pad.nbytes}
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
-             skip: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
+             skip: list[torch.Tensor] | None = None, idx: list[torch.Tensor] | None = None) -> None:
         """One AdamW step of `states` (consecutive in this bank, same step count, already advanced)
-        on `grads`, in chunks of <= CHUNK entries: one bitsandbytes call per chunk. With `skip`
-        (a device bool), a True leaves the weights untouched (the caller restores the state);
-        `idx`: one state's decoded indices, when the caller has them already."""
+        on `grads`, in chunks of <= CHUNK entries: one bitsandbytes call per chunk. `skip`: per state
+        a device bool, True leaves its weights untouched (the caller restores its state); `idx`: per
+        state its decoded indices, when the caller has them already."""
+        items = list(zip(states, grads, skip or [None] * len(states), idx or [None] * len(states)))
         chunk, size = [], 0
-        for s, g in zip(states, grads):
+        for item in items:
+            s = item[0]
             if chunk and (size + s.kp > CHUNK or s.start != chunk[-1][0].start + chunk[-1][0].kp):
-                self._step_chunk(chunk, hp, qmaps, scale, skip)
+                self._step_chunk(chunk, hp, qmaps, scale)
                 chunk, size = [], 0
-            chunk.append((s, g))
+            chunk.append(item)
             size += s.kp
         if chunk:
-            self._step_chunk(chunk, hp, qmaps, scale, skip, idx)
+            self._step_chunk(chunk, hp, qmaps, scale)
 
-    def _step_chunk(self, chunk, hp, qmaps, scale, skip, given=None):
-        lo = chunk[0][0].start
-        hi = chunk[-1][0].start + chunk[-1][0].kp
+    def _step_chunk(self, chunk, hp, qmaps, scale):
+        slots, grads, skips, given = (list(t) for t in zip(*chunk))
+        lo, hi = slots[0].start, slots[-1].start + slots[-1].kp
         n, dev = hi - lo, self.device
         parts = []  # the gradients and zeros for each slot's padding, concatenated into fp32 in one call
-        for s, grad in chunk:
+        for s, grad in zip(slots, grads):
             parts += [grad, self._pad[:s.kp - s.k]]
         g = torch.cat(parts, out=torch.empty(n, dtype=torch.float32, device=dev))
-        slots = [s for s, _ in chunk]
-        if given is not None:
-            idx = [given]
+        skip = skips[0] is not None
+        if given[0] is not None:
+            idx = given
         elif all(s.sparse for s in slots):  # one decode for the run
             flat = self.chunk_indices(slots, lo, hi)
             idx = [flat[s.start - lo:s.start - lo + s.k] for s in slots]
@@ -186,15 +188,15 @@ class Bank:
             idx = [s.indices() for s in slots]
         if self.kind == "fp32":
             p = self.master[lo:hi]  # the kernel updates the master in place
-            old = [s.weights(i) for s, i in zip(slots, idx)] if skip is not None else None
+            old = [s.weights(i) for s, i in zip(slots, idx)] if skip else None
         else:
             w = torch.zeros(n, dtype=self.dtype, device=dev)  # padding stays 0 (no effect on the moments)
             for s, i in zip(slots, idx):
                 s.weights(i, out=w[s.start - lo:s.start - lo + s.k])
-            old = w.clone() if skip is not None and self.kind == "own" else w
+            old = w.clone() if skip and self.kind == "own" else w
             p = w if self.kind == "own" else decode_master(w, self.rem[lo:hi], self.aux[lo:hi])
         beta1, beta2 = hp["betas"]
-        step = chunk[0][0].step
+        step = slots[0].step
         if self.eightbit:
             bnbf.optimizer_update_8bit_blockwise(
                 "adam", g=g, p=p, state1=self.moments[0, lo:hi], state2=self.moments[1, lo:hi],
@@ -210,9 +212,9 @@ class Bank:
         new = encode_master(p, self.rem[lo:hi], self.aux[lo:hi]) if self.kind == "rem" else p
         for j, s in enumerate(slots):
             part = new[s.start - lo:s.start - lo + s.k]
-            if skip is not None:
+            if skip:
                 prev = old[j] if self.kind == "fp32" else old[s.start - lo:s.start - lo + s.k]
-                part = torch.where(skip, prev, part.to(self.dtype))
+                part = torch.where(skips[j], prev, part.to(self.dtype))
             s.write_weights(part, idx[j])
 
 

@@ -65,8 +65,10 @@ def test_bf16_master_equals_an_fp32_master_over_40_steps(optimizer):
 @pytest.mark.parametrize("host_branch", [("cpu",), ()], ids=["host-branch", "device-where"])
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw"])
 def test_in_backward_nan_batch_then_normal_steps_equals_the_run_without_it(optimizer, host_branch, monkeypatch):
-    """Both guards: the CPU's host branch, and the GPU's sync-free where-restore (forced here)."""
+    """Both guards: the CPU's host branch, and the GPU's sync-free where-restore (forced here);
+    groups of a few tensors stepping inside backward."""
     monkeypatch.setattr(SIFT, "HOST_BRANCH", host_branch)
+    monkeypatch.setattr(SIFT, "IN_BACKWARD_GROUP", 4096)
 
     def train(schedule):
         model = tiny_llama(dtype=torch.bfloat16)

@@ -134,8 +134,10 @@ def test_bf16_updates_below_one_ulp_accumulate_in_the_fp32_master():
     assert naive_big_moved == 0, f"a naive bf16 update kept {naive_big_moved}/{big} sub-ulp updates"
 
 
+@pytest.mark.parametrize("group", [1, 4096, SIFT.IN_BACKWARD_GROUP])  # each tensor alone, a few, all at once
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-def test_step_in_backward_equals_deferred(optimizer):
+def test_step_in_backward_equals_deferred(optimizer, group, monkeypatch):
+    monkeypatch.setattr(SIFT, "IN_BACKWARD_GROUP", group)
     weights = []
     for in_backward in (False, True):
         model = tiny_llama()
@@ -197,7 +199,11 @@ def test_non_finite_step_is_skipped_as_a_whole():
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
-def test_step_in_backward_leaves_non_finite_tensors_untouched():
+@pytest.mark.parametrize("host_branch", [("cpu",), ()])  # () forces the GPU's sync-free where-restore
+@pytest.mark.parametrize("group", [1, 4096, SIFT.IN_BACKWARD_GROUP])
+def test_step_in_backward_leaves_non_finite_tensors_untouched(group, host_branch, monkeypatch):
+    monkeypatch.setattr(SIFT, "IN_BACKWARD_GROUP", group)
+    monkeypatch.setattr(SIFT, "HOST_BRANCH", host_branch)
     model = tiny_llama()
     opt = SIFT(model, SIFTConfig(rate=0.1, lr=1e-2, max_grad_norm=None, step_in_backward=True))
     run(model, opt, steps=1)
