@@ -147,38 +147,61 @@ class Bank:
         offsets = aux & _OFFSET if self.kind == "rem" else aux  # only bf16 remainders set the tie bit
         return firsts.add_(offsets)
 
+    # ------------------------------------------------------------ the sync-free in-backward guard
+    def skip_mask(self, slots: list[SparseState], flags: torch.Tensor) -> torch.Tensor:
+        """Per entry of the run [lo, hi) that `slots` fill, its slot's skip flag (bool, on the device)."""
+        lo, hi = slots[0].start, slots[-1].start + slots[-1].kp
+        if ("kp", lo, hi) not in self.tables:
+            self.tables[("kp", lo, hi)] = torch.cat([flags.new_full((1,), s.kp, dtype=torch.int64) for s in slots])
+        return torch.repeat_interleave(flags, self.tables[("kp", lo, hi)], output_size=hi - lo)
+
+    def backup(self, lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(view, copy) of every state slice a step of [lo, hi) changes: moments, remainder / offsets
+        and tie bits (or the fp32 master), absmax; one clone each, whatever the number of slots."""
+        views = [self.moments[:, lo:hi]] + ([self.side[:, lo:hi]] if self.side is not None else [])
+        views += [self.master[lo:hi]] if self.master is not None else []
+        views += [self.absmax[:, lo // BLOCK:hi // BLOCK]] if self.absmax is not None else []
+        return [(v, v.clone()) for v in views]
+
+    @staticmethod
+    def restore(saved: list[tuple[torch.Tensor, torch.Tensor]], skip: torch.Tensor) -> None:
+        """Put the saved values back where `skip` (per entry; absmax: its 256-entry blocks) is True."""
+        for view, copy in saved:
+            mask = skip if view.shape[-1] == skip.numel() else skip[::BLOCK]  # slots are 256-aligned
+            torch.where(mask, copy, view, out=view)  # in place: no second temporary
+
     def shared_nbytes(self) -> dict[str, int]:
         """Bytes of the bank's own tensors beyond its slots' shares: the runs' block tables and the
         padding zeros."""
         return {"indices": sum(t.nbytes for t in self.tables.values()), "optimizer_states": self._pad.nbytes}
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
-             skip: list[torch.Tensor] | None = None, idx: list[torch.Tensor] | None = None) -> None:
+             skip: torch.Tensor | None = None, idx: list[torch.Tensor] | None = None) -> None:
         """One AdamW step of `states` (consecutive in this bank, same step count, already advanced)
-        on `grads`, in chunks of <= CHUNK entries: one bitsandbytes call per chunk. `skip`: per state
-        a device bool, True leaves its weights untouched (the caller restores its state); `idx`: per
-        state its decoded indices, when the caller has them already."""
-        items = list(zip(states, grads, skip or [None] * len(states), idx or [None] * len(states)))
+        on `grads`, in chunks of <= CHUNK entries: one bitsandbytes call per chunk. `skip`: a device
+        bool per entry of the run (skip_mask), True leaves those weights untouched (the caller
+        restores the state); `idx`: per state its decoded indices, when the caller has them already."""
+        items = list(zip(states, grads, idx or [None] * len(states)))
         chunk, size = [], 0
-        for item in items:
-            s = item[0]
-            if chunk and (size + s.kp > CHUNK or s.start != chunk[-1][0].start + chunk[-1][0].kp):
-                self._step_chunk(chunk, hp, qmaps, scale)
+        for item in items + [None]:
+            s = item[0] if item else None
+            if chunk and (s is None or size + s.kp > CHUNK or s.start != chunk[-1][0].start + chunk[-1][0].kp):
+                lo = chunk[0][0].start - states[0].start
+                part = None if skip is None else skip[lo:lo + size]
+                self._step_chunk(chunk, hp, qmaps, scale, part)
                 chunk, size = [], 0
-            chunk.append(item)
-            size += s.kp
-        if chunk:
-            self._step_chunk(chunk, hp, qmaps, scale)
+            if item:
+                chunk.append(item)
+                size += s.kp
 
-    def _step_chunk(self, chunk, hp, qmaps, scale):
-        slots, grads, skips, given = (list(t) for t in zip(*chunk))
+    def _step_chunk(self, chunk, hp, qmaps, scale, skip):
+        slots, grads, given = (list(t) for t in zip(*chunk))
         lo, hi = slots[0].start, slots[-1].start + slots[-1].kp
         n, dev = hi - lo, self.device
         parts = []  # the gradients and zeros for each slot's padding, concatenated into fp32 in one call
         for s, grad in zip(slots, grads):
             parts += [grad, self._pad[:s.kp - s.k]]
         g = torch.cat(parts, out=torch.empty(n, dtype=torch.float32, device=dev))
-        skip = skips[0] is not None
         if given[0] is not None:
             idx = given
         elif all(s.sparse for s in slots):  # one decode for the run
@@ -186,15 +209,16 @@ class Bank:
             idx = [flat[s.start - lo:s.start - lo + s.k] for s in slots]
         else:
             idx = [s.indices() for s in slots]
-        if self.kind == "fp32":
-            p = self.master[lo:hi]  # the kernel updates the master in place
-            old = [s.weights(i) for s, i in zip(slots, idx)] if skip else None
-        else:
+        w = None
+        if self.kind != "fp32" or skip is not None:
             w = torch.zeros(n, dtype=self.dtype, device=dev)  # padding stays 0 (no effect on the moments)
             for s, i in zip(slots, idx):
                 s.weights(i, out=w[s.start - lo:s.start - lo + s.k])
-            old = w.clone() if skip and self.kind == "own" else w
+        if self.kind == "fp32":
+            p = self.master[lo:hi]  # the kernel updates the master in place
+        else:
             p = w if self.kind == "own" else decode_master(w, self.rem[lo:hi], self.aux[lo:hi])
+        old = w.clone() if skip is not None and self.kind == "own" else w  # "own": the kernel updates w
         beta1, beta2 = hp["betas"]
         step = slots[0].step
         if self.eightbit:
@@ -210,12 +234,10 @@ class Bank:
                 lr=hp["lr"], state2=self.moments[1, lo:hi], beta2=beta2, weight_decay=hp["weight_decay"],
                 gnorm_scale=scale)
         new = encode_master(p, self.rem[lo:hi], self.aux[lo:hi]) if self.kind == "rem" else p
-        for j, s in enumerate(slots):
-            part = new[s.start - lo:s.start - lo + s.k]
-            if skip:
-                prev = old[j] if self.kind == "fp32" else old[s.start - lo:s.start - lo + s.k]
-                part = torch.where(skips[j], prev, part.to(self.dtype))
-            s.write_weights(part, idx[j])
+        if skip is not None:  # one where for the chunk: skipped slots write their old weights back
+            new = torch.where(skip, old, new.to(self.dtype))
+        for s, i in zip(slots, idx):
+            s.write_weights(new[s.start - lo:s.start - lo + s.k], i)
 
 
 class SparseState:
@@ -324,18 +346,6 @@ class SparseState:
                 self._view(self.bank.master).copy_(values)
             w = values
         self.write_weights(w, idx)
-
-    # ---------------------------------------------------------------- in-backward guard
-    def backup(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(view, copy) of every state slice a step changes: moments, absmax, remainder / tie bits
-        (or the fp32 master). One clone each: 3 launches, k-sized (far below the dense grad)."""
-        b = self.bank
-        views = [b.moments[:, self.start:self.start + self.kp]] + ([self._view(b.side)] if b.side is not None else [])
-        if b.absmax is not None:
-            views.append(b.absmax[:, self.start // BLOCK:(self.start + self.kp) // BLOCK])
-        if b.master is not None:
-            views.append(self._view(b.master))
-        return [(v, v.clone()) for v in views]
 
     # ---------------------------------------------------------------- public state
     def nbytes(self) -> dict[str, int]:
