@@ -283,7 +283,7 @@ class SIFT(torch.optim.Optimizer):
         skip flags): what a memory count should call optimizer state."""
         return ([q for pair in self._qmaps.values() for q in pair] + list(self._bad.values())
                 + [t for b in self.banks for t in b.tensors()]
-                + [s.table for s in self.slots if s.table is not None])
+                + [s.counts for s in self.slots if s.counts is not None])
 
     def host_tensors(self) -> list[torch.Tensor]:
         """State kept in host memory (the base values of the trained entries)."""

@@ -3,11 +3,11 @@
 Layout (bytes per trained entry; k = trained entries of a tensor, padded to kp, a multiple of 256):
 
     indices    2 B   int16 per entry: the entry's offset inside its 2^15-entry block of the flat
-                     weight (15 bits) + the master's tie bit (below); plus a per-tensor table of each
-                     block's first flat index and entry count (2 x int64, 16 B per 32,768 weight
-                     entries: 0.01 B/entry at 5 %). Decoded on the device when the hook gathers and
-                     when the step writes back: repeat_interleave(firsts, counts, output_size=k) + the
-                     offsets, 2 kernels (3 with the tie bit's mask), never synced to the host.
+                     weight (15 bits) + the master's tie bit (below); plus per tensor the entry count
+                     of each block (int32, 4 B per 32,768 weight entries: 0.002 B/entry at 5 %) and
+                     the bank's one arange of block starts. Decoded on the device when the hook
+                     gathers and when the step writes back: repeat_interleave(starts, counts,
+                     output_size=k) + the offsets, 2 kernels (3 with the tie bit's mask), no host sync.
     master     2 B   bf16 weights: the fp32 master is the bf16 weight + an int16 remainder (below);
                0 B   fp32 weights are their own master; other dtypes (fp16) keep a 4 B fp32 master.
     moments    2 B   two 8-bit blockwise moments (adamw8bit; 8 B with adamw) + fp32 absmax per 256.
@@ -34,6 +34,10 @@ quantisation blocks, so the result equals per-tensor calls bit for bit). Transie
 step: per chunk, an fp32 master scratch (4 B) and fp32 gradient (4 B), bf16 weights gathered
 (2 B) and int32 encode temporaries (<= 12 B) per entry, plus one tensor's int64 decoded indices
 (8 B x its k): <= 22 B x max(CHUNK, largest k) + 8 B x largest k, i.e. ~110 MiB at LLaMA-7B.
+With step_in_backward, a run's pending fp32 gradients and decoded indices wait for it (12 B per
+entry, up to the larger of SIFT.IN_BACKWARD_GROUP and one tensor's k), and on a GPU its state
+slices are cloned once for the sync-free restore (~7 B per entry); the plans at LLaMA-7B and 13B
+do not move (this scratch lives between the peaks of the layers' recomputation).
 """
 from __future__ import annotations
 
@@ -122,28 +126,30 @@ class Bank:
         self.rem = self.side[1] if self.kind == "rem" else None
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
         self.tables = {}  # (lo, hi) -> the block table of that run of sparse slots (chunk_indices)
+        self.firsts = torch.zeros(0, dtype=torch.int64, device=dev)  # block b's first flat index, b * 2^15
         self._pad = torch.zeros(BLOCK, dtype=torch.float32, device=dev)  # zeros between slots in a chunk
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad) if t is not None] + \
-            list(self.tables.values())
+        return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad, self.firsts)
+                if t is not None] + [t for table in self.tables.values() for t in table]
 
     def chunk_indices(self, slots: list[SparseState], lo: int, hi: int) -> torch.Tensor:
         """Every entry's flat index into its own weight, for the sparse slots filling [lo, hi) of this
         bank, decoded in one pass (2-3 launches for the run, not per tensor); padding entries get
-        index 0. The run's table is its slots' block tables end to end, each followed by a (0,
-        padding) row, built once and kept (16 B per 2^15 weight entries)."""
+        index 0. The run's table is its slots' block starts and counts end to end, each slot followed
+        by a (0, padding) block, built once and kept (12 B per 2^15 weight entries)."""
         if (lo, hi) not in self.tables:
-            rows = []
+            firsts, counts = [], []
             for s in slots:
-                rows += [s.table, torch.cat([s.table.new_zeros(1, 1), s.table.new_full((1, 1), s.kp - s.k)])]
-            self.tables[(lo, hi)] = torch.cat(rows, dim=1)
-        return self.decode(self.aux[lo:hi], self.tables[(lo, hi)])
+                firsts += [self.firsts[:s.counts.numel()], self.firsts[:1]]
+                counts += [s.counts, s.counts.new_full((1,), s.kp - s.k)]
+            self.tables[(lo, hi)] = (torch.cat(firsts), torch.cat(counts))
+        return self.decode(self.aux[lo:hi], *self.tables[(lo, hi)])
 
-    def decode(self, aux: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Flat int64 indices from the offsets in `aux` and a block table (row 0: each block's first
-        flat index, row 1: how many entries of `aux` fall in it): no host sync (output_size given)."""
-        firsts = torch.repeat_interleave(table[0], table[1], output_size=aux.numel())
+    def decode(self, aux: torch.Tensor, firsts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Flat int64 indices from the offsets in `aux`, the blocks' first flat indices and how many
+        entries of `aux` fall in each block: no host sync (output_size given)."""
+        firsts = torch.repeat_interleave(firsts, counts, output_size=aux.numel())
         offsets = aux & _OFFSET if self.kind == "rem" else aux  # only bf16 remainders set the tie bit
         return firsts.add_(offsets)
 
@@ -152,8 +158,8 @@ class Bank:
         """Per entry of the run [lo, hi) that `slots` fill, its slot's skip flag (bool, on the device)."""
         lo, hi = slots[0].start, slots[-1].start + slots[-1].kp
         if ("kp", lo, hi) not in self.tables:
-            self.tables[("kp", lo, hi)] = torch.cat([flags.new_full((1,), s.kp, dtype=torch.int64) for s in slots])
-        return torch.repeat_interleave(flags, self.tables[("kp", lo, hi)], output_size=hi - lo)
+            self.tables[("kp", lo, hi)] = (torch.cat([flags.new_full((1,), s.kp, dtype=torch.int32) for s in slots]),)
+        return torch.repeat_interleave(flags, self.tables[("kp", lo, hi)][0], output_size=hi - lo)
 
     def backup(self, lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(view, copy) of every state slice a step of [lo, hi) changes: moments, remainder / offsets
@@ -171,9 +177,10 @@ class Bank:
             torch.where(mask, copy, view, out=view)  # in place: no second temporary
 
     def shared_nbytes(self) -> dict[str, int]:
-        """Bytes of the bank's own tensors beyond its slots' shares: the runs' block tables and the
-        padding zeros."""
-        return {"indices": sum(t.nbytes for t in self.tables.values()), "optimizer_states": self._pad.nbytes}
+        """Bytes of the bank's own tensors beyond its slots' shares: the block starts, the runs'
+        tables and the padding zeros."""
+        return {"indices": self.firsts.nbytes + sum(t.nbytes for table in self.tables.values() for t in table),
+                "optimizer_states": self._pad.nbytes}
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
              skip: torch.Tensor | None = None, idx: list[torch.Tensor] | None = None) -> None:
@@ -260,7 +267,7 @@ class SparseState:
         self.bank: Bank | None = None
         self.step = 0
         self.stepped = False  # step_in_backward: already updated since the last opt.step()
-        self.table = None     # int64 [2, blocks]: each index block's first flat index, its entry count
+        self.counts = None    # int32 [blocks]: how many trained entries each index block holds
         self.grad = None      # the accumulated sparse gradient (weight dtype; fp32 once accumulated)
         self.base = None      # host copy of the trained entries' base values (weight dtype): the increment's deltas
         self._ready = not self.sparse
@@ -281,9 +288,12 @@ class SparseState:
         if idx is not None:
             idx = idx.to(self.device)
             self._view(self.bank.aux).copy_(idx & _OFFSET)
+            b = self.bank
             firsts = torch.arange(0, self.numel, INDEX_BLOCK, device=idx.device)
+            if b.firsts.numel() < firsts.numel():
+                b.firsts = firsts
             ends = torch.searchsorted(idx, firsts + INDEX_BLOCK)  # idx is sorted: where each block ends in it
-            self.table = torch.stack([firsts, torch.diff(ends, prepend=ends.new_zeros(1))])
+            self.counts = torch.diff(ends, prepend=ends.new_zeros(1)).int()
             self.bank.tables.clear()
             self._ready = True
         w = self.weights(self.indices())
@@ -295,7 +305,7 @@ class SparseState:
         """Sorted flat int64 indices, decoded on the device (a k-sized temporary), or None if dense."""
         if not self.sparse:
             return None
-        return self.bank.decode(self._view(self.bank.aux), self.table)
+        return self.bank.decode(self._view(self.bank.aux), self.bank.firsts[:self.counts.numel()], self.counts)
 
     # ---------------------------------------------------------------- gather / scatter
     def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):
@@ -351,7 +361,7 @@ class SparseState:
     def nbytes(self) -> dict[str, int]:
         """Persistent device bytes of this tensor's share of the bank (padding included), by kind."""
         b, kp = self.bank, self.kp
-        out = {"indices": (2 * kp if b.sparse else 0) + (self.table.nbytes if self.table is not None else 0),
+        out = {"indices": (2 * kp if b.sparse else 0) + (self.counts.nbytes if self.counts is not None else 0),
                "master": (2 * kp if b.rem is not None else 0) + (4 * kp if b.master is not None else 0),
                "optimizer_states": b.moments.element_size() * 2 * kp + (8 * kp // BLOCK if b.absmax is not None else 0)}
         return out

@@ -244,5 +244,5 @@ def test_compact_indices_decode_exactly_with_empty_and_full_blocks():
         s.bank = Bank("cpu", torch.float32, True, False, s.kp)
         s.select(idx)
         assert torch.equal(s.indices(), idx)
-        assert s.bank.aux.dtype == torch.int16 and s.table.shape == (2, 6)  # 6 blocks: first index, count
+        assert s.bank.aux.dtype == torch.int16 and s.counts.shape == (6,)  # 6 blocks: an entry count each
         assert torch.equal(s.bank.chunk_indices([s], 0, s.kp)[:s.k], idx)  # the step's one-pass decode

@@ -260,7 +260,8 @@ def test_memory_report_counts_bytes_by_hand():
         targets = [n for n in params if n.rsplit(".", 2)[-2] in SIFTConfig().targets]
         k = {n: math.ceil(0.05 * params[n].numel()) for n in targets}
         kp = {n: math.ceil(k[n] / 256) * 256 for n in targets}
-        tables = sum(16 * math.ceil(params[n].numel() / 2**15) for n in targets)  # per block: first index, count
+        blocks = {n: math.ceil(params[n].numel() / 2**15) for n in targets}
+        tables = sum(4 * b for b in blocks.values()) + 8 * max(blocks.values())  # int32 counts, the bank's starts
         padded = sum(kp.values())
         assert report["entries"] == sum(k.values())
         assert report["indices"] == 2 * padded + tables
@@ -270,8 +271,9 @@ def test_memory_report_counts_bytes_by_hand():
         assert report["optimizer_states"] == 2 * padded + 2 * 4 * padded // 256 + flags + pad  # no qmaps before step()
         assert report["sparse_grads"] == params[targets[0]].element_size() * sum(k.values())
         opt.step()
-        # the step's table of the bank's one run: the slots' block tables, each + a (0, padding) row
-        run_table = tables + 16 * len(targets)
+        # the step's table of the bank's one run: per slot its blocks' starts (int64) and counts
+        # (int32), + one (0, padding) block
+        run_table = 12 * (sum(blocks.values()) + len(targets))
         assert opt.memory_report()["indices"] == 2 * padded + tables + run_table
         assert opt.memory_report()["optimizer_states"] == 2 * padded + 8 * padded // 256 + flags + 2 * 256 * 4 + pad
         assert opt.memory_report()["sparse_grads"] == 0
