@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
     ap.add_argument("--max_steps", type=int, default=None, help="shorten the runs (default: the demo's 20 steps)")
     ap.add_argument("--model_max_length", type=int, default=None,
-                    help="both runs at this length (default: the demo's 256); with --pipeline see --lengths")
+                    help="both runs at this length (default: the demo's, 512); with --pipeline see --lengths")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--packed_first", action="store_true",
                     help="run the packed one first (a second run in the other order shows how much the "

@@ -33,7 +33,7 @@ DESCRIPTION = ("Instruction-tune a LLaMA-family model with SIFT (sparse incremen
                "file of option: value (flags after it override it). Bad options are all reported at once, "
                "before any weight is read (exit status 2).")
 USAGE = "%(prog)s [options.yaml] [--option value ...]"
-DEMO_STEPS = 20  # the no-argument run: under five minutes on two idle CPU cores (README)
+DEMO_STEPS = 20  # the no-argument run: about ten minutes on two idle CPU cores (README)
 # SIFTConfig field -> the flag that sets it
 SIFT_FLAGS = {"rate": "sift_rate", "targets": "sift_targets", "dense": "sift_dense", "selection": "sift_selection",
               "optimizer": "optim", "lr": "learning_rate", "weight_decay": "weight_decay",
@@ -90,8 +90,9 @@ class DataArguments:
     eval_data_path: str | None = _help("a separate held-out file (same formats); unset = --eval_samples "
                                        "samples split off --data_path", default=None)
     template: str = _help("auto | chat (tokenizer chat template) | alpaca (Stanford Alpaca prompt)", default="auto")
-    model_max_length: int = _help("tokens per sample (and per packed row); longer conversations keep whole rounds",
-                                  default=256)
+    model_max_length: int = _help("tokens per sample (and per packed row); longer conversations keep whole rounds "
+                                  "(512: Stanford Alpaca's cut, which leaves 23 of the bundled 985 samples short)",
+                                  default=512)
     packing: bool = _help("concatenate samples into rows of --model_max_length tokens (position ids restart per "
                           "sample, attention never crosses samples): less padding, more label tokens per step",
                           default=False)
