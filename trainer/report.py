@@ -105,7 +105,7 @@ def loss_figure(rows: list[dict], title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import MaxNLocator
 
     train = [r for r in rows if "loss" in r]
     held = [r for r in rows if "eval_loss" in r]
@@ -122,7 +122,7 @@ def loss_figure(rows: list[dict], title: str):
         lines += lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", alpha=0.5,
                             label="learning rate")
         lr_ax.set_ylabel("learning rate")
-        lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))  # not 0.000200
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # 2.0 and "1e-4" above, not 0.000200
     # under the axes: inside, it would hide a curve whichever corner it took
     ax.legend(lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2),
               ncol=len(lines), fontsize="small", frameon=False)
