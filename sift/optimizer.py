@@ -93,8 +93,6 @@ class SIFT(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- backward
     def _make_hook(self, slot: SparseState):
-        group = self.param_groups[0]
-
         @torch.no_grad()
         def hook(p: nn.Parameter):
             grad, p.grad = p.grad, None  # the dense gradient dies with this hook
@@ -117,7 +115,7 @@ class SIFT(torch.optim.Optimizer):
                         "this mode cannot accumulate gradients: call opt.step() after every backward "
                         "(gradient_accumulation_steps=1) or use step_in_backward=False")
                 slot.stepped = True
-                self._step_in_hook(slot, g, idx, group)
+                self._step_in_hook(slot, g, idx)
             elif slot.grad is None:  # a fresh gather, or (dense) the gradient itself, no longer p.grad;
                 slot.grad = g.to(slot.grad_dtype)  # QSIFT's delta: fp32 -> the bf16 it came from, exact
             else:  # a second micro-batch: accumulate in fp32 (bf16 sums would lose the small terms)
@@ -127,7 +125,7 @@ class SIFT(torch.optim.Optimizer):
 
         return hook
 
-    def _step_in_hook(self, slot: SparseState, g: torch.Tensor, idx, group: dict):
+    def _step_in_hook(self, slot: SparseState, g: torch.Tensor, idx):
         """Update now, or with the tensors whose gradients came just before: the sparse gradients of
         consecutive hooks wait (with their decoded indices, 12 B per entry) until IN_BACKWARD_GROUP
         entries are pending, then step as one run, as the deferred step would: one bitsandbytes call,
@@ -145,31 +143,24 @@ class SIFT(torch.optim.Optimizer):
         if slot.device.type in self.HOST_BRANCH and bad.item():
             return
         if self._pending and self._pending_entries + slot.kp > self.IN_BACKWARD_GROUP:
-            self._flush_in_backward(group)
+            self._flush_in_backward()
         self._pending.append((slot, g, idx, bad))
         self._pending_entries += slot.kp
 
-    def _flush_in_backward(self, group: dict | None = None):
-        """Step the pending tensors of step_in_backward, in runs of consecutive slots of one bank."""
-        pending = sorted(self._pending, key=lambda t: (id(t[0].bank), t[0].start))
+    def _flush_in_backward(self):
+        """Step the pending tensors of step_in_backward, a run of consecutive slots at a time."""
+        pending = {id(item[0]): item for item in self._pending}
         self._pending, self._pending_entries = [], 0
-        group = group or self.param_groups[0]
-        run = []
-        for item in pending + [None]:
-            if run and (item is None or item[0].bank is not run[-1][0].bank or item[0].step != run[-1][0].step
-                        or item[0].start != run[-1][0].start + run[-1][0].kp):
-                slots, grads, idx, bad = (list(t) for t in zip(*run))
-                bank, qmaps = slots[0].bank, self._qmap_pair(slots[0].device)
-                if bank.device.type in self.HOST_BRANCH:  # skipped tensors never got here
-                    bank.step(slots, grads, group, qmaps, idx=idx)
-                else:  # sync-free: step all, then put skipped slots back (one clone + one where per buffer)
-                    skip = bank.skip_mask(slots, torch.stack(bad))
-                    saved = bank.backup(slots[0].start, slots[-1].start + slots[-1].kp)
-                    bank.step(slots, grads, group, qmaps, skip=skip, idx=idx)
-                    bank.restore(saved, skip)
-                run = []
-            if item is not None:
-                run.append(item)
+        for run in _runs([item[0] for item in pending.values()]):
+            _, grads, idx, bad = (list(t) for t in zip(*(pending[id(s)] for s in run)))
+            bank, qmaps, group = run[0].bank, self._qmap_pair(run[0].device), self.param_groups[0]
+            if bank.device.type in self.HOST_BRANCH:  # skipped tensors never got here
+                bank.step(run, grads, group, qmaps, idx=idx)
+            else:  # sync-free: step all, then put skipped slots back (one clone + one where per buffer)
+                skip = bank.skip_mask(run, torch.stack(bad))
+                saved = bank.backup(run[0].start, run[-1].start + run[-1].kp)
+                bank.step(run, grads, group, qmaps, skip=skip, idx=idx)
+                bank.restore(saved, skip)
 
     # ---------------------------------------------------------------- step
     def _qmap_pair(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,16 +203,8 @@ class SIFT(torch.optim.Optimizer):
         group = self.param_groups[0]
         for s in pending:
             s.step += 1
-        for bank in self.banks:
-            # runs of slots that are consecutive in the bank and share a step count go in one call
-            run = []
-            for s in (s for s in pending if s.bank is bank):
-                if run and (s.step != run[-1].step or s.start != run[-1].start + run[-1].kp):
-                    bank.step(run, [r.grad for r in run], group, self._qmap_pair(bank.device), scale)
-                    run = []
-                run.append(s)
-            if run:
-                bank.step(run, [r.grad for r in run], group, self._qmap_pair(bank.device), scale)
+        for run in _runs(pending):
+            run[0].bank.step(run, [r.grad for r in run], group, self._qmap_pair(run[0].device), scale)
         for s in pending:
             s.grad = None
         return loss
@@ -369,3 +352,15 @@ class SIFT(torch.optim.Optimizer):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _runs(slots: list[SparseState]):
+    """`slots` as runs that one Bank.step takes: consecutive in one bank, one step count."""
+    run = []
+    for s in sorted(slots, key=lambda s: (id(s.bank), s.start)):
+        if run and (s.bank is not run[-1].bank or s.step != run[-1].step or s.start != run[-1].start + run[-1].kp):
+            yield run
+            run = []
+        run.append(s)
+    if run:
+        yield run

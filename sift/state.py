@@ -127,11 +127,12 @@ class Bank:
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
         self.tables = {}  # (lo, hi) -> the block table of that run of sparse slots (chunk_indices)
         self.firsts = torch.zeros(0, dtype=torch.int64, device=dev)  # block b's first flat index, b * 2^15
+        self.sizes = {}   # (lo, hi) -> int32 padded size of each slot of that run (skip_mask)
         self._pad = torch.zeros(BLOCK, dtype=torch.float32, device=dev)  # zeros between slots in a chunk
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad, self.firsts)
-                if t is not None] + [t for table in self.tables.values() for t in table]
+                if t is not None] + [t for table in self.tables.values() for t in table] + list(self.sizes.values())
 
     def chunk_indices(self, slots: list[SparseState], lo: int, hi: int) -> torch.Tensor:
         """Every entry's flat index into its own weight, for the sparse slots filling [lo, hi) of this
@@ -157,9 +158,9 @@ class Bank:
     def skip_mask(self, slots: list[SparseState], flags: torch.Tensor) -> torch.Tensor:
         """Per entry of the run [lo, hi) that `slots` fill, its slot's skip flag (bool, on the device)."""
         lo, hi = slots[0].start, slots[-1].start + slots[-1].kp
-        if ("kp", lo, hi) not in self.tables:
-            self.tables[("kp", lo, hi)] = (torch.cat([flags.new_full((1,), s.kp, dtype=torch.int32) for s in slots]),)
-        return torch.repeat_interleave(flags, self.tables[("kp", lo, hi)][0], output_size=hi - lo)
+        if (lo, hi) not in self.sizes:
+            self.sizes[(lo, hi)] = torch.cat([flags.new_full((1,), s.kp, dtype=torch.int32) for s in slots])
+        return torch.repeat_interleave(flags, self.sizes[(lo, hi)], output_size=hi - lo)
 
     def backup(self, lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(view, copy) of every state slice a step of [lo, hi) changes: moments, remainder / offsets
@@ -180,7 +181,7 @@ class Bank:
         """Bytes of the bank's own tensors beyond its slots' shares: the block starts, the runs'
         tables and the padding zeros."""
         return {"indices": self.firsts.nbytes + sum(t.nbytes for table in self.tables.values() for t in table),
-                "optimizer_states": self._pad.nbytes}
+                "optimizer_states": self._pad.nbytes + sum(t.nbytes for t in self.sizes.values())}
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
              skip: torch.Tensor | None = None, idx: list[torch.Tensor] | None = None) -> None:
@@ -294,7 +295,7 @@ class SparseState:
                 b.firsts = firsts
             ends = torch.searchsorted(idx, firsts + INDEX_BLOCK)  # idx is sorted: where each block ends in it
             self.counts = torch.diff(ends, prepend=ends.new_zeros(1)).int()
-            self.bank.tables.clear()
+            b.tables.clear()
             self._ready = True
         w = self.weights(self.indices())
         self.base = None if self.zero_base else to_host(w)
