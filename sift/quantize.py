@@ -105,8 +105,9 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def attach(model: nn.Module, rate: float, selection: str = "grad", seed: int = 0) -> None:
-    """Give every QSIFTLinear its zero delta (k = ceil(rate x numel)); "random" / "magnitude"
-    choose the indices now (seeded: every rank picks the same), "grad" in the first backward."""
+    """Give every QSIFTLinear its zero delta (k = ceil(rate x numel)) and its selection rule (a name
+    in sift.selection.RULES): rules that need no gradient (random, magnitude) choose the indices now,
+    in model order with one seeded generator (every rank picks the same); grad in the first backward."""
     generator = torch.Generator().manual_seed(seed)
     for layer in layers(model).values():
         layer.attach(rate, selection, generator)
@@ -128,8 +129,8 @@ def increment_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     the base being deq(Q)), on the CPU. Unselected layers (no step yet) are left out."""
     out = {}
     for name, layer in layers(model).items():
-        if layer.selected:
-            out[f"{name}.indices"] = layer.indices.cpu().contiguous()  # the format's flat int32 form
+        if layer.ready():
+            out[f"{name}.indices"] = layer.flat_indices().cpu().contiguous()  # the format's flat int32 form
             out[f"{name}.delta"] = layer.delta.detach().float().cpu().contiguous()
     return out
 
@@ -188,7 +189,7 @@ def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: s
             layer.k = idx.numel()
             layer.delta = nn.Parameter(torch.zeros(layer.k, device=layer.weight_4bit.device),
                                        requires_grad=layer.delta is not None and layer.delta.requires_grad)
-        layer.set_indices(idx)
+        layer.select(idx)  # validated above: sorted, unique, in range
         layer.delta.copy_(delta.to(layer.delta.device))
 
 
