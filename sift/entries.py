@@ -15,13 +15,14 @@ selects on the first one (`sparse_grad`).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from .selection import choose, needs_grad
 
 
+@runtime_checkable
 class Entries(Protocol):
     k: int          # entries trained
     numel: int      # entries of the whole flat weight

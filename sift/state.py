@@ -256,14 +256,16 @@ class SparseState:
     """
 
     def __init__(self, name: str, param: nn.Parameter, k: int | None, grad_dtype: torch.dtype | None = None,
-                 holder=None, selection: str = "grad"):
+                 holder=None, selection: str = "grad", lo: int = 0, hi: int | None = None):
         self.name, self.param = name, param
         self.zero_base = holder is not None  # an increment itself (QSIFT's delta): base 0, no host copy
         self.grad_dtype = grad_dtype or param.dtype  # the deferred gradient's until it accumulates (exact)
         self.numel = numel(param)
-        # The slice of the flat weight this rank holds: all of it (one rank, ZeRO-2, ZeRO-3 on one
-        # rank). Indices are kept, decoded and written relative to lo; a sharded rank gets its own.
-        self.lo, self.hi = 0, self.numel
+        # The slice [lo, hi) of the flat weight this rank holds, whose storage flat_weight(param) is:
+        # all of it with one rank, ZeRO-2, ZeRO-3 on one rank. Indices are kept, decoded and written
+        # relative to lo; the selection and the increment speak of the whole weight. A dense state
+        # trains its whole parameter.
+        self.lo, self.hi = lo, self.numel if hi is None else hi
         self.selection = selection
         self.sparse = k is not None
         self.entries = self if self.sparse else holder

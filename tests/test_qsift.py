@@ -426,3 +426,25 @@ def test_zero3_is_refused_with_a_4bit_base():
     assert problems(Arguments(model=ModelArguments(quantization="nf4"), train=TrainArguments(deepspeed=zero3))) == [
         "--quantization with ZeRO-3: 4-bit weights are not partitioned; use ZeRO-2 or one device"]
     assert problems(Arguments(train=TrainArguments(deepspeed=zero3))) == []
+
+
+def test_bytes_per_entry_at_7b_shapes():
+    """Per trained entry at LLaMA-7B / 1 %, counted on meta tensors: delta 4 B, index 2 B + an int32
+    count per 2^15 weight entries (sift.codec), 8-bit moments 2 B + absmax (SIFT's dense fp32 slots)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sift.quantize import memory_report
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32,
+                      vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    quantize(model, double_quant=False)  # on meta, double quantization would cache bitsandbytes' map there
+    attach(model, 0.01, "magnitude")     # a top-k on meta: no memory, no time
+    found = list(layers(model).values())
+    k = [math.ceil(0.01 * layer.numel) for layer in found]
+    blocks = [math.ceil(layer.numel / 2**15) for layer in found]
+    report = memory_report(model)
+    assert report["delta"] == 4 * sum(k) and report["indices"] == 2 * sum(k) + 4 * sum(blocks)
+    assert report["delta_and_index_bytes_per_entry"] < 6.0123  # 6.01223 with the former 2^16-entry table
+    assert SIFT(model, SIFTConfig(rate=0.01)).memory_report()["bytes_per_entry"] < 2.033
