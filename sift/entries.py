@@ -44,7 +44,8 @@ class Entries(Protocol):
         """The entries as flat indices of the whole weight, int32 unless numel >= 2^31 (for files)."""
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense weight a rule may read (the weight, or deq(Q)); may be a transient."""
+        """The dense weight a rule may read (the weight, or deq(Q)); may be a transient. A rank holding
+        a slice holds only the slice's storage: a rule over the whole weight needs it gathered."""
 
 
 def select_before_training(entries: Entries, generator: torch.Generator | None) -> bool:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from bitsandbytes import functional as bnbf
 
-from .codec import block_starts, decode, encode, index_dtype  # noqa: F401 (index_dtype re-exported)
+from .codec import block_starts, decode, encode, index_dtype
 from .entries import select_before_training, sparse_grad
 
 QUANT_TYPES = ("nf4", "fp4")
