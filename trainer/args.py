@@ -316,8 +316,8 @@ def _read_options_file(path: str) -> dict:
 
 def record(args: Arguments, bf16: bool, **extra) -> dict:
     """The arguments as args.json (and every checkpoint) records them, by group, with the resolved world
-    size and bf16; resuming compares these flag by flag (trainer.rundir.flat_args), so a record of
-    older groups still compares."""
+    size and bf16; resuming compares these flag by flag (trainer.rundir.flat_args), whatever group a
+    record holds a flag in."""
     return {**args.groups(), "world_size": world_size(), "bf16": bf16, **extra}
 
 
