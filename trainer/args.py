@@ -207,8 +207,8 @@ class Arguments:
 
     def is_set(self, flag: str) -> bool:
         """Does `--<flag>` differ from its default?"""
-        group = next(getattr(self, f.name) for f in fields(self) if flag in vars(getattr(self, f.name)))
-        return getattr(group, flag) != next(f for f in fields(group) if f.name == flag).default
+        default = next(f.default for group in GROUPS for f in fields(group) if f.name == flag)
+        return self.value(flag) != default
 
     def problems(self) -> list[str]:
         """Everything wrong with the options on their own (ranges, choice lists, the data files). The

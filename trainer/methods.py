@@ -124,6 +124,8 @@ class Method:
 
     @classmethod
     def deepspeed_problems(cls, args: Arguments, deepspeed: dict) -> list[str]:
+        """The line for a ZeRO stage or rank count this method does not run under (`rules.zero`); a
+        stage DeepSpeed does not have is trainer.ds's to report."""
         stage, world, zero = deepspeed["zero_optimization"].get("stage", 0), world_size(), dict(cls.rules.zero)
         if not zero:
             able = [m.title for m in METHODS.values() if m.rules.zero]
