@@ -72,18 +72,23 @@ def load_tokenizer(name_or_path: str | None):
 
 def load_model_and_tokenizer(name_or_path: str | None, dtype=None, device: str = "cpu",
                              attn_implementation: str | None = None):
-    """Load a causal LM and its tokenizer; bf16 + flash-attention-2 (if installed) or SDPA on CUDA."""
+    """(causal LM, tokenizer): `load_model` and `load_tokenizer`."""
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path)
+    return load_model(path, dtype, device, attn_implementation), tokenizer
+
+
+def load_model(name_or_path: str | None, dtype=None, device: str = "cpu", attn_implementation: str | None = None):
+    """A causal LM on `device`; bf16 + flash-attention-2 (if installed) or SDPA on CUDA, fp32 on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if attn_implementation is None:
         attn_implementation = "sdpa"
         if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
             attn_implementation = "flash_attention_2"
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype,
                                                  attn_implementation=attn_implementation)
-    return model.to(device), tokenizer
+    return model.to(device)

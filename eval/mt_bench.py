@@ -27,6 +27,7 @@ from common.quiet import silence_unrelated_warnings  # noqa: E402
 silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
 
 from common import cli  # noqa: E402
+from data_prep.templates import TEMPLATES  # noqa: E402
 from eval.common import ModelArgs, atomic_write_json, raise_if_problems  # noqa: E402
 from eval.judge_client import JudgeAPIError, JudgeConfigError, key_problem  # noqa: E402
 from eval.mt_bench_data import (DEFAULT_JUDGE_FILE, DEFAULT_QUESTION_FILE, DEFAULT_REF_ANSWER_FILE,  # noqa: E402
@@ -67,8 +68,8 @@ class GenArgs(ModelArgs, QuestionRange):
         problems = self.model_problems()
         if self.max_new_tokens < 1 or self.batch_size < 1:
             problems.append("--max_new_tokens and --batch_size must be >= 1")
-        if self.template not in ("auto", "chat", "alpaca"):
-            problems.append(f"--template must be auto, chat or alpaca, got {self.template!r}")
+        if self.template not in TEMPLATES:
+            problems.append(f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if not Path(self.question_file).is_file():
             problems.append(f"--question_file {self.question_file}: no such file")
         raise_if_problems(problems, "invalid gen arguments")

@@ -419,13 +419,16 @@ def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped(dtype
 def test_zero3_is_refused_with_a_4bit_base():
     import os
 
+    from trainer import methods
     from trainer.args import Arguments, ModelArguments, TrainArguments
-    from trainer.quantized import problems
+    from trainer.ds import resolve_config
 
     zero3 = os.path.join(os.path.dirname(train_sft.__file__), "ds_configs", "zero3_offload.json")
-    assert problems(Arguments(model=ModelArguments(quantization="nf4"), train=TrainArguments(deepspeed=zero3))) == [
+    four_bit, plain = (Arguments(model=ModelArguments(quantization=q), train=TrainArguments(deepspeed=zero3))
+                       for q in ("nf4", "none"))
+    assert methods.method_class(four_bit).problems(four_bit, resolve_config(zero3, four_bit)[0]) == [
         "--quantization with ZeRO-3: 4-bit weights are not partitioned; use ZeRO-2 or one device"]
-    assert problems(Arguments(train=TrainArguments(deepspeed=zero3))) == []
+    assert methods.method_class(plain).problems(plain, resolve_config(zero3, plain)[0]) == []
 
 
 def test_bytes_per_entry_at_7b_shapes():

@@ -163,9 +163,9 @@ def test_learning_rates_that_cannot_be_right_are_refused_for_every_method(tmp_pa
     assert err.value.code == 2 and f"--learning_rate {float(lr)}: must be a finite number > 0" in str(err.value)
 
 
-def test_a_record_of_the_older_argument_groups_still_compares_flag_by_flag(tmp_path):
-    """Before the method and output groups existed, args.json kept the method flags under "model" and
-    the output flags (and --bf16) under "train": resuming such a checkpoint compares the same flags."""
+def test_a_record_with_other_argument_groups_compares_flag_by_flag(tmp_path):
+    """An args.json that keeps the method flags under "model" and the output flags (and --bf16) under
+    "train", with no "method" / "output" group: resuming such a checkpoint compares the same flags."""
     import trainer.args as targs
 
     current = targs.record(targs.parse(["--output_dir", str(tmp_path), "--sift_rate", "0.1"]), bf16=False)

@@ -14,6 +14,7 @@ from trainer.checkpoint import find_checkpoint, save_checkpoint
 from data_prep.dataset import collate
 from trainer.args import UsageError
 from trainer.data import batches_for_window
+from trainer.loss import train_window
 
 
 def train(tiny_dir, data, out, *extra):
@@ -93,7 +94,7 @@ def test_accumulation_matches_one_big_batch(tiny_dir, alpaca_40):
     grads = []
     for micro in ([collate(samples, tok.pad_token_id)], [collate([s], tok.pad_token_id) for s in samples]):
         model = tiny_llama(vocab=len(tok))
-        train_sft.train_window(model, micro, "cpu")
+        train_window(model, micro, "cpu")
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     assert grads[0].norm() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
@@ -149,10 +150,12 @@ def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["sift", "full", "lora"])
 def test_sift_config_rules_reach_the_cli_in_flag_names_before_any_weight_loads(tiny_dir, alpaca_40, tmp_path,
                                                                                capsys, monkeypatch, method):
+    from transformers import AutoModelForCausalLM
+
     def no_loading(*a, **k):
         raise AssertionError("weights loaded before the options were checked")
 
-    monkeypatch.setattr(train_sft, "load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     message = usage_error(capsys, train_args(tiny_dir, alpaca_40, tmp_path / "x", "--finetuning_type", method,
                                              "--optim", "adamw", "--learning_rate", "-1", "--max_grad_norm", "-1",
                                              "--weight_decay", "nan"))
@@ -236,15 +239,17 @@ def test_training_length(argv, steps):
 
 def test_bf16_is_tri_state(monkeypatch):
     import trainer.args as targs
+    from trainer import validate
 
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         for argv, expected in (([], cuda), (["--bf16"], True), (["--bf16", "true"], True), (["--bf16", "false"], False)):
-            assert targs.resolve(targs.parse(argv))[0].bf16 is expected, (cuda, argv)
+            assert validate.check(targs.parse(argv))[0].bf16 is expected, (cuda, argv)
 
 
 def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_unset(tmp_path, monkeypatch):
     import trainer.args as targs
+    from trainer import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # as the deepspeed launcher sets
@@ -252,7 +257,7 @@ def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_u
     cfg = tmp_path / "fp32.json"
     cfg.write_text(json.dumps({"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}))
     out = ["--output_dir", str(tmp_path / "run")]
-    resolved, problems = targs.resolve(targs.parse(["--deepspeed", str(cfg), *out]))
+    resolved, problems = validate.check(targs.parse(["--deepspeed", str(cfg), *out]))
     assert problems == [] and resolved.bf16 is False and resolved.deepspeed["bf16"]["enabled"] is False
-    problems = targs.problems(targs.parse(["--deepspeed", str(cfg), "--bf16", *out]))
+    problems = validate.check(targs.parse(["--deepspeed", str(cfg), "--bf16", *out]))[1]
     assert problems == [f"--deepspeed {cfg}: bf16.enabled=False contradicts --bf16 True"]

@@ -120,7 +120,7 @@ def load_state(path: str) -> dict:
 
 
 def load_args(path: str) -> dict | None:
-    """The resolved arguments a checkpoint was written with (None for checkpoints older than that)."""
+    """The resolved arguments a checkpoint was written with (None for a checkpoint without args.json)."""
     file = os.path.join(path, ARGS)
     if not os.path.isfile(file):
         return None

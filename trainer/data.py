@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from common.cli import UsageError
 from data_prep.dataset import collate, load_dataset_for_training
 from data_prep.encode import IGNORE_INDEX
 
-from .args import DataArguments, UsageError
+from .args import DataArguments
 from .packing import collate_packed, pack
 
 

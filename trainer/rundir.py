@@ -30,7 +30,7 @@ from common.jsonl import read_jsonl
 from .checkpoint import ARGS, complete_checkpoints, load_args, load_state, resume_candidates
 
 RUN_FILE, LOG = "run.json", "train_log.jsonl"
-# The argument groups an args.json may hold: today's (trainer.args.Arguments) and older ones'.
+# The argument groups an args.json may hold: trainer.args.Arguments' (a record may lack "method" / "output").
 RECORD_GROUPS = ("model", "method", "data", "train", "output")
 BUNDLED_TAIL = "/data_prep/samples/alpaca_en_demo.json"  # data_prep.dataset.BUNDLED_ALPACA, in any checkout
 # What a run writes at the top of its directory; --overwrite_output_dir removes exactly these (and the
@@ -122,8 +122,8 @@ def read_log(output_dir: str, up_to_step: int | None = None) -> list[dict]:
 
 def flat_args(args: dict) -> dict:
     """{option: value} over the argument groups of an args.json, plus the resolved world size and bf16.
-    Keyed by flag name, so a record whose groups differ (older versions had the method flags under
-    "model" and no "method" / "output" groups) compares with today's flag by flag. The bundled
+    Keyed by flag name, so a record whose groups differ (the method flags under "model", no "method" /
+    "output" group) compares with the current one flag by flag. The bundled
     Alpaca sample compares as itself whichever checkout's absolute path the record holds."""
     flat = {k: v for group in RECORD_GROUPS for k, v in (args.get(group) or {}).items()}
     flat.update({k: args[k] for k in ("world_size", "bf16") if k in args})
@@ -135,7 +135,7 @@ def flat_args(args: dict) -> dict:
 
 def resume_differences(saved: dict, current: dict) -> list[str]:
     """`--option saved -> current` for every option that decides what is trained and changed; options
-    one side does not know (a checkpoint of an older version) are not compared."""
+    one side does not know (a record with fewer options) are not compared."""
     old, new = flat_args(saved), flat_args(current)
     out = []
     for key in sorted(set(old) & set(new) - RESUMABLE_CHANGES):
