@@ -48,14 +48,15 @@ def output_problem(option: str, path: str | os.PathLike, want: str = "dir") -> s
     return None
 
 
-def model_dir_problem(option: str, path: str | os.PathLike) -> str | None:
+def model_dir_problem(option: str, path: str | os.PathLike, tokenizer_only: bool = False) -> str | None:
     """A local model directory has a config.json, weights and tokenizer files (all that loading and
-    evaluating it reads); the line names what is missing."""
+    evaluating it reads; tokenizer files alone with `tokenizer_only`); the line names what is missing."""
     path = Path(path)
     missing = []
-    if not (path / "config.json").is_file():
+    if not tokenizer_only and not (path / "config.json").is_file():
         missing.append("config.json")
-    if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
+    if not tokenizer_only and not any((path / name).is_file() for name in WEIGHT_FILES) \
+            and not any(path.glob("*.safetensors")):
         missing.append("weights (model.safetensors or pytorch_model.bin)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         missing.append("tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)")
@@ -65,16 +66,16 @@ def model_dir_problem(option: str, path: str | os.PathLike) -> str | None:
     return None
 
 
-def model_problem(option: str, name: str | None) -> str | None:
+def model_problem(option: str, name: str | None, tokenizer_only: bool = False) -> str | None:
     """A model named by a local directory, a hub id (in the cache or on a reachable hub) or the
-    embedded default (None or EMBEDDED)."""
+    embedded default (None or EMBEDDED); with `tokenizer_only`, only its tokenizer is needed."""
     from common.hub import hub_problem, looks_like_hub_id
     from common.modeling import EMBEDDED
 
     if not name or name == EMBEDDED:
         return None
     if os.path.isdir(name):
-        return model_dir_problem(option, name)
+        return model_dir_problem(option, name, tokenizer_only)
     if os.path.exists(name):
         return f"{option} {name}: is a file, expected a model directory or a hub id"
     if not looks_like_hub_id(name):

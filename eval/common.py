@@ -33,24 +33,16 @@ class ModelArgs:
                 "exactly its training-time weights; onto the full-precision base it gives base + delta)"})
 
     def model_problems(self) -> list[str]:
+        from common.inputs import device_problem, file_problem, model_problem
+
         problems = []
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.increment is not None and not Path(self.increment).is_file():
-            problems.append(f"--increment {self.increment}: no such file")
-        if self.model and not Path(self.model).is_dir():
-            from common.hub import hub_problem, looks_like_hub_id
-            from common.modeling import EMBEDDED
-
-            if self.model == EMBEDDED:
-                pass
-            elif not looks_like_hub_id(self.model):
-                problems.append(f"--model {self.model}: no such directory (a hub id is written owner/name)")
-            elif problem := hub_problem(self.model):
-                problems.append(f"--model {self.model}: no such directory, and as a hub id: {problem}")
         if self.quantization not in ("none", "nf4", "fp4"):
             problems.append(f"--quantization must be one of none, nf4, fp4, got {self.quantization!r}")
-        return problems
+        return problems + [p for p in (self.increment is not None and file_problem("--increment", self.increment),
+                                       model_problem("--model", self.model),
+                                       device_problem("--device", self.device)) if p]
 
 
 def resolve_device(device: str) -> str:

@@ -97,7 +97,9 @@ def read_vocab(tokenizer, vocab_size: int) -> dict:
             tokens.append(ids[i])
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-    return {"tokens": tokens, "types": types, "pre": pre, "directory": directory}
+    bos = tokenizer.bos_token_id  # written explicitly: llama.cpp's default differs by pre-tokenizer
+    add_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    return {"tokens": tokens, "types": types, "pre": pre, "add_bos": add_bos, "directory": directory}
 
 
 def _write_metadata(writer, config, vocab: dict, name: str, ftype) -> None:
@@ -122,7 +124,9 @@ def _write_metadata(writer, config, vocab: dict, name: str, ftype) -> None:
     writer.add_tokenizer_pre(vocab["pre"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
-    gguf.SpecialVocab(vocab["directory"], load_merges=True, n_vocab=len(vocab["tokens"])).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(vocab["directory"], load_merges=True, n_vocab=len(vocab["tokens"]))
+    special.add_special_token.setdefault("bos", vocab["add_bos"])
+    special.add_to_gguf(writer, quiet=True)
 
 
 def permute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:

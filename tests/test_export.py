@@ -185,12 +185,12 @@ def test_bad_inputs_are_one_line_with_exit_2(run, tmp_path, capsys):
         (["merged", "--increment", str(tmp_path / "none.safetensors"), "--output_dir", str(tmp_path / "o")],
          "--increment .*none.safetensors: no such file"),
         (["merged", "--increment", inc, "--output_dir", str(full)], "not empty; pass --overwrite"),
-        (["peft", "--increment", inc, "--output_dir", str(tmp_path / "a-file")], "exists and is not a directory"),
+        (["peft", "--increment", inc, "--output_dir", str(tmp_path / "a-file")], "a-file: is a file, expected a directory"),
         (["merged", "--increment", inc, "--output_dir", os.path.dirname(inc)], "holds --increment"),
         (["merged", "--increment", str(tmp_path / "junk.safetensors"), "--output_dir", str(tmp_path / "o")],
          "not a readable safetensors file"),
         (["merged", "--increment", inc, "--output_dir", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")],
-         "cannot load the base model"),
+         "--model .*no-model: no such directory"),
         (["merged", "--increment", inc, "--output_dir", str(tmp_path / "o"), "--dtype", "int8"], "invalid choice"),
     ]
     for argv, message in cases:
