@@ -4,7 +4,7 @@ Authorization header and nowhere else: it is kept out of repr, and a key with wh
 characters (a pasted trailing newline) is refused before any request. Everything the client hands
 on (error messages whatever raised them, response bodies, the judge's replies) is redacted of the
 key in any spelling: any run of 8 or more of its characters, read through the escapes a server or
-a library may put on it (JSON's \\/ \\" \\\\ \\uXXXX, Python's \\xXX, URL %XX, HTML &#NN;).
+a library may put on it (JSON's \\/ \\" \\\\ \\uXXXX, Python's \\xXX, URL %XX, HTML &#NN; &quot;).
 """
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ def key_problem(key: str | None) -> str | None:
 
 # One character of text as it reads once an escape is undone: \\uXXXX / \\UXXXXXXXX / \\xXX behind any run of
 # backslashes (JSON, doubly escaped JSON, Python reprs), %XX (URLs), &#xHH; / &#NN; (HTML), a backslash
-# run before any other character (\\/ \\" \\\\), else the character itself.
+# &quot; and its kin, a backslash run before any other character (\\/ \\" \\\\), else the character itself.
 _UNIT = re.compile(r"\\+u([0-9a-fA-F]{4})|\\+U([0-9a-fA-F]{8})|\\+x([0-9a-fA-F]{2})|%([0-9a-fA-F]{2})"
-                   r"|&#[xX]([0-9a-fA-F]{1,6});|&#([0-9]{1,7});|\\+(.)|(.)", re.S)
+                   r"|&#[xX]([0-9a-fA-F]{1,6});|&#([0-9]{1,7});|&(quot|amp|lt|gt|apos);|\\+(.)|(.)", re.S)
+_ENTITIES = {"quot": '"', "amp": "&", "lt": "<", "gt": ">", "apos": "'"}
 REDACT_RUN = 8  # a run of this many characters of the key is redacted wherever it appears
 
 
@@ -53,9 +54,10 @@ def _units(text: str) -> list[tuple[int, int, str]]:
     """(start, end, character) per character of `text` read through its escapes."""
     out = []
     for m in _UNIT.finditer(text):
-        u4, u8, x2, pct, hexa, dec, escaped, plain = m.groups()
+        u4, u8, x2, pct, hexa, dec, entity, escaped, plain = m.groups()
         code = next((int(c, 16) for c in (u4, u8, x2, pct, hexa) if c), int(dec) if dec else None)
-        char = (chr(code) if code <= 0x10FFFF else "\0") if code is not None else escaped if escaped else plain
+        char = (chr(code) if code <= 0x10FFFF else "\0") if code is not None else \
+            _ENTITIES[entity] if entity else escaped if escaped else plain
         out.append((m.start(), m.end(), char))
     return out
 

@@ -134,9 +134,11 @@ def run_judging(client: ChatClient, matches: list[Match], output_file: str | Pat
     print(f"{len(matches)} judgments wanted, {len(matches) - len(todo)} already in {output_file}, "
           f"{len(todo)} to run with {parallel} in parallel")
     _write_canonical(output_file, done)  # drops a torn last line before anything is appended after it
-    lock, failures = threading.Lock(), [0]  # failures in a row, in the order the judgments land
+    lock, failures, stopped = threading.Lock(), [0], threading.Event()  # failures in a row, as they land
 
     def work(match: Match) -> None:
+        if stopped.is_set():         # a worker that started before the stop asks nothing more
+            return
         row = judge_one(client, match, max_tokens)
         with lock:                   # one write of one whole line: a crash tears at most the last line
             with open(output_file, "a", encoding="utf-8") as f:
@@ -148,7 +150,8 @@ def run_judging(client: ChatClient, matches: list[Match], output_file: str | Pat
             if row.get("error"):
                 say(f"judge failed on model {row['model']}, question {row['question_id']}, turn {row['turn']}: "
                     f"{row['error']}")
-            if stop_after and failures[0] >= stop_after:
+            if stop_after and failures[0] >= stop_after and not stopped.is_set():
+                stopped.set()
                 raise JudgeAPIError(f"{failures[0]} judgments in a row failed, stopping (the last: {row['error']}): "
                                     "check --judge_base_url, --judge_model and the endpoint, then rerun; finished "
                                     "judgments are kept")

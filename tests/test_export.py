@@ -426,3 +426,77 @@ def test_gguf_of_the_embedded_smollm2_reads_back(tmp_path):
     assert tokenizer.chat_template == original.chat_template
     assert loaded.config.tie_word_embeddings and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     print(f"SmolLM2 GGUF round trip: {time.time() - start:.1f} s")
+
+
+# ----------------------------------------------------------------------------- outputs that destroy inputs
+
+def fake_hub_snapshot(hub: Path, repo: str, source: str) -> Path:
+    """`source`'s files as the hub cache lays out a download: blobs/, snapshots/<rev>/ of links, refs/main."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    for f in Path(source).iterdir():
+        blob = folder / "blobs" / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_exports_refuse_an_output_that_is_or_holds_what_they_read(tiny_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    from common.modeling import EMBEDDED
+    from sift.increment import write_increment
+
+    base, other = tmp_path / "base", tmp_path / "other"
+    for d in (base, other):
+        d.mkdir()
+        for f in Path(tiny_dir).iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "link").symlink_to(base)
+    _, opt = train_from(base, steps=1)
+    inc = tmp_path / "run" / "sift_increment.safetensors"
+    inc.parent.mkdir()
+    save_increment(opt, str(inc), base_model=str(base))
+    tensors, meta = load_increment(str(inc))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = fake_hub_snapshot(tmp_path / "hub", "sift-test/tiny", tiny_dir)
+    write_increment(str(tmp_path / "hub.safetensors"), tensors, {**meta, "base_model": "sift-test/tiny"})
+    monkeypatch.setenv("SIFT_CACHE", str(tmp_path / "cache"))
+    embedded = tmp_path / "cache" / "smollm2-135m-instruct"
+    embedded.mkdir(parents=True)
+    (embedded / "config.json").write_text("{}")
+    write_increment(str(tmp_path / "embedded.safetensors"), tensors, {**meta, "base_model": EMBEDDED})
+    capsys.readouterr()
+    before = tree(tmp_path)
+    recorded = f"is the increment's recorded base model {base}"
+    cases = [  # (argv, what the one line says)
+        (["merged", "--output_dir", str(base)], recorded),
+        (["peft", "--output_dir", str(base)], recorded),
+        (["merged", "--output_dir", str(tmp_path / "link")], recorded),       # a symlink to it
+        (["merged", "--output_dir", str(tmp_path)], f"holds --increment ({inc})"),
+        (["peft", "--output_dir", str(other), "--model", str(other)], f"is --model {other}"),
+        (["merged", "--output_dir", str(snapshot), "--increment", str(tmp_path / "hub.safetensors")],
+         "is the increment's recorded base model sift-test/tiny"),
+        (["merged", "--output_dir", str(snapshot.parents[1] / "blobs"), "--increment",
+          str(tmp_path / "hub.safetensors")], "holds the increment's recorded base model sift-test/tiny"),
+        (["peft", "--output_dir", str(tmp_path / "cache"), "--increment", str(tmp_path / "embedded.safetensors")],
+         f"holds the increment's recorded base model {EMBEDDED} ({embedded})"),
+        (["gguf", "--output", str(inc)], "name a .gguf file"),
+        (["gguf", "--output", str(base)], "is a directory: name the file to write"),
+    ]
+    for argv, message in cases:
+        kind, *rest = argv
+        flags = [] if "--increment" in rest else ["--increment", str(inc)]
+        assert export_main([kind, *flags, *rest, "--overwrite"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and err[0].startswith("python -m sift.export: error: "), (argv, err)
+    assert tree(tmp_path) == before  # nothing written, nothing lost
