@@ -10,22 +10,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, S
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def _kind_problem(option: str, path: str | os.PathLike, want: str) -> str | None:
+    """`path` exists and is a `want` ("file" or "directory")."""
+    if not os.path.exists(path):
+        return f"{option} {path}: no such {want}"
+    found = "file" if os.path.isfile(path) else "directory"
+    return None if found == want else f"{option} {path}: is a {found}, expected a {want}"
+
+
 def file_problem(option: str, path: str | os.PathLike) -> str | None:
-    """`path` must be an existing file (not a directory)."""
-    if os.path.isdir(path):
-        return f"{option} {path}: is a directory, expected a file"
-    if not os.path.isfile(path):
-        return f"{option} {path}: no such file"
-    return None
+    return _kind_problem(option, path, "file")
 
 
 def dir_problem(option: str, path: str | os.PathLike) -> str | None:
-    """`path` must be an existing directory (not a file)."""
-    if os.path.isfile(path):
-        return f"{option} {path}: is a file, expected a directory"
-    if not os.path.isdir(path):
-        return f"{option} {path}: no such directory"
-    return None
+    return _kind_problem(option, path, "directory")
 
 
 def _existing_parent(path: str | os.PathLike) -> Path:

@@ -193,8 +193,6 @@ def export_gguf(increment: str, output: str, model: str | None = None, outtype: 
                 force: bool = False) -> list[tuple[str, str]]:
     """Base + increment as one GGUF file (sift.gguf); the model kind and the tokenizer are checked
     before the weights load. Returns [(GGUF tensor name, type)]."""
-    import shutil
-
     from transformers import AutoConfig
 
     from common.modeling import load_tokenizer, resolve_model_path
@@ -207,11 +205,8 @@ def export_gguf(increment: str, output: str, model: str | None = None, outtype: 
     if problem:
         raise ExportError(f"{name}: {problem}")
     vocab = gguf.read_vocab(_loading(name, lambda: load_tokenizer(name)), config.vocab_size)
-    try:
-        net, _, _ = merged_model(increment, model, force)
-        return gguf.write_gguf(net, vocab, output, outtype, Path(output).stem)
-    finally:
-        shutil.rmtree(vocab["directory"], ignore_errors=True)
+    net, _, _ = merged_model(increment, model, force)
+    return gguf.write_gguf(net, vocab, output, outtype, Path(output).stem)
 
 
 def peft_sparsity(counts: dict[int, int]) -> float:

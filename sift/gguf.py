@@ -70,13 +70,14 @@ def _pre_tokenizer(spec: dict | None) -> str | None:
 
 
 def read_vocab(tokenizer, vocab_size: int) -> dict:
-    """The tokenizer as GGUF's `gpt2` vocabulary: {tokens, types, pre, directory}, raising GGUFError
-    for another kind of tokenizer. `directory` is a temporary copy of the tokenizer's files, for
-    gguf's SpecialVocab (merges, special token ids, chat template); the caller removes it."""
-    directory = Path(tempfile.mkdtemp(prefix="sift-gguf-tokenizer-"))
-    tokenizer.save_pretrained(directory)
-    spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8")) \
-        if (directory / "tokenizer.json").is_file() else {}
+    """The tokenizer as GGUF's `gpt2` vocabulary: {tokens, types, pre, special}, raising GGUFError
+    for another kind of tokenizer; `special` is gguf's SpecialVocab (merges, special token ids and
+    whether to add BOS, chat template), read from a temporary copy of the tokenizer's files."""
+    with tempfile.TemporaryDirectory(prefix="sift-gguf-tokenizer-") as directory:
+        tokenizer.save_pretrained(directory)
+        path = Path(directory, "tokenizer.json")
+        spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        special = gguf.SpecialVocab(Path(directory), load_merges=True, n_vocab=vocab_size)
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("decoder", {}).get("type") != "ByteLevel":
         raise GGUFError("the tokenizer is not a byte-level BPE (GPT-2 / Llama-3 style) one, the kind the GGUF export "
@@ -98,8 +99,8 @@ def read_vocab(tokenizer, vocab_size: int) -> dict:
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
     bos = tokenizer.bos_token_id  # written explicitly: llama.cpp's default differs by pre-tokenizer
-    add_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
-    return {"tokens": tokens, "types": types, "pre": pre, "add_bos": add_bos, "directory": directory}
+    special.add_special_token.setdefault("bos", bos is not None and tokenizer("a").input_ids[:1] == [bos])
+    return {"tokens": tokens, "types": types, "pre": pre, "special": special}
 
 
 def _write_metadata(writer, config, vocab: dict, name: str, ftype) -> None:
@@ -124,9 +125,7 @@ def _write_metadata(writer, config, vocab: dict, name: str, ftype) -> None:
     writer.add_tokenizer_pre(vocab["pre"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
-    special = gguf.SpecialVocab(vocab["directory"], load_merges=True, n_vocab=len(vocab["tokens"]))
-    special.add_special_token.setdefault("bos", vocab["add_bos"])
-    special.add_to_gguf(writer, quiet=True)
+    vocab["special"].add_to_gguf(writer, quiet=True)
 
 
 def permute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -134,22 +133,20 @@ def permute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor as GGUF stores it) per parameter, in the model's order; tied output
-    weights are left out (llama.cpp then reads token_embd)."""
+def gguf_names(model) -> list[tuple[str, str, int]]:
+    """(GGUF name, parameter name, heads its rows are permuted by, 0 for none) per parameter, in
+    the model's order; a tied output weight is the embedding's parameter, listed once (llama.cpp
+    then reads token_embd)."""
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     out = []
-    for hf_name, param in model.named_parameters():  # a tied lm_head is the same parameter: listed once
+    for hf_name, _ in model.named_parameters():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise GGUFError(f"{hf_name}: no GGUF name for this LLaMA tensor")
-        tensor = param.detach()
-        if hf_name.endswith("q_proj.weight"):
-            tensor = permute_rope(tensor, config.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            tensor = permute_rope(tensor, config.num_key_value_heads)
-        out.append((name, tensor))
+        heads = config.num_attention_heads if hf_name.endswith("q_proj.weight") else \
+            config.num_key_value_heads if hf_name.endswith("k_proj.weight") else 0
+        out.append((name, hf_name, heads))
     return out
 
 
@@ -166,18 +163,22 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str):
 def write_gguf(model, vocab: dict, path: str, outtype: str, name: str) -> list[tuple[str, str]]:
     """Write `model` (a LlamaForCausalLM, any dtype) and `vocab` (read_vocab) to `path` atomically.
     Returns [(tensor name, GGML type name)]."""
-    tensors = gguf_tensors(model)
-    types = [tensor_type(n, tuple(t.shape), outtype) for n, t in tensors]
+    params = dict(model.named_parameters())
+    entries = gguf_names(model)
+    types = [tensor_type(n, tuple(params[p].shape), outtype) for n, p, _ in entries]
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         _write_metadata(writer, model.config, vocab, name, _types(outtype)[1])
-        for (n, t), qtype in zip(tensors, types):  # infos first: the data is then streamed tensor by tensor
-            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype)))
-            writer.add_tensor_info(n, tuple(t.shape), np.float32, nbytes, raw_dtype=qtype)
+        for (n, p, _), qtype in zip(entries, types):  # infos first: the data is then streamed tensor by tensor
+            shape = tuple(params[p].shape)
+            writer.add_tensor_info(n, shape, np.float32, int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype))),
+                                   raw_dtype=qtype)
         writer.write_header_to_file(path=Path(tmp))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (n, t), qtype in zip(tensors, types):
-            writer.write_tensor_data(gguf.quants.quantize(t.float().numpy(), qtype))
+        for (_, p, heads), qtype in zip(entries, types):
+            tensor = params[p].detach()
+            tensor = permute_rope(tensor, heads) if heads else tensor
+            writer.write_tensor_data(gguf.quants.quantize(tensor.float().numpy(), qtype))
         writer.close()
-    return [(n, q.name) for (n, _), q in zip(tensors, types)]
+    return [(n, q.name) for (n, _, _), q in zip(entries, types)]

@@ -51,6 +51,17 @@ def spellings(key: str) -> list[str]:
             "".join(f"&#{ord(c)};" for c in key), repr(key.encode())]
 
 
+def leaky_reply(kind: str, key: str, ok):
+    """A judge handing the key back, escaped every way: in the reply the judgment file keeps (ECHO),
+    in an error body that is retried and then recorded (LEAK500), across the 300-byte cut of an error
+    detail (LEAK401)."""
+    if kind == "ECHO":
+        return ok("Rating: [[5]] " + " ".join(spellings(key)))
+    if kind == "LEAK500":
+        return 500, ("oops " + " ".join(spellings(key))).encode(), ()
+    return 401, ("x" * 280 + json.dumps(key)[1:-1]).encode(), ()
+
+
 def key_leaks(text: str, key: str = ODD_KEY) -> list[str]:
     """Runs of 8 characters of `key` in `text` read through the standard library's own decoders
     (an implementation independent of the client's): repeated unicode_escape, URL and HTML
@@ -143,12 +154,8 @@ class JudgeServer:
                     return (200, b"<html>gateway</html>", ()) if n == 1 else ok("Rating: [[4]]")
                 if kind == "GARBAGE":
                     return 200, b"<html>gateway</html>", ()
-                if kind == "ECHO":        # the key, escaped every way, in the reply the judgment file keeps
-                    return ok("Rating: [[5]] " + " ".join(spellings(server.key)))
-                if kind == "LEAK500":     # ... in an error body (retried, then recorded)
-                    return 500, ("oops " + " ".join(spellings(server.key))).encode(), ()
-                if kind == "LEAK401":     # ... across the 300-byte cut of the error detail
-                    return 401, ("x" * 280 + json.dumps(server.key)[1:-1]).encode(), ()
+                if kind in ("ECHO", "LEAK500", "LEAK401"):
+                    return leaky_reply(kind, server.key, ok)
                 raise AssertionError(kind)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
