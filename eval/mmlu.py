@@ -68,6 +68,11 @@ class MMLUArgs(ModelArgs):
             problems.append("--max_batch_tokens and --max_batch_size must be >= 1")
         if self.hf_dataset is None and not Path(self.data_dir, "test").is_dir():
             problems.append(dir_problem("--data_dir", self.data_dir) or f"--data_dir {self.data_dir}: no test/ subdirectory")
+        if self.hf_dataset and not Path(self.hf_dataset).exists():
+            from common.hub import hub_problem
+
+            hub = hub_problem(self.hf_dataset, "dataset")
+            problems += [f"--hf_dataset {self.hf_dataset}: {hub}"] if hub else []
         problem = output_problem("--output_dir", self.output_dir)  # found now, not after the whole evaluation
         raise_if_problems(problems + [problem] if problem else problems, "invalid MMLU arguments")
 

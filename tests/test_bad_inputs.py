@@ -217,6 +217,8 @@ EXPORT_EVAL_PREP_CASES = {
     "mmlu_cuda_without_cuda": (_eval("mmlu.py", "--device", "cuda"), 2, [["--device cuda", "no CUDA device"]], NO_CUDA),
     "mt_bench_gen_cuda_without_cuda": (_eval("mt_bench.py", "gen", "--device", "cuda", "--output_dir", "{dir}/bench"),
                                        2, [["--device cuda", "no CUDA device"]], NO_CUDA),
+    "mmlu_hub_dataset_offline": (_eval("mmlu.py", "--hf_dataset", "nobody-sift/no-such-data"), 2,
+                                 [["--hf_dataset nobody-sift/no-such-data", "HF_HUB_OFFLINE"]], {}),
     "mmlu_model_without_tokenizer": (_eval("mmlu.py", "--model", "{dir}/no_tokenizer"), 2,
                                      [["--model", "no_tokenizer", "no tokenizer files (tokenizer.json"]], {}),
     "mmlu_output_dir_is_a_file": (_eval("mmlu.py", "--output_dir", "{dir}/user.txt", "--subjects", "anatomy"), 2,
