@@ -28,7 +28,6 @@ from pathlib import Path
 
 PROG = "python -m sift.export"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # sift.gguf.OUTTYPES, listed here so --help imports no torch
 
 
 class ExportError(ValueError):
@@ -56,6 +55,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def parse(argv=None) -> argparse.Namespace:
+    from .gguf import OUTTYPES
+
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True, metavar="{merged,peft,gguf}")
     for kind, help_ in (("merged", "base + increment as an HF model directory"),
