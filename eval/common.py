@@ -34,22 +34,20 @@ class ModelArgs:
                 "full-precision base it gives base + delta)"})
 
     def model_problems(self) -> list[str]:
-        from common.hub import model_problem
+        from common.inputs import device_problem, file_problem, model_problem
 
         problems = []
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.increment is not None and not Path(self.increment).is_file():
-            problems.append(f"--increment {self.increment}: no such file")
-        if problem := model_problem("--model", self.model):
-            problems.append(problem)
         if self.quantization != "none":  # the 4-bit types are sift's (their module loads torch: only asked here)
             from sift.quantize import QUANT_TYPES
 
             if self.quantization not in QUANT_TYPES:
                 problems.append(f"--quantization must be one of {', '.join(('none', *QUANT_TYPES))}, "
                                 f"got {self.quantization!r}")
-        return problems
+        return problems + [p for p in (self.increment is not None and file_problem("--increment", self.increment),
+                                       model_problem("--model", self.model),
+                                       device_problem("--device", self.device)) if p]
 
 
 def resolve_device(device: str) -> str:

@@ -136,9 +136,26 @@ def increment_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
 
 def write_increment(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """The one writer of increment files, SIFT's and QSIFT's (sift.quantize): format v2's header over
-    `meta`, written atomically (temp file + fsync + rename): an interrupted save never leaves a torn file."""
+    `meta`, written atomically (temp file + fsync + rename): an interrupted save never leaves a torn
+    file. The header's keys are sorted, so the same tensors and metadata give the same bytes."""
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={**meta, "format": FORMAT, "version": VERSION})
+        _sort_header(tmp)
+
+
+def _sort_header(path: str) -> None:
+    """Rewrite a safetensors header in place with its keys sorted. safetensors serialises the
+    metadata from a Rust HashMap, whose order changes from process to process; the sorted JSON has
+    the same length (same entries, same compact separators and escapes), padded with the spaces the
+    format allows, so only the header's bytes are rewritten, never the tensor data."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise IncrementError(f"{path}: the sorted header is longer than the written one; not rewritten")
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def save_increment(opt, path: str, base_model: str = "", quantization: str | None = None,
@@ -159,12 +176,12 @@ def save_increment(opt, path: str, base_model: str = "", quantization: str | Non
 
 
 # ------------------------------------------------------------------ load / check / apply
-def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata); raises IncrementError for unreadable files or foreign formats."""
+def read_metadata(path: str) -> dict[str, str]:
+    """An increment's metadata, read from the header alone (no tensor is loaded); raises
+    IncrementError for unreadable files or foreign formats."""
     if not os.path.isfile(path):
         raise IncrementError(f"{path}: no such increment file")
     try:
-        tensors = load_file(path)
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
@@ -174,7 +191,16 @@ def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     if meta.get("version") not in READS:
         raise IncrementError(f"{path}: increment version {meta.get('version')!r}, this SIFT reads "
                              f"{' and '.join(READS)}")
-    return tensors, meta
+    return meta
+
+
+def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata); raises IncrementError for unreadable files or foreign formats."""
+    meta = read_metadata(path)
+    try:
+        return load_file(path), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise IncrementError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 def tensor_names(tensors: dict) -> list[str]:

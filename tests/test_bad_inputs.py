@@ -188,3 +188,83 @@ def test_hub_ids_are_checked_in_the_cache_first_then_with_one_short_request(monk
     assert asked == [10]
     monkeypatch.setattr(huggingface_hub, "dataset_info", lambda repo_id, timeout: object())
     assert hub_problem("somebody/some-data", "dataset") is None  # reachable: loading will download it
+
+
+# ----------------------------------------------------------------------------- exports, eval and data_prep
+# Outputs that would replace what an export reads, devices this machine lacks, files where directories
+# are expected and back, a model without tokenizer files, an empty question range. These run in the same
+# pool as the cases above (`results` runs every entry of CASES), from files the extended _setup adds.
+
+def _export(*extra):
+    return lambda c: [sys.executable, "-m", "sift.export", *[x.format(**c) for x in extra]]
+
+
+INC = "{dir}/run/sift_increment.safetensors"
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # so the case reads the same on a machine with a GPU
+EXPORT_EVAL_PREP_CASES = {
+    "export_merged_into_its_base": (_export("merged", "--increment", INC, "--output_dir", "{dir}/base", "--overwrite"),
+                                    2, [["--output_dir", "is the increment's recorded base model"]], {}),
+    "export_peft_into_its_base": (_export("peft", "--increment", INC, "--output_dir", "{dir}/base/", "--overwrite"),
+                                  2, [["--output_dir", "is the increment's recorded base model"]], {}),
+    "export_into_a_parent_of_its_base": (_export("merged", "--increment", INC, "--output_dir", "{dir}", "--overwrite"),
+                                         2, [["--output_dir", "holds --increment"]], {}),
+    "export_shard_size": (_export("merged", "--increment", INC, "--output_dir", "{dir}/m", "--max_shard_size", "lots"),
+                          2, [["--max_shard_size", "'lots' is not a size"]], {}),
+    "export_increment_is_a_directory": (_export("gguf", "--increment", "{dir}/run", "--output", "{dir}/m.gguf"), 2,
+                                        [["--increment", "run: is a directory, expected a file"]], {}),
+    "export_model_is_a_file": (_export("peft", "--increment", INC, "--output_dir", "{dir}/p", "--model",
+                                       "{dir}/user.txt"), 2, [["--model", "user.txt: is a file"]], {}),
+    "mmlu_cuda_without_cuda": (_eval("mmlu.py", "--device", "cuda"), 2, [["--device cuda", "no CUDA device"]], NO_CUDA),
+    "mt_bench_gen_cuda_without_cuda": (_eval("mt_bench.py", "gen", "--device", "cuda", "--output_dir", "{dir}/bench"),
+                                       2, [["--device cuda", "no CUDA device"]], NO_CUDA),
+    "mmlu_hub_dataset_offline": (_eval("mmlu.py", "--hf_dataset", "nobody-sift/no-such-data"), 2,
+                                 [["--hf_dataset nobody-sift/no-such-data", "HF_HUB_OFFLINE"]], {}),
+    "mmlu_model_without_tokenizer": (_eval("mmlu.py", "--model", "{dir}/no_tokenizer"), 2,
+                                     [["--model", "no_tokenizer", "no tokenizer files (tokenizer.json"]], {}),
+    "mmlu_output_dir_is_a_file": (_eval("mmlu.py", "--output_dir", "{dir}/user.txt", "--subjects", "anatomy"), 2,
+                                  [["--output_dir", "user.txt: is a file, expected a directory"]], {}),
+    "mmlu_files_and_directories_swapped": (_eval("mmlu.py", "--data_dir", "{dir}/user.txt", "--increment", "{dir}/run",
+                                                 "--device", "gpu"), 2,
+                                           [["--data_dir", "user.txt: is a file, expected a directory"],
+                                            ["--increment", "run: is a directory, expected a file"],
+                                            ["--device gpu", "expected auto, cpu, cuda or cuda:N"]], {}),
+    "mt_bench_gen_empty_question_range": (_eval("mt_bench.py", "gen", "--question_begin", "5", "--question_end", "2",
+                                                "--output_dir", "{dir}/bench"), 2,
+                                          [["--question_begin 5 is not below --question_end 2"]], {}),
+    "mt_bench_judge_directory_as_file": (_eval("mt_bench.py", "judge", "--question_file", "{dir}/run",
+                                               "--output_dir", "{dir}/bench"), 2,
+                                         [["--question_file", "run: is a directory, expected a file"]], {}),
+    "mt_bench_show_directory_as_file": (_eval("mt_bench.py", "show", "--input_file", "{dir}/bench",
+                                              "--output_dir", "{dir}/user.txt"), 2,
+                                        [["--input_file", "bench: is a directory, expected a file"],
+                                         ["--output_dir", "user.txt: is a file, expected a directory"]], {}),
+    "sharegpt_tokenizer_not_there": (lambda c: [sys.executable, "-m", "data_prep.sharegpt", f"{c['dir']}/rows.json",
+                                                "-o", f"{c['dir']}/s.jsonl", "--max_tokens", "64",
+                                                "--model_name_or_path", "/nonexistent"], 2,
+                                     [["--model_name_or_path /nonexistent", "no such directory"]], {}),
+    "prep_output_below_a_file": (_prep("{dir}/rows.json", "-o", "{dir}/user.txt/out.jsonl"), 2,
+                                 [["-o", "user.txt is a file, so nothing can be created below it"]], {}),
+}
+CASES.update(EXPORT_EVAL_PREP_CASES)
+_setup_catalogue = _setup
+
+
+def _setup(case_dir: Path, alpaca_40: str) -> None:  # noqa: F811  the catalogue's files, and those below
+    """Adds a base model directory (stand-in files: every case is refused before a weight loads), an
+    increment that records it, and a model directory without tokenizer files."""
+    from sift.increment import write_increment
+
+    _setup_catalogue(case_dir, alpaca_40)
+    for name in ("base", "no_tokenizer"):
+        (case_dir / name).mkdir()
+        (case_dir / name / "config.json").write_text('{"model_type": "llama"}')
+        (case_dir / name / "model.safetensors").write_bytes(b"the base's weights")
+    (case_dir / "base" / "tokenizer.json").write_text("{}")
+    (case_dir / "run").mkdir()
+    write_increment(str(case_dir / "run" / "sift_increment.safetensors"), {"model.norm.weight.delta": torch.zeros(4)},
+                    {"base_model": str(case_dir / "base"), "dtype": "float32"})
+
+
+@pytest.mark.parametrize("name", list(EXPORT_EVAL_PREP_CASES))
+def test_export_eval_prep_bad_input_gets_one_clear_line(results, name):
+    test_bad_input_gets_one_clear_line(results, name)

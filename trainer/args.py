@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from common.cli import UsageError
-from common.hub import data_problem, model_problem
+from common.inputs import data_problem, model_problem
 from common.modeling import EMBEDDED
 from data_prep.dataset import BUNDLED_ALPACA
 from data_prep.templates import TEMPLATES

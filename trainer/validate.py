@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.cli import problems_error
-from common.hub import model_problem
+from common.inputs import model_problem
 from common.modeling import EMBEDDED, resolve_model_path
 
 from . import ds, methods, offload, rundir
