@@ -1,5 +1,5 @@
 """benchmarks/: the byte counter against hand-counted tensors, the planner against a measured step,
-and the item-1 machinery on a tiny model. No timing assertions: this machine is shared."""
+and the memory / speed machinery on a tiny model. No timing assertions: this machine is shared."""
 import copy
 import gc
 
@@ -8,7 +8,7 @@ import torch
 
 from benchmarks import memory_plan, memory_speed, quality
 from benchmarks.memtrack import MemoryTracker, nbytes_of
-from benchmarks.methods import Method, Trainee, item1_methods, lora_rank_for_rate, sift_rate_for_rank, targets_of
+from benchmarks.methods import Method, Trainee, compared_methods, lora_rank_for_rate, sift_rate_for_rank, targets_of
 from benchmarks.sparsity import mean_pairwise_overlap
 from conftest import batch, tiny_llama
 
@@ -104,10 +104,10 @@ def test_planner_matches_a_measured_cpu_step_within_10_percent(ckpt):
         assert abs(plan["peak_with_host"] - measured) <= 0.10 * measured, (method.name, plan, measured)
 
 
-def test_item1_machinery_on_a_tiny_model():
+def test_compared_methods_machinery_on_a_tiny_model():
     model = tiny_llama(layers=2, hidden=64, vocab=128)
     batches = [batch(i, vocab=128) for i in range(3)]
-    methods = item1_methods(model)
+    methods = compared_methods(model)
     assert [m.kind for m in methods] == ["floor", "full", "full", "lora", "original"] + ["sift"] * 4
     # the full-model optimizers are covered above; the 1 % rows take the same paths as the 5 % ones
     methods = [m for m in methods if m.kind != "full" and m.rate != 0.01]
