@@ -47,13 +47,15 @@ from .models import build_model, enable_checkpointing, load_config
 DRY_RUN_SHAPE, DRY_RUN_SEQ = "llama-tiny", 64
 PARTS = ("kernel_parity", "rows", "zero3_smoke")
 RESULTS = Path(__file__).resolve().parent / "results"
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 
 
 def run(parts: list[str], rows: list[dict], seq: int, batch: int, steps: int, dry_run: bool, log=print) -> dict:
     """Every part named in `parts` (see the module doc); a dry run builds all on the CPU."""
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise UsageError(f"gpu: unknown parts {unknown}; choose among {', '.join(PARTS)}")
+    problems = [f"unknown part {p!r}: choose among {', '.join(PARTS)}" for p in parts if p not in PARTS]
+    problems += row_problems(rows)
+    if problems:
+        raise UsageError("gpu: " + "; ".join(problems))
     if not dry_run and not torch.cuda.is_available():
         raise UsageError("gpu: needs a CUDA device (torch.cuda.is_available() is False); "
                          "--dry-run builds every part on the CPU instead")
@@ -71,6 +73,20 @@ def run(parts: list[str], rows: list[dict], seq: int, batch: int, steps: int, dr
         else:
             out["zero3_offload_smoke"] = zero3_smoke(dry_run)
         log(f"  {part}: {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def row_problems(rows: list[dict]) -> list[str]:
+    """What keeps a row from being built or compared: its Method, its shape, its plan experiment."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            Method(**row["method"])
+            load_config(row["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            out.append(f"row {i}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        if row.get("plan") and not (EXPERIMENTS / f"{row['plan']}.json").is_file():
+            out.append(f"row {i}: no plan experiment {row['plan']} (experiments/{row['plan']}.json)")
     return out
 
 
@@ -201,6 +217,8 @@ def planned(row: dict, method: Method, config, seq: int, batch: int, steps: int,
     if device != "cuda":
         plan = memory_plan.plan(config, method, batch, seq, torch.bfloat16, True, steps=steps)
         return {"planned_peak_gib": plan["peak_with_host"] / GIB, "plan": "planned live (dry run)"}
+    if not row.get("plan"):
+        return {"planned_peak_gib": None, "plan": None}
     path = RESULTS / f"{row['plan'].replace('/', '--')}.json"
     if not path.is_file():
         return {"planned_peak_gib": None, "plan": f"{path.name}: not found"}

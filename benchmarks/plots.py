@@ -18,25 +18,32 @@ PARTS = (("params", "weights"), ("grads", "grads"), ("optimizer", "optimizer sta
 
 
 def stacked_peaks(ax, rows, unit, unit_name, floor_peak=None):
+    """One bar per row: the peak's parts stacked (host-side state hatched: it is not device memory),
+    the device peak written at the bar's end, the legend outside the axes."""
     names = [r["name"] for r in rows]
     left = [0.0] * len(rows)
-    for key, label in PARTS:
+    for i, (key, label) in enumerate(PARTS):
         vals = [r["peak_breakdown"][key] / unit for r in rows]
         if any(vals):
-            ax.barh(names, vals, left=left, label=label)
+            ax.barh(names, vals, left=left, label=label, color=f"C{i}", hatch="//" if key == "host" else None,
+                    alpha=0.5 if key == "host" else 1.0)
             left = [a + b for a, b in zip(left, vals)]
+    for i, r in enumerate(rows):
+        peak = sum(v for k, v in r["peak_breakdown"].items() if k != "host")
+        ax.text(left[i], i, f" {peak / unit:,.2f}", va="center", fontsize=7)
     if floor_peak:
         ax.axvline(floor_peak / unit, color="k", lw=0.8, ls="--", label="floor peak")
+    ax.set_xlim(0, max(left) * 1.15)
     ax.invert_yaxis()
-    ax.set_xlabel(f"peak tensor memory ({unit_name})")
+    ax.set_xlabel(f"peak tensor memory ({unit_name}); the number: device memory, host-side state left out")
     ax.tick_params(axis="y", labelsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
 
 
 def memory_figure(doc: dict):
     memory = doc["result"]
     rows = [dict(r, peak_breakdown=r["memory"]["peak_breakdown"]) for r in memory["results"]]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     stacked_peaks(ax, rows, MIB, "MiB", rows[0]["memory"]["peak"])
     ax.set_title(f"{memory['model']}: batch {memory['batch']} x {memory['seq']} tokens, fp32, CPU "
                  f"(checkpointing {'on' if memory['gradient_checkpointing'] else 'off'})", fontsize=9)
@@ -73,7 +80,7 @@ def speed_figure(doc: dict):
 
 def plan_figure(doc: dict):
     s, rows = doc["result"]["setting"], doc["result"]["rows"]
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.42 * len(rows)))
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.42 * len(rows)))
     stacked_peaks(ax, rows, GIB, "GiB", rows[0]["peak"])
     if (s["model"], s["seq"], s["batch"], s["gradient_checkpointing"]) == ("llama-7b", 2048, 1, True):
         for label, gb in PAPER_7B.items():

@@ -5,6 +5,7 @@ command and stamp that made it, followed by the experiment's plots. Other sectio
 `<!-- BEGIN STAGE--NAME SECTION -->` markers. The prose around the markers is written by hand."""
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from pathlib import Path
@@ -215,6 +216,27 @@ def render(doc: dict, plots_dir: Path) -> dict[str, str]:
     main = [source_line(doc), sections.pop("")] + images
     return {slug: "\n\n".join(p for p in main if p),
             **{f"{slug} {name}": body for name, body in sections.items()}}
+
+
+def index(results_dir: Path) -> str:
+    """Every result: what made it, when, and its wall time; and the total a full regeneration takes."""
+    lines = ["| result | command | commit | date | wall time | how it was made |", "|---|---|---|---|---:|---|"]
+    total, unknown = 0.0, 0
+    for path in sorted(results_dir.glob("*.json")):
+        st = json.loads(path.read_text())["stamp"]
+        seconds = st.get("seconds")
+        total += seconds or 0
+        unknown += seconds is None
+        how = "kept from before the driver" if st.get("note") else "rerun by the driver"
+        lines.append(f"| `results/{path.name}` | `{st['command']}` | {str(st.get('commit'))[:7]} | "
+                     f"{st.get('date', '')[:10]} | {_minutes(seconds)} | {how} |")
+    lines.append(f"| **all** | `python -m benchmarks.run '*'` | | | **{total / 3600:.1f} h** | "
+                 f"+ {unknown} without a recorded wall time |")
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def refresh_readme(readme: Path, sections: dict[str, str]) -> list[str]:

@@ -134,7 +134,7 @@ def measure(exp: dict, dirs: dict, log) -> dict:
 
     slug = exp["experiment"].replace("/", "--")
     checkpoint = Checkpoint(dirs["results"] / ".partial" / f"{slug}.json", exp["params"])
-    stamped = stamp.start(exp["experiment"])
+    stamped = stamp.start(exp["experiment"], dirs["code"])
     log(f"[{exp['experiment']}] {exp['description']}")
     t0 = time.perf_counter()
     result = call_stage(exp, log, checkpoint=checkpoint)
@@ -157,6 +157,7 @@ def render(names: list[str], dirs: dict, readme: Path | None, log) -> None:
             continue
         sections.update(report.render(json.loads(path.read_text()), dirs["plots"]))
     if readme is not None and sections:
+        sections["index"] = report.index(dirs["results"])
         missing = report.refresh_readme(readme, sections)
         for section in missing:
             log(f"[{section}] no <!-- BEGIN {section} --> marker in {readme.name}: table not written")
@@ -201,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         problems += found
     if problems:
         raise problems_error(PROG, problems)
-    dirs = {"results": args.results_dir, "plots": args.plots_dir}
+    from . import stamp
+
+    # the tree's state now is the code's that runs: load_experiment has imported every stage (what
+    # a stage imports when called, train_sft.py for one, loads later)
+    dirs = {"results": args.results_dir, "plots": args.plots_dir, "code": stamp.git_state()}
     readme = Path(args.readme) if args.readme else None
     from tqdm import tqdm
 

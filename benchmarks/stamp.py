@@ -21,9 +21,10 @@ def command_for(experiment: str) -> str:
     return f"python -m benchmarks.run {experiment}"
 
 
-def start(experiment: str) -> dict:
-    """The stamp as a run begins (`finish` adds its wall time)."""
-    commit, dirty = git_state()
+def start(experiment: str, code: tuple[str | None, list[str]]) -> dict:
+    """The stamp as a run begins, `code` being `git_state()` when the driver imported the code it
+    runs (`finish` adds the wall time)."""
+    commit, dirty = code
     return {"command": command_for(experiment), "invoked": shlex.join(["python", "-m", "benchmarks.run",
                                                                         *sys.argv[1:]]),
             "commit": commit, "dirty": bool(dirty), "dirty_paths": dirty[:20],
