@@ -153,16 +153,15 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-
 def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradient_checkpointing: bool = False,
                  method: str = "all", rate: float = 0.05, lora_rank: int | None = None, dtype: str = "bf16",
                  quantization: str | None = None, gradient_accumulation_steps: int = 1,
-                 offload_activations: bool = False, embeddings_on_host: bool = False, dry_run: bool = False,
-                 log=print) -> dict:
+                 offload_activations: bool = False, embeddings_on_host: bool = False,
+                 dry_run: bool = False) -> dict:
     """The planned rows of one setting (the options of `python -m benchmarks.memory_plan`, which see).
     Every bad option and an unusable model are refused together, before any row is planned; a dry
     run stops there and names the rows it would plan."""
-    setting = {k: v for k, v in locals().items() if k not in ("dry_run", "log")}
+    setting = {k: v for k, v in locals().items() if k != "dry_run"}
     problems = option_problems(setting)
     config = None
     if not problems:  # a model check on top of bad numbers would only add noise
@@ -186,8 +185,7 @@ def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradi
     return {"setting": setting, "params": rows[0]["params"], "rows": rows}
 
 
-DEFAULTS = {k: p.default for k, p in inspect.signature(plan_setting).parameters.items()
-            if k not in ("dry_run", "log")}
+DEFAULTS = {k: p.default for k, p in inspect.signature(plan_setting).parameters.items() if k != "dry_run"}
 
 
 def option_problems(setting: dict) -> list[str]:

@@ -43,7 +43,7 @@ def stacked_peaks(ax, rows, unit, unit_name, floor_peak=None):
 def memory_figure(doc: dict):
     memory = doc["result"]
     rows = [dict(r, peak_breakdown=r["memory"]["peak_breakdown"]) for r in memory["results"]]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(10, 4.5))
     stacked_peaks(ax, rows, MIB, "MiB", rows[0]["memory"]["peak"])
     ax.set_title(f"{memory['model']}: batch {memory['batch']} x {memory['seq']} tokens, fp32, CPU "
                  f"(checkpointing {'on' if memory['gradient_checkpointing'] else 'off'})", fontsize=9)
@@ -57,7 +57,7 @@ def speed_figure(doc: dict):
     if not rows:
         return None
     names = [r["name"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(8, 4.5))
     left = [0.0] * len(rows)
     for phase in ("forward", "backward", "step"):
         vals = [r["median_phase_s"][phase] for r in rows]
@@ -80,12 +80,15 @@ def speed_figure(doc: dict):
 
 def plan_figure(doc: dict):
     s, rows = doc["result"]["setting"], doc["result"]["rows"]
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.42 * len(rows)))
+    fig, ax = plt.subplots(layout="constrained", figsize=(10, 1.2 + 0.42 * len(rows)))
     stacked_peaks(ax, rows, GIB, "GiB", rows[0]["peak"])
-    if (s["model"], s["seq"], s["batch"], s["gradient_checkpointing"]) == ("llama-7b", 2048, 1, True):
+    if (s["model"], s["seq"], s["batch"], s["gradient_checkpointing"], s["quantization"]) \
+            == ("llama-7b", 2048, 1, True, None):
         for label, gb in PAPER_7B.items():
-            ax.axvline(gb, color="gray", lw=0.8, ls=":")
-            ax.text(gb, len(rows) - 0.5, f" paper {label}: {gb}", fontsize=7, rotation=90, va="bottom")
+            if gb < ax.get_xlim()[1]:
+                ax.axvline(gb, color="gray", lw=0.8, ls=":")
+                ax.text(gb, 0.99, f"paper, {label} ", transform=ax.get_xaxis_transform(), fontsize=7,
+                        rotation=90, va="top", ha="right")
     extras = [f for f, on in (("offload", s["offload_activations"]), ("host embeddings", s["embeddings_on_host"]),
                               (f"{s['gradient_accumulation_steps']} micro-batches",
                                s["gradient_accumulation_steps"] > 1)) if on]
@@ -97,7 +100,7 @@ def plan_figure(doc: dict):
 
 def quality_figure(doc: dict):
     q = doc["result"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 4.5))
     styles = {("lora", "grad"): ("LoRA", "o-"), ("sift", "grad"): ("SIFT, gradient selection", "s-"),
               ("sift", "random"): ("SIFT, random selection", "^-")}
     for (kind, sel), (label, fmt) in styles.items():
@@ -123,7 +126,7 @@ def quality_figure(doc: dict):
 
 def sparsity_figure(doc: dict):
     sp = doc["result"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, layout="constrained", figsize=(11, 4.2))
     mods = list(sp["by_module"])
     x = range(len(mods))
     series = [("top0.01_share", "top 1 %"), ("top0.05_share", "top 5 %"),
@@ -161,7 +164,7 @@ def qsift_quality_figure(doc: dict):
     runs = results["runs"]
     names = list(dict.fromkeys(r["method"] for r in runs))
     seeds = list(dict.fromkeys(r["seed"] for r in runs))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    fig, (a, b) = plt.subplots(1, 2, layout="constrained", figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
     for i, name in enumerate(names):
         ys = [r["heldout_loss"] for r in runs if r["method"] == name]
         a.plot([i] * len(ys), ys, "o", color="C0" if "Q" in name[:2] else "C1")
@@ -208,7 +211,7 @@ def ratio_bars(ax, labels: list[str], values: list[float], goal: float | None, x
 
 def core_speed_figure(doc: dict):
     rows = doc["result"]["rows"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, (a, b) = plt.subplots(1, 2, layout="constrained", figsize=(11, 3.4))
     sift = [r for r in rows if r["entries"]]
     labels = [f"{r['dtype']} {r['name']}" for r in sift]
     ratio_bars(a, labels, [r["time_vs_floor"] for r in sift], 1.05, "median step / floor's (wall)")
@@ -229,7 +232,7 @@ def core_speed_figure(doc: dict):
 
 def packing_figure(doc: dict):
     rows = doc["result"]["rows"]
-    fig, ax = plt.subplots(figsize=(7, 2.6))
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 2.6))
     labels = ["--packing" if r["packing"] else "padded" for r in rows]
     for i, (key, name) in enumerate((("label_tokens_per_s", "per wall second"),
                                      ("label_tokens_per_cpu_s", "per CPU second"))):
@@ -245,11 +248,31 @@ def packing_figure(doc: dict):
     return fig
 
 
+def packing_counts_figure(doc: dict):
+    """Packed over padded label tokens per step, per grid token and per FLOP, at each length."""
+    rows = doc["result"]["rows"]
+    pairs = list(zip(rows[::2], rows[1::2]))
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 3.2))
+    width = 0.27
+    for i, (key, name) in enumerate((("steps", "per step"), ("grid_tokens", "per grid token"), ("flops", "per FLOP"))):
+        ratios = [(pk["label_tokens"] / pk[key]) / (pd["label_tokens"] / pd[key]) for pd, pk in pairs]
+        xs = [j + (i - 1) * width for j in range(len(pairs))]
+        ax.bar(xs, ratios, width=width, label=name)
+        for x, r in zip(xs, ratios):
+            ax.text(x, r, f"{r:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.5, color="r", lw=0.8, ls="--", label="goal: 1.5 x")
+    ax.set_xticks(range(len(pairs)), [f"{pd['model_max_length']} tokens" for pd, _ in pairs])
+    ax.set_ylabel("packed / padded label tokens")
+    ax.set_title("one epoch of train_sft.py's loaders, counted (no training)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
 def gpu_figure(doc: dict):
     rows = [r for r in doc["result"].get("rows", []) if r.get("planned_peak_gib")]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(layout="constrained", figsize=(8, 0.9 + 0.45 * len(rows)))
     labels = [f"{r['model']} {r['method']}" for r in rows]
     ratio_bars(ax, labels, [r["peak_later_steps_gib"] / r["planned_peak_gib"] for r in rows], None,
                "measured peak / planned peak")
@@ -260,10 +283,10 @@ def gpu_figure(doc: dict):
 FIGURES = {"memory": {"": memory_figure, "-speed": speed_figure}, "plan": {"": plan_figure},
            "quality": {"": quality_figure}, "sparsity": {"": sparsity_figure},
            "qsift_quality": {"": qsift_quality_figure}, "core_speed": {"": core_speed_figure},
-           "packing": {"": packing_figure}, "gpu": {"": gpu_figure}}
+           "packing": {"": packing_figure}, "packing_counts": {"": packing_counts_figure},
+           "gpu": {"": gpu_figure}}
 
 
 def save(fig, path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends outside the axes stay in the image
     plt.close(fig)

@@ -223,7 +223,7 @@ def index(results_dir: Path) -> str:
     lines = ["| result | command | commit | date | wall time | how it was made |", "|---|---|---|---|---:|---|"]
     total, unknown = 0.0, 0
     for path in sorted(results_dir.glob("*.json")):
-        st = json.loads(path.read_text())["stamp"]
+        st = json.loads(path.read_text()).get("stamp", {"command": "(no stamp)"})
         seconds = st.get("seconds")
         total += seconds or 0
         unknown += seconds is None
