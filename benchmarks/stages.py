@@ -73,10 +73,12 @@ def qsift_quality(steps: int = 100, batch_size: int = 4, max_length: int = 64, r
                   n_heldout: int = 32, checkpoint=None, log=print) -> dict:
     """QSIFT, QLoRA, SIFT and LoRA at equal counts on SmolLM2; resumable run by run."""
     setting = {k: v for k, v in locals().items() if k not in ("checkpoint", "log")}
-    unknown = sorted(set(methods) - {"qsift", "qlora", "sift", "lora"})
-    if unknown or quantization not in memory_plan.QUANTIZATIONS:
-        raise UsageError(f"qsift_quality: methods {unknown} unknown (qsift, qlora, sift, lora) or quantization "
-                         f"{quantization!r} not one of {memory_plan.QUANTIZATIONS}")
+    problems = [f"method {m!r}: choose among qsift, qlora, sift, lora" for m in methods
+                if m not in ("qsift", "qlora", "sift", "lora")]
+    if quantization not in memory_plan.QUANTIZATIONS:
+        problems.append(f"quantization {quantization!r}: choose one of {', '.join(memory_plan.QUANTIZATIONS)}")
+    if problems:
+        raise UsageError("qsift_quality: " + "; ".join(problems))
     return qsift_quality_mod.run(setting, checkpoint=checkpoint, log=log)
 
 

@@ -260,6 +260,7 @@ def test_gpu_check_dry_run_builds_every_part_on_the_cpu_and_each_row_meets_its_p
     name = "gpu/check"
     exp, problems = run.load_experiment(name, run.discover(BENCH / "experiments")[name])
     assert not problems
+    exp["params"]["steps"] = 2  # the first step selects, the second is a steady one: enough to compare
     result = run.call_stage(exp, log=lambda *_: None, dry_run=True)
     assert len(result["rows"]) == len(exp["params"]["rows"])
     for row in result["rows"]:
@@ -289,20 +290,20 @@ def _planner_files(d: Path) -> None:
 
 
 # id: (arguments, [what one line of stderr must say, for each problem]). The first group runs as
-# subprocesses (each ~5 s of CPU importing torch and bitsandbytes), one per place a check can fail;
-# the second in this process.
+# subprocesses (each ~5 s of CPU importing torch and bitsandbytes): the option check, the model
+# check (its config read and its meta skeleton) and argparse's own; the second in this process.
 PLANNER_SUBPROCESS = {
     "numbers": (["--seq", "0", "--batch", "-1", "--rate", "nan", "--lora_rank", "0",
                  "--gradient_accumulation_steps", "0"],
                 [["--seq 0", ">= 1"], ["--batch -1", ">= 1"], ["--rate nan", "(0, 1]"], ["--lora_rank 0", ">= 1"],
                  ["--gradient_accumulation_steps 0", ">= 1"]]),
-    "unknown_model": (["--model", "llama-9b"], [["--model llama-9b", "not a shape name", "llama-7b"]]),
-    "garbage_config": (["--model", "{d}/garbage.json"], [["garbage.json", "not JSON", "line 1"]]),
     "not_llama": (["--model", "{d}/gpt2.json"], [["gpt2.json", "GPT2LMHeadModel lacks the LLaMA linears", "q_proj"]]),
-    "json_is_a_directory": (["--json", "{d}"], [["--json", "is a directory"]]),
     "abbreviation": (["--lora_r", "3"], [["unrecognized arguments: --lora_r 3"]]),
 }
 PLANNER_IN_PROCESS = {
+    "unknown_model": (["--model", "llama-9b"], [["--model llama-9b", "not a shape name", "llama-7b"]]),
+    "garbage_config": (["--model", "{d}/garbage.json"], [["garbage.json", "not JSON", "line 1"]]),
+    "json_is_a_directory": (["--json", "{d}"], [["--json", "is a directory"]]),
     "rate_above_1": (["--rate", "2"], [["--rate 2.0", "(0, 1]"]]),
     "rate_inf": (["--rate", "inf", "--seq", "-3"], [["--rate inf", "(0, 1]"], ["--seq -3", ">= 1"]]),
     "dir_without_config": (["--model", "{d}/empty"], [["empty", "no config.json"]]),
