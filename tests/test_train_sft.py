@@ -140,7 +140,7 @@ def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
     message = usage_error(capsys, ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path",
                                    str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "old"),
                                    "--sift_rate", "1.5", "--step_in_backward", "--gradient_accumulation_steps", "4",
-                                   "--sift_selection", "best", "--eval_steps", "-1"])
+                                   "--max_grad_norm", "1.0", "--sift_selection", "best", "--eval_steps", "-1"])
     for needle in ("--sift_rate 1.5", "--sift_selection best", "--gradient_accumulation_steps 1",
                    "--max_grad_norm 0", "none.json: no such file", "no-model: no such directory",
                    "holds another run", "--eval_steps -1"):

@@ -1,7 +1,7 @@
 """Every problem with train_sft.py's options, from every owner, at once, before any weight is read.
 
     plan = resolve(args)            # a Plan, or UsageError listing every problem (exit status 2);
-                                    # plan.notes (warnings, implied values) printed on stderr
+                                    # valid: plan.notes (warnings, implied values) printed on stderr
     plan, problems = check(args)    # the same, without raising or printing
 
 Each rule is written once, by the module that owns what it is about; `check` only collects:
@@ -78,13 +78,14 @@ def check(args: Arguments) -> tuple[Plan, list[str]]:
 
 def resolve(args: Arguments) -> Plan:
     """The Plan of `args`, or a UsageError with every problem (one line for one, a list for several);
-    the notes go to stderr first (once: on the first rank of a DeepSpeed launch)."""
+    the notes of valid options go to stderr (once: on the first rank of a DeepSpeed launch), a
+    refusal is its problems alone."""
     plan, problems = check(args)
+    if problems:
+        raise problems_error("train_sft.py", problems)
     if os.environ.get("RANK", "0") == "0":
         for note in plan.notes:
             print(note, file=sys.stderr)
-    if problems:
-        raise problems_error("train_sft.py", problems)
     return plan
 
 
