@@ -22,14 +22,14 @@ silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load
 
 from common import cli  # noqa: E402
 from trainer import args as targs  # noqa: E402
-from trainer import validate  # noqa: E402
+from trainer import methods, validate  # noqa: E402
 from trainer.recipe import Recipe  # noqa: E402
 
 
 def main(argv=None):
     """One run; returns (before, after): the held-out figures of the base and the trained model. A
     usage or input problem raises `common.cli.UsageError` (one message, exit status 2)."""
-    args = targs.parse(argv)  # args.model, .method, .data, .train, .output
+    args = targs.parse(argv, choices=methods.flag_choices())  # args.model, .method, .data, .train, .output
     plan = validate.resolve(args)  # every problem at once, before any weight is read
 
     # ------------------------------------------------------------------ setup

@@ -6,6 +6,7 @@ check finds together share one invocation (each must get its own line)."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +63,7 @@ CASES = {
     "yaml_syntax": (lambda c: [sys.executable, "train_sft.py", str(c["dir"] / "bad.yaml")], 2,
                     [["bad.yaml: not valid YAML at line", "fix the file"]], {}),
     "yaml_unknown_key": (lambda c: [sys.executable, "train_sft.py", str(c["dir"] / "typo.yaml")], 2,
-                         [["typo.yaml: unknown option(s) learning_rat"]], {}),
+                         [["typo.yaml: unknown option learning_rat: did you mean learning_rate?"]], {}),
     "resume_nothing": (_train("--resume_from_checkpoint", "latest"), 2,
                        [["--resume_from_checkpoint latest", "no complete checkpoint"]], {}),
     "holds_another_run": (_train("--output_dir", "{dir}/old_run"), 2,
@@ -268,3 +269,69 @@ def _setup(case_dir: Path, alpaca_40: str) -> None:  # noqa: F811  the catalogue
 @pytest.mark.parametrize("name", list(EXPORT_EVAL_PREP_CASES))
 def test_export_eval_prep_bad_input_gets_one_clear_line(results, name):
     test_bad_input_gets_one_clear_line(results, name)
+
+
+# ----------------------------------------------------------------------------- train_sft.py's options
+# Values once taken silently (a negative count used as a Python slice, a path as a run name, the
+# training file as the held-out one, an explicit value --step_in_backward cannot use), misspelled and
+# abbreviated options, LoRA's ranges, warm-up given twice, a file listed twice in --data_path: each one
+# line naming the option, exit status 2, before anything is read or written. Same pool as above.
+OPTION_CASES = {
+    "negative_counts_and_paths": (_train("--max_train_samples", "-30", "--max_steps", "-5", "--save_steps", "-1",
+                                         "--save_total_limit", "-1", "--eval_data_path", "{data}", "--run_name",
+                                         "../../x"), 2,
+                                  [["--max_train_samples -30", "must be >= 0"], ["--max_steps -5", "must be >= 1"],
+                                   ["--save_steps -1", "must be >= 0"], ["--save_total_limit -1", "must be >= 0"],
+                                   ["--eval_data_path", "is also a --data_path file", "training data"],
+                                   ["--run_name '../../x'", "a name, not a path"]], {}),
+    "misspelled_option": (_train("--learnin_rate", "1e-3"), 2,
+                          [["unknown option --learnin_rate: did you mean --learning_rate?"]], {}),
+    "abbreviated_options": (_train("--lora_r", "4", "--max_step", "3"), 2,
+                            [["unknown option --lora_r: did you mean --lora_rank?"],
+                             ["unknown option --max_step: did you mean --max_steps?"]], {}),
+    "not_a_number": (_train("--sift_rate", "lots"), 2, [["--sift_rate", "invalid float value: 'lots'"]], {}),
+    "lora_ranges": (_train("--finetuning_type", "lora", "--lora_rank", "0", "--lora_dropout", "1.5"), 2,
+                    [["--lora_rank 0", "must be >= 1"], ["--lora_dropout 1.5", "must be in [0, 1)"]], {}),
+    "warmup_given_twice": (_train("--warmup_steps", "2", "--warmup_ratio", "0.2"), 2,
+                           [["--warmup_steps 2 and --warmup_ratio 0.2", "give one of them"]], {}),
+    "step_in_backward_given_values": (_train("--step_in_backward", "--gradient_accumulation_steps", "2",
+                                             "--max_grad_norm", "1.0"), 2,
+                                      [["--step_in_backward cannot accumulate", "(got 2)"],
+                                       ["--step_in_backward: cannot clip by the global norm"]], {}),
+    "data_file_listed_twice": (_train("--data_path", "{data},{data}"), 2, [["--data_path", "listed twice"]], {}),
+    "data_list_with_a_missing_file": (_train("--data_path", "{data},{dir}/absent.jsonl"), 2,
+                                      [["--data_path", "absent.jsonl: no such file"]], {}),
+}
+CASES.update(OPTION_CASES)
+
+
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_option_bad_input_gets_one_clear_line(results, name):
+    test_bad_input_gets_one_clear_line(results, name)
+
+
+def test_a_run_says_what_it_sets_and_ignores_before_loading_and_summarises_its_data(tiny_dir, tmp_path):
+    """--step_in_backward alone trains (accumulation 1, no clipping, said in one line); an option of
+    another method and a length past the model's positions are one warning each, before the weights
+    load; the bundled data's skipped records are counts by reason, not lines."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "train_sft.py", "--model_name_or_path", tiny_dir, "--output_dir", str(out), "--max_steps",
+            "1", "--per_device_train_batch_size", "2", "--eval_samples", "4", "--generate_tokens", "0",
+            "--step_in_backward", "--lora_rank", "4", "--model_max_length", "200"]
+    done = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    context = f"rc={done.returncode}\nstdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0 and "Traceback" not in done.stderr, context
+    said = ["--step_in_backward: using --gradient_accumulation_steps 1 and --max_grad_norm 0 (no clipping), which "
+            "it needs", "warning: --lora_rank 4 is ignored: SIFT (--finetuning_type sift) does not read it; LoRA, "
+            "QLoRA do", "warning: --model_max_length 200 is beyond the model's 128 positions"]
+    lines = done.stderr.splitlines()
+    for text in said:
+        assert len([line for line in lines if line.startswith(text)]) == 1, (text, context)
+        assert done.stderr.index(text) < done.stderr.index("Loading weights"), (text, context)
+    records = [line for line in (done.stdout + done.stderr).splitlines()
+               if line.startswith("skipped ") and not line.startswith("skipped steps")]
+    assert not records, context
+    assert re.search(r"^  dropped +14  duplicate_content$", done.stdout, re.M), context
+    assert "(--verbose lists every skipped record)" in done.stdout
+    train = json.loads((out / "args.json").read_text())["train"]
+    assert (train["gradient_accumulation_steps"], train["max_grad_norm"]) == (1, 0.0)

@@ -1,6 +1,7 @@
 """trainer.recipe's parts called one by one on a tiny model (the same parts train_sft.main runs), and
 trainer.validate collecting the problems of every owner at once."""
 import json
+import math
 
 import pytest
 import torch
@@ -53,7 +54,9 @@ def test_log_rows_and_the_evaluation_schedule(tiny_dir, alpaca_40, tmp_path):
     tokens = sum(int(b["attention_mask"].sum()) for w in windows for b in w)
     grid = sum(b["input_ids"].numel() for w in windows for b in w)
     assert row["step"] == 2 and row["loss"] == (losses[0] + losses[1]) / 2
-    assert (row["lr"], row["grad_norm"]) == (run.scheduler.get_last_lr()[0], run.grad_norm)
+    # the rate step 2 used (cosine over 5 steps, no warm-up: lambda(1)), not the one set for step 3
+    assert row["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 5)), rel=1e-12)
+    assert row["lr"] != run.scheduler.get_last_lr()[0] and row["grad_norm"] == run.grad_norm
     assert row["label_tokens"] == labels and row["padding_share"] == pytest.approx(1 - tokens / grid)
     assert row["skipped_steps"] == 0 and "allreduce_bytes_per_step" not in row  # one process: nothing sent
     expected = heldout_loss(run.model, run.eval_set, run.pad_id, 8, "cpu")

@@ -27,7 +27,7 @@ from common.cli import UsageError
 from common.modeling import load_tokenizer
 
 from . import ds, offload, rundir
-from .args import Arguments, record, run_name, total_steps
+from .args import Arguments, record, run_name, total_steps, warmup_steps
 from .checkpoint import load_state, resume_candidates, save_checkpoint
 from .data import batches_for_window, build_datasets, micro_batches_per_epoch
 from .interrupts import Interrupts
@@ -44,6 +44,7 @@ class Recipe:
         self.rank, self.world, self.device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
         self.engine, self.candidates, self.run_id, self.log, self.bar = None, [], None, None, None
         self.start_step, self.before, self.after, self.last_loss, self.grad_norm = 0, None, None, None, None
+        self.lr = None  # the learning rate the last step used
         self.meter, self.interrupts, self.postfix = Meter(), Interrupts(), {}
 
     @property
@@ -83,7 +84,8 @@ class Recipe:
         self.pad_id = self.tokenizer.pad_token_id
         try:
             self.train_set, self.eval_set, self.data_report = build_datasets(
-                self.args.data, self.tokenizer, self.args.train.seed, verbose=self.main_process)
+                self.args.data, self.tokenizer, self.args.train.seed, verbose=self.main_process,
+                records=self.main_process and self.args.output.verbose)
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"train_sft.py: {e}") from None  # the data errors name their file (and line)
 
@@ -111,7 +113,7 @@ class Recipe:
         per_epoch = micro_batches_per_epoch(len(self.train_set), train.per_device_train_batch_size * self.world)
         self.total_steps = total_steps(self.args, per_epoch)
         self.scheduler = get_scheduler(train.lr_scheduler_type, self.method.opt, num_training_steps=self.total_steps,
-                                       num_warmup_steps=int(train.warmup_ratio * self.total_steps))
+                                       num_warmup_steps=warmup_steps(train, self.total_steps))
 
     def start_run(self) -> None:
         """The output directory: the checkpoints to resume are found, the previous run's files go
@@ -210,6 +212,7 @@ class Recipe:
         micro = batches_for_window(self.train_set, step, train.per_device_train_batch_size,
                                    train.gradient_accumulation_steps, train.seed, self.pad_id, self.rank, self.world,
                                    packed=self.args.data.packing)
+        self.lr = self.method.opt.param_groups[0]["lr"]  # this step's rate; scheduler.step() sets the next one
         loss, seen = train_window(self.model, micro, self.device, self.engine)
         self.grad_norm = self.method.step()
         self.scheduler.step()
@@ -234,9 +237,10 @@ class Recipe:
                           self.interrupts.exit_code)
 
     def log_row(self, done: int) -> dict:
-        """The training row of step `done`: means since the previous row, rates, memory, the method's
-        skipped steps and (several ranks) the bytes it communicated per step."""
-        return self.meter.row(done, self.scheduler.get_last_lr()[0], self.grad_norm, self.device,
+        """The training row of step `done`: means since the previous row, the learning rate step `done`
+        used, rates, memory, the method's skipped steps and (several ranks) the bytes it communicated
+        per step."""
+        return self.meter.row(done, self.lr, self.grad_norm, self.device,
                               skipped=self.method.skipped_steps(),
                               sent=self.method.communicated_bytes() if self.distributed else None)
 

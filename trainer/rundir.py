@@ -27,6 +27,7 @@ import uuid
 from common.atomic import atomic_write
 from common.jsonl import read_jsonl
 
+from .args import data_files
 from .checkpoint import ARGS, complete_checkpoints, load_args, load_state, resume_candidates
 
 RUN_FILE, LOG = "run.json", "train_log.jsonl"
@@ -47,7 +48,8 @@ _TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 RESUMABLE_CHANGES = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs",
                      "logging_steps", "save_steps", "save_total_limit", "report_to", "run_name", "local_rank",
                      "deepspeed", "generate_tokens", "per_device_eval_batch_size", "eval_steps", "eval_data_path",
-                     "gradient_checkpointing", "offload_activations", "embeddings_on_host", "max_skipped_steps", "strict"}
+                     "gradient_checkpointing", "offload_activations", "embeddings_on_host", "max_skipped_steps", "strict",
+                     "verbose"}
 
 
 def run_info(output_dir: str) -> dict:
@@ -124,12 +126,14 @@ def flat_args(args: dict) -> dict:
     """{option: value} over the argument groups of an args.json, plus the resolved world size and bf16.
     Keyed by flag name, so a record whose groups differ (the method flags under "model", no "method" /
     "output" group) compares with the current one flag by flag. The bundled
-    Alpaca sample compares as itself whichever checkout's absolute path the record holds."""
+    Alpaca sample compares as itself whichever checkout's absolute path the record holds, in a list of
+    data files too (each file compares: a list is refused when one of them differs)."""
     flat = {k: v for group in RECORD_GROUPS for k, v in (args.get(group) or {}).items()}
     flat.update({k: args[k] for k in ("world_size", "bf16") if k in args})
     for key in ("data_path", "eval_data_path"):
-        if isinstance(flat.get(key), str) and flat[key].replace(os.sep, "/").endswith(BUNDLED_TAIL):
-            flat[key] = "(bundled) " + BUNDLED_TAIL
+        if isinstance(flat.get(key), str):
+            flat[key] = ",".join("(bundled) " + BUNDLED_TAIL if path.replace(os.sep, "/").endswith(BUNDLED_TAIL) else path
+                                 for path in data_files(flat[key]))
     return flat
 
 
