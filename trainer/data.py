@@ -20,10 +20,10 @@ def build_datasets(data: DataArguments, tokenizer, seed: int, verbose: bool = Tr
     """(training units, held-out samples, data report). The units are samples, or packed rows with
     `--packing` (trainer.packing); held-out samples stay unpacked and carry `prompt_ids` (the tokens
     before the first assistant token) for the before/after sample generation."""
-    samples, report = _load(data.data_path, data, tokenizer)
+    samples, report = _load(data.data_path, data, tokenizer, "--data_path")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     if data.eval_data_path:
-        held, held_report = _load(data.eval_data_path, data, tokenizer)
+        held, held_report = _load(data.eval_data_path, data, tokenizer, "--eval_data_path")
         held = held[:data.eval_samples or None]
         train = [samples[i] for i in order]
     else:
@@ -49,11 +49,11 @@ def build_datasets(data: DataArguments, tokenizer, seed: int, verbose: bool = Tr
     return train, held, out
 
 
-def _load(path: str, data: DataArguments, tokenizer) -> tuple[list[dict], object]:
+def _load(path: str, data: DataArguments, tokenizer, flag: str) -> tuple[list[dict], object]:
     try:
         return load_dataset_for_training(path, tokenizer, data.template, data.model_max_length, data.strict)
     except ValueError as e:  # nothing usable, or a bad record under --strict: the message names the file
-        raise UsageError(str(e)) from None
+        raise UsageError(f"train_sft.py: {flag}: {e}") from None
 
 
 def micro_batches_per_epoch(n_samples: int, batch_size: int) -> int:

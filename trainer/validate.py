@@ -8,17 +8,20 @@ Each rule is written once, by the module that owns what it is about; `check` onl
     common.hub        the model source (the eval CLIs use the same check)
     trainer.ds        the DeepSpeed config and launch (the file is read here, once)
     trainer.methods   what the chosen method supports and refuses (its `Rules`)
-    trainer.rundir    the output directory, and what a resume may change
+    trainer.rundir    the output directory (a running process's lock on it), and what a resume may
+                      change: options, and the inputs (`run_inputs`: the model's weights fingerprint and
+                      the data files' sha256, read without loading anything)
     the model itself  on a weightless meta-device copy built from its config: the method's target
                       modules (`Method.trained_names`) and --embeddings_on_host (trainer.offload)
 A new check goes into its owner's problems function (or a new owner's, added to `check`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from common.cli import problems_error
-from common.inputs import model_problem
+from common.inputs import data_problem, model_problem
 from common.modeling import EMBEDDED, resolve_model_path
 
 from . import ds, methods, offload, rundir
@@ -32,6 +35,7 @@ class Plan:
     bf16: bool                           # the weights' dtype: bf16, else fp32
     model_path: str | None = None        # what the weights load from (the embedded model: its cache directory)
     deepspeed: dict | None = None        # the filled-in DeepSpeed config
+    inputs: dict | None = None           # run_inputs: what args.json records of the model and data files
 
     @property
     def zero3(self) -> bool:
@@ -53,13 +57,14 @@ def check(args: Arguments) -> tuple[Plan, list[str]]:
     if method is not None:
         out += method.problems(args, deepspeed)
     bf16 = deepspeed["bf16"]["enabled"] if deepspeed else default_bf16() if args.model.bf16 is None else args.model.bf16
-    output = args.output
-    out += rundir.output_dir_problems(record(args, bf16), output.output_dir, output.resume_from_checkpoint,
-                                      output.overwrite_output_dir)
     model_path, found = _model_path(args)
     out += found
+    inputs, found = run_inputs(args, model_path)
+    out += found
+    plan = Plan(method=method, bf16=bf16, model_path=model_path, deepspeed=deepspeed, inputs=inputs)
+    out += output_problems(args, plan, warn=rundir.launch_rank() == 0)
     out += model_problems(args, method, model_path)
-    return Plan(method=method, bf16=bf16, model_path=model_path, deepspeed=deepspeed), out
+    return plan, out
 
 
 def resolve(args: Arguments) -> Plan:
@@ -68,6 +73,44 @@ def resolve(args: Arguments) -> Plan:
     if problems:
         raise problems_error("train_sft.py", problems)
     return plan
+
+
+def output_problems(args: Arguments, plan: Plan, warn: bool = False) -> list[str]:
+    """The output directory's problems (trainer.rundir), resume's comparisons with the checkpoint's
+    record; `warn`: say which checkpoints a resume passes over (once: the check under the lock does not)."""
+    output = args.output
+    return rundir.output_dir_problems(record(args, plan.bf16, inputs=plan.inputs), output.output_dir,
+                                      output.resume_from_checkpoint, output.overwrite_output_dir, warn)
+
+
+def claim_output_dir(args: Arguments, plan: Plan):
+    """The output directory locked for this run for the block (rundir.claim), its problems checked again
+    under the lock: of two runs started together into one directory exactly one proceeds."""
+    return rundir.claim(args.output.output_dir, lambda: output_problems(args, plan))
+
+
+def run_inputs(args: Arguments, model_path: str | None) -> tuple[dict, list[str]]:
+    """({flag: fingerprint} of what the run reads, problems): the model's weights files (a few values
+    per tensor, common.fingerprint; a hub id's cached snapshot; None when not on this machine yet)
+    and each data file's sha256 (a hub dataset's snapshot). args.json records it; resume compares it."""
+    from common.fingerprint import data_fingerprint, weights_fingerprint
+    from common.inputs import model_location
+
+    inputs, out = {}, []
+    if model_path is not None:
+        location = model_location(args.model.model_name_or_path)
+        try:
+            inputs["model_name_or_path"] = weights_fingerprint(location) if location is not None else None
+        except Exception as e:  # noqa: BLE001  a damaged weights file: safetensors, torch and OS errors alike
+            out.append(f"--model_name_or_path {args.model.model_name_or_path or EMBEDDED}: cannot read its weights "
+                       f"files ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    for flag in ("data_path", "eval_data_path"):
+        source = getattr(args.data, flag)
+        if source and data_problem(f"--{flag}", source) is None:
+            parts = [source] if os.path.exists(source) else [p.strip() for p in source.split(",") if p.strip()]
+            found = [data_fingerprint(p) for p in parts]
+            inputs[flag] = None if None in found else ",".join(found)
+    return inputs, out
 
 
 def _model_path(args: Arguments) -> tuple[str | None, list[str]]:
