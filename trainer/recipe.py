@@ -41,7 +41,7 @@ from .data import batches_for_window, build_datasets, micro_batches_per_epoch
 from .interrupts import Interrupts, raising
 from .loss import heldout_loss, train_window, unwrap
 from .report import Logger, Meter, plot_loss, sample_generation, write_json_atomic
-from .validate import Plan, base_model, claim_output_dir
+from .validate import Plan, base_model, claim_output_dir, run_inputs
 
 
 class Recipe:
@@ -169,16 +169,13 @@ class Recipe:
             write_json_atomic(os.path.join(output.output_dir, "args.json"), {**self.run_args, "run_id": self.run_id})
 
     def inputs(self) -> dict:
-        """What args.json records of the model and data files (validate.run_inputs), the model's
-        fingerprint taken now when its files were not on this machine before the load (a hub id the
-        load downloaded); a resumed checkpoint must have been trained on the same (exit 2)."""
+        """What args.json records of the model and data files (validate.run_inputs), taken again for
+        those that were not on this machine before setup loaded them (a hub model or dataset it
+        downloaded); a resumed checkpoint must have been trained on the same (exit 2)."""
         inputs = dict(self.plan.inputs or {})
-        if inputs.get("model_name_or_path", "") is None:
-            from common.fingerprint import weights_fingerprint
-            from common.inputs import model_location
-
-            location = model_location(self.args.model.model_name_or_path)
-            inputs["model_name_or_path"] = weights_fingerprint(location) if location is not None else None
+        if None in inputs.values():
+            fresh, _ = run_inputs(self.args, self.plan.model_path)
+            inputs.update({flag: fresh.get(flag) for flag, value in inputs.items() if value is None})
             changed = rundir.input_differences(load_args(self.candidates[0]) or {}, record(
                 self.args, self.plan.bf16, inputs=inputs)) if self.candidates else []
             if changed:
