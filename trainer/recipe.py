@@ -38,7 +38,7 @@ from . import ds, offload, rundir
 from .args import Arguments, record, run_name, total_steps
 from .checkpoint import load_args, load_state, resume_candidates, save_checkpoint
 from .data import batches_for_window, build_datasets, micro_batches_per_epoch
-from .interrupts import Interrupts, raising
+from .interrupts import Interrupts, Signalled, raising
 from .loss import heldout_loss, train_window, unwrap
 from .report import Logger, Meter, plot_loss, sample_generation, write_json_atomic
 from .validate import Plan, base_model, claim_output_dir, run_inputs
@@ -77,18 +77,18 @@ class Recipe:
 
     def ended_early(self, e: BaseException) -> None:
         """The line, run.json's status and the exit status of a run that ends before its last file:
-        a signal (Signalled / Ctrl-C: "interrupted", 128 + the signal), a failed write (a full disk:
-        "failed", 1), each with where to resume from; a SystemExit keeps its message and code (run.json
-        "failed" / "interrupted" if still "running"). Anything else is a bug: run.json "failed", and it
-        goes on with its traceback."""
-        output_dir, hint = self.args.output.output_dir, lambda: rundir.resume_hint(output_dir, self.run_id)
+        a signal (Signalled / Ctrl-C: "interrupted", 128 + the signal), a failed write (a full disk) or
+        another OSError ("failed", 1), each with where to resume from; a SystemExit keeps its message and
+        code (run.json "failed" / "interrupted" if still "running"). Anything else is a bug: run.json
+        "failed", and it goes on with its traceback (so do OSErrors with SIFT_TRACEBACK=1)."""
+        output_dir = self.args.output.output_dir
+        hint = rundir.resume_hint(output_dir, self.run_id) if self.run_id else "nothing was written"
         if isinstance(e, KeyboardInterrupt):
-            signum = getattr(e, "signum", 2)
-            what = f"{e.args[0] if e.args else 'SIGINT'} during {self.phase}"
-            self.stop("interrupted", self.done, f"train_sft.py: {what}: " + (hint() if self.run_id else
-                      "nothing was written"), 128 + signum)
-        if isinstance(e, (OSError, WriteFailed)):
-            self.stop("failed", self.done, f"train_sft.py: {write_failure(e, output_dir)}; " + hint(), 1)
+            name = e.args[0] if isinstance(e, Signalled) else "SIGINT"
+            self.stop("interrupted", self.done, f"train_sft.py: {name} during {self.phase}: {hint}",
+                      128 + getattr(e, "signum", 2))
+        if isinstance(e, WriteFailed) or isinstance(e, OSError) and not os.environ.get("SIFT_TRACEBACK"):
+            self.stop("failed", self.done, f"train_sft.py: {write_failure(e, output_dir, self.phase)}; {hint}", 1)
         code = e.code if isinstance(e, SystemExit) else 1
         if self.main_process and self.run_id and code not in (0, None) and \
                 rundir.run_info(output_dir).get("status") == "running":
@@ -427,19 +427,21 @@ def writing(what: str):
         raise WriteFailed(f"writing {what} failed") from e
 
 
-def write_failure(e: BaseException, output_dir: str) -> str:
-    """`writing X failed: no space left on device (N MiB free in DIR once the partial files are
-    removed; the error)`: one line for a failed write, the disk named when it is full."""
+def write_failure(e: BaseException, output_dir: str, phase: str) -> str:
+    """One line for a failed write (`writing X failed: no space left on device (N MiB free in DIR once
+    the partial files are removed; the error)`, the disk named when it is full) or another OSError
+    (`the error, during <phase>`)."""
     cause = e.__cause__ if isinstance(e, WriteFailed) and e.__cause__ is not None else e
     if isinstance(cause, OSError) and cause.strerror:
         detail = cause.strerror + (f": {cause.filename}" if cause.filename else "")
     else:
         detail = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1][:200]}"
+    if not isinstance(e, WriteFailed):
+        return f"{detail} (during {phase})"
     try:
         free = shutil.disk_usage(output_dir).free
     except OSError:
         free = None
     full = getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in detail or (free is not None and free < 2**20)
     where = "" if free is None else f"{free / 2**20:.1f} MiB free in {output_dir} once the partial files are removed; "
-    head = str(e) if isinstance(e, WriteFailed) else "a file could not be written"
-    return f"{head}{': no space left on device' if full else ''} ({where}{detail})"
+    return f"{e}{': no space left on device' if full else ''} ({where}{detail})"
