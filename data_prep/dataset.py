@@ -57,7 +57,7 @@ def load_dataset_for_training(path: str | Path | Sequence[str | Path], tokenizer
         samples.append(sample)
     report.kept = len(samples)
     if not samples:
-        raise ValueError(f"no usable training samples in {path}:\n{report.summary()}")
+        raise ValueError(f"no usable samples in {path}:\n{report.summary()}")
     return samples, report
 
 

@@ -335,3 +335,167 @@ def test_a_run_says_what_it_sets_and_ignores_before_loading_and_summarises_its_d
     assert "(--verbose lists every skipped record)" in done.stdout
     train = json.loads((out / "args.json").read_text())["train"]
     assert (train["gradient_accumulation_steps"], train["max_grad_norm"]) == (1, 0.0)
+
+
+# ----------------------------------------------------------------------------- the trainer's output and inputs
+# An empty or dangling --output_dir and an empty held-out file (in the pool above, from files the extended
+# _setup adds); then resumes whose inputs changed under the same option, or whose checkpoint was edited:
+# each refused in one line naming what changed, exit 2, before any weight loads, nothing in the run changed.
+# And QSIFT increments applied onto another base of the same shapes, through the export and eval CLIs.
+RUN_CASES = {
+    "output_dir_empty": (_train("--output_dir", ""), 2, [["--output_dir is empty", "name the directory"]], {}),
+    "output_dir_dangling_symlink": (_train("--output_dir", "{dir}/dangling"), 2,
+                                    [["--output_dir", "dangling: is a symlink to", "gone, which does not exist"]], {}),
+    "output_dir_below_a_dangling_symlink": (_train("--output_dir", "{dir}/dangling/run"), 2,
+                                            [["--output_dir", "dangling is a symlink to", "which does not exist"]], {}),
+    "eval_data_empty": (_train("--eval_data_path", "{dir}/empty.json"), 2,
+                        [["--eval_data_path", "no usable samples in", "empty.json"]], {}),
+}
+CASES.update(RUN_CASES)
+_setup_exports = _setup
+
+
+def _setup(case_dir: Path, alpaca_40: str) -> None:  # noqa: F811  the files above, and a dangling symlink
+    _setup_exports(case_dir, alpaca_40)
+    (case_dir / "dangling").symlink_to(case_dir / "gone")
+
+
+@pytest.mark.parametrize("name", list(RUN_CASES))
+def test_output_and_held_out_data_bad_input_gets_one_clear_line(results, name):
+    test_bad_input_gets_one_clear_line(results, name)
+    argv = results[name]["argv"]
+    out = argv[len(argv) - argv[::-1].index("--output_dir")]  # the last one given
+    assert not out or out.endswith("dangling") or not os.path.lexists(out), "an output directory was left behind"
+
+
+RESUME = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--model_max_length", "96", "--eval_samples", "4",
+          "--generate_tokens", "0", "--save_steps", "2", "--save_total_limit", "1"]
+
+
+def _finished_run(root: Path, tiny_dir: str, alpaca_40: str) -> None:
+    """A 4-step run in `root`, with its own model and data copies (each case edits its own)."""
+    import shutil
+
+    import train_sft
+
+    shutil.copytree(tiny_dir, root / "model")
+    shutil.copy(alpaca_40, root / "data.json")
+    train_sft.main(["--model_name_or_path", str(root / "model"), "--data_path", str(root / "data.json"),
+                    "--output_dir", str(root / "run"), *RESUME])
+
+
+def _edit_data(root: Path) -> None:
+    rows = json.loads((root / "data.json").read_text())
+    rows[7]["output"] += " (edited)"
+    (root / "data.json").write_text(json.dumps(rows))
+
+
+def _replace_weights(root: Path) -> None:
+    from conftest import tiny_llama
+    from transformers import AutoConfig
+
+    model = tiny_llama(seed=5, vocab=AutoConfig.from_pretrained(root / "model").vocab_size)  # same shapes, new values
+    model.save_pretrained(root / "model")
+
+
+def _edit_checkpoint_args(root: Path) -> None:
+    args = root / "run" / "checkpoint-4" / "args.json"
+    args.write_text(args.read_text().replace('"seed": 42', '"seed": 41'))  # the same size
+
+
+def _remove_optimizer_state(root: Path) -> None:
+    (root / "run" / "checkpoint-4" / "optimizer.pt").unlink()
+
+
+# id: (what changes, [what the one line must say])
+RESUME_CASES = {
+    "resume_data_edited_in_place": (_edit_data, ["--resume_from_checkpoint", "--data_path", "data.json: its content "
+                                                 "changed since the checkpoint was written (sha256:"]),
+    "resume_weights_replaced_in_place": (_replace_weights, ["--resume_from_checkpoint", "--model_name_or_path",
+                                                            "model: its weights changed since the checkpoint"]),
+    "resume_checkpoint_args_edited": (_edit_checkpoint_args, ["--resume_from_checkpoint latest",
+                                                              "checkpoint-4: args.json was edited after the checkpoint"]),
+    "resume_checkpoint_lacks_a_file": (_remove_optimizer_state, ["--resume_from_checkpoint latest",
+                                                                 "checkpoint-4: optimizer.pt is missing"]),
+}
+
+
+def _resume_case(name: str, case: Path) -> dict:
+    RESUME_CASES[name][0](case)
+    before = _snapshot(case / "run")
+    argv = [sys.executable, "train_sft.py", "--model_name_or_path", str(case / "model"), "--data_path",
+            str(case / "data.json"), "--output_dir", str(case / "run"), *RESUME, "--max_steps", "6",
+            "--resume_from_checkpoint", "latest"]
+    done = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    return {"rc": done.returncode, "out": done.stdout, "err": done.stderr, "before": before,
+            "after": _snapshot(case / "run"), "argv": argv}
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny_dir, alpaca_40, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resumes")
+    for name in RESUME_CASES:  # in this process, one after the other (a few seconds each)
+        _finished_run(root / name, tiny_dir, alpaca_40)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(_resume_case, name, root / name) for name in RESUME_CASES}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(RESUME_CASES))
+def test_resume_refuses_changed_inputs_and_edited_checkpoints(resumed, name):
+    r, needles = resumed[name], RESUME_CASES[name][1]
+    context = f"{' '.join(map(str, r['argv']))}\nrc={r['rc']}\nstdout:\n{r['out'][-1500:]}\nstderr:\n{r['err'][-3000:]}"
+    assert r["rc"] == 2 and "Traceback" not in r["err"] + r["out"], context
+    assert len([line for line in r["err"].splitlines() if all(n in line for n in needles)]) == 1, context
+    assert "before:" not in r["out"], context  # refused before the model was evaluated, i.e. before it loaded
+    assert r["after"] == r["before"], "files changed in the run directory"
+
+
+@pytest.fixture(scope="module")
+def qsift_increment(tiny_dir, tmp_path_factory):
+    """A QSIFT increment of the tiny model (random entries, non-zero deltas: no training needed) and
+    another model of the same shapes."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_llama
+    from sift.quantize import attach, layers, quantize, save_increment
+
+    root = tmp_path_factory.mktemp("qsift")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    params = dict(base.named_parameters())
+    model = quantize(AutoModelForCausalLM.from_pretrained(tiny_dir))
+    attach(model, 0.05, "random", seed=0)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            layer.delta.fill_(1e-3)
+    path = root / "sift_increment.safetensors"
+    save_increment(model, str(path), base_model=tiny_dir, base_values=lambda n, at: params[n].detach().view(-1)[at])
+    other = tiny_llama(seed=3, vocab=base.config.vocab_size)
+    other.save_pretrained(root / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "other" / name).write_bytes((Path(tiny_dir) / name).read_bytes())
+    return path, root / "other"
+
+
+@pytest.mark.parametrize("command", ["export", "mmlu"])
+def test_qsift_increment_onto_another_base_is_refused_naming_both_fingerprints(qsift_increment, tmp_path, command):
+    from safetensors import safe_open
+
+    path, other = qsift_increment
+    with safe_open(str(path), "pt") as f:
+        recorded = f.metadata()["base_fingerprint"]
+    argv = {"export": [sys.executable, "-m", "sift.export", "merged", "--increment", str(path), "--model", str(other),
+                       "--output_dir", str(tmp_path / "merged")],
+            "mmlu": [sys.executable, "eval/mmlu.py", "--model", str(other), "--increment", str(path), "--subjects",
+                     "anatomy", "--limit", "1", "--ntrain", "0", "--output_dir", str(tmp_path / "mmlu")]}[command]
+    done = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    context = f"rc={done.returncode}\n{done.stderr[-3000:]}"
+    assert done.returncode == 2 and "Traceback" not in done.stderr, context
+    lines = [line for line in done.stderr.splitlines() if "is not the base the increment was trained from" in line]
+    assert len(lines) == 1 and f"the file records {recorded}" in lines[0] and "--force" in lines[0], context
+    assert len(re.findall(r"[0-9a-f]{32}", lines[0])) == 2, lines[0]
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "mmlu").exists()
+    if command == "export":  # --force: applied anyway, with the warning
+        forced = subprocess.run(argv + ["--force"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        assert forced.returncode == 0 and "applying anyway" in forced.stderr, forced.stderr[-3000:]
+        assert (tmp_path / "merged" / "config.json").exists()

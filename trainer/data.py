@@ -24,11 +24,11 @@ def build_datasets(data: DataArguments, tokenizer, seed: int, verbose: bool = Tr
     held-out samples stay unpacked, keep the assistant-only labels and carry `prompt_ids` (the tokens
     before the first assistant token) for the before/after sample generation. `verbose`: print the
     summary, per file; `records`: log every skipped record as it comes."""
-    samples, reports = _load(data.data_path, data, tokenizer, records)
+    samples, reports = _load(data.data_path, data, tokenizer, records, "--data_path")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     held_reports = {}
     if data.eval_data_path:
-        held, held_reports = _load(data.eval_data_path, data, tokenizer, records)
+        held, held_reports = _load(data.eval_data_path, data, tokenizer, records, "--eval_data_path")
         held = held[:data.eval_samples or None]
         train = [samples[i] for i in order]
     else:
@@ -58,7 +58,7 @@ def build_datasets(data: DataArguments, tokenizer, seed: int, verbose: bool = Tr
     return train, held, out
 
 
-def _load(spec: str, data: DataArguments, tokenizer, records: bool) -> tuple[list[dict], dict[str, Report]]:
+def _load(spec: str, data: DataArguments, tokenizer, records: bool, flag: str) -> tuple[list[dict], dict[str, Report]]:
     """The samples of every file of `spec` (comma-separated), in order, and each file's report; a
     conversation that an earlier file holds too is dropped (duplicate_content)."""
     samples, reports, seen = [], {}, {}
@@ -67,7 +67,7 @@ def _load(spec: str, data: DataArguments, tokenizer, records: bool) -> tuple[lis
             found, reports[path] = load_dataset_for_training(path, tokenizer, data.template, data.model_max_length,
                                                              data.strict, seen=seen, verbose=records)
         except ValueError as e:  # nothing usable, or a bad record under --strict: the message names the file
-            raise UsageError(str(e)) from None
+            raise UsageError(f"train_sft.py: {flag}: {e}") from None
         samples += found
     return samples, reports
 

@@ -390,8 +390,9 @@ class Lora(Method):
 
     def save_final(self, output_dir, tokenizer, base_model):
         adapter = os.path.join(output_dir, ADAPTER_DIR)
+        self.model.peft_config["default"].base_model_name_or_path = base_model  # the id, not this machine's cache path
         with atomic_dir(adapter, prefix=".adapter-") as tmp:  # before merging: merge_and_unload folds it in
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary never changes: no hub check
         return [adapter] + super().save_final(output_dir, tokenizer, base_model)
 
     def merged_model(self, base_model):
