@@ -43,12 +43,15 @@ ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
 # SIFTConfig field -> the flag that sets it
 SIFT_FLAGS = {"rate": "sift_rate", "targets": "sift_targets", "dense": "sift_dense", "selection": "sift_selection",
               "optimizer": "optim", "lr": "learning_rate", "weight_decay": "weight_decay",
-              "max_grad_norm": "max_grad_norm", "step_in_backward": "step_in_backward", "seed": "seed"}
+              "max_grad_norm": "max_grad_norm", "step_in_backward": "step_in_backward", "seed": "seed",
+              "regrow_steps": "sift_regrow_steps", "regrow_fraction": "sift_regrow_fraction",
+              "regrow_window": "sift_regrow_window"}
 # SIFTConfig's rules that hold for every method (an optimizer step is an AdamW step in all three)
 ADAMW_FIELDS = ("lr", "weight_decay", "max_grad_norm", "betas", "eps")
 # SIFTConfig's wording -> the flags' (None = off is 0 on the command line)
 _FLAG_WORDS = {"max_grad_norm=None": "--max_grad_norm 0", "step_in_backward=False": "no --step_in_backward",
-               "or None to disable": "or 0 to disable"}
+               "or None to disable": "or 0 to disable", "regrow_steps = ": "--sift_regrow_steps ",
+               "regrow_steps=0": "--sift_regrow_steps 0"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ def sift_fields(args: Arguments) -> dict:
     return dict(rate=method.sift_rate, targets=split_list(method.sift_targets), dense=split_list(method.sift_dense),
                 selection=method.sift_selection, optimizer=method.optim, lr=train.learning_rate,
                 weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm or None,
-                step_in_backward=method.step_in_backward, seed=train.seed)
+                step_in_backward=method.step_in_backward, seed=train.seed, regrow_steps=method.sift_regrow_steps,
+                regrow_fraction=method.sift_regrow_fraction, regrow_window=method.sift_regrow_window)
 
 
 def sift_config(args: Arguments) -> SIFTConfig:
@@ -144,6 +148,9 @@ class Method:
     def load(cls, model_path: str, args: Arguments, dtype: torch.dtype, device: str):
         """The model as this method trains it, on `device`."""
         return load_model(model_path, dtype=dtype, device=device)
+
+    def plan(self, total_steps: int) -> None:
+        """The run's length in optimizer steps, known once the data is (SIFT's regrow decays over it)."""
 
     # ---------------------------------------------------------------- the step
     def step(self) -> float:
@@ -230,6 +237,9 @@ class Sift(Method):
         sparse, dense = find_trainable(skeleton, cfg["targets"], cfg["dense"])
         return {n for n, _ in sparse + dense}
 
+    def plan(self, total_steps):
+        self.opt.plan_regrow(total_steps)
+
     def step(self) -> float:
         self.opt.step()  # clips by the global norm of its sparse gradients itself
         self.opt.zero_grad(set_to_none=True)
@@ -306,7 +316,9 @@ class QSift(Sift):
 class Full(Method):
     """Every weight trained (a baseline)."""
     name, title = "full", "full fine-tuning"
-    rules = Rules(optimizers=("adamw", "adamw8bit", "adamw32bit"))  # torch AdamW, bitsandbytes 8-bit / fp32
+    rules = Rules(optimizers=("adamw", "adamw8bit", "adamw32bit"),  # torch AdamW, bitsandbytes 8-bit / fp32
+                  refuses=(("sift_regrow_steps", "--sift_regrow_steps needs --finetuning_type sift (it moves "
+                                                 "SIFT's trained entries)"),))
 
     def __init__(self, model, args):
         super().__init__(model, args)
