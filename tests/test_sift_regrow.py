@@ -47,7 +47,8 @@ class Recorder:
             base = torch.zeros(slot.k, dtype=torch.float64) if slot.zero_base else slot.base.double()
             self.before[slot.name] = dict(idx=slot.entries.indices().long().clone(), vals=slot.values().clone(),
                                           base=base, moments=regrow.read_moments(slot, qmaps), step=slot.step, n=window.n,
-                                          c=window.c, samples=window.samples, sum=window.sum.clone())
+                                          c=window.c, samples=window.samples, sum=window.sum.clone(),
+                                          cand=window.indices().long())
             return replace(slot, window, betas, qmaps)
 
         monkeypatch.setattr(regrow.Window, "observe", observing)
@@ -121,6 +122,35 @@ def test_one_regrow_against_float64(holder, optimizer, monkeypatch):
             err = (moments[:, grown].double() - want["seeds"][:, torch.argsort(want["grow"])]).abs()
             assert (err <= bound[:, grown].double()).all(), name
     assert not opt.regrow.windows and opt.memory_report()["regrow_candidates"] == 0
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_bf16_regrow_drops_the_smallest_changes_grows_the_largest_sums_and_restores_the_base(in_backward, monkeypatch):
+    """On bf16 weights (ties in bf16 gradients make an independent top-k ambiguous, so the rules are
+    checked as orders): the dropped entries changed least, the grown candidates have the largest
+    |sum|, kept master values move exactly, and every unselected weight entry is its base bit for bit."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = regrow_cfg(step_in_backward=in_backward, max_grad_norm=None if in_backward else 0.05)
+    opt = SIFT(model, cfg)
+    opt.plan_regrow(TOTAL)
+    rec = Recorder(monkeypatch)
+    run(model, opt, EVERY, 1 if in_backward else 2)
+    params = dict(model.named_parameters())
+    for s in opt.slots:
+        b = rec.before[s.name]
+        cand, total = b["cand"], b["sum"]
+        now = s.entries.indices().long()
+        change = (b["vals"].double() - b["base"]).abs()
+        gone = ~torch.isin(b["idx"], now)
+        assert int(gone.sum()) == b["n"] and change[gone].max() <= change[~gone].min(), s.name
+        grown = torch.isin(cand, now)
+        assert int(grown.sum()) == b["n"] and total[grown].abs().min() >= total[~grown].abs().max(), s.name
+        assert torch.equal(s.values()[torch.isin(now, b["idx"])], b["vals"][~gone]), s.name
+        free = torch.ones(params[s.name].numel(), dtype=torch.bool)
+        free[now] = False
+        assert torch.equal(params[s.name].detach().reshape(-1)[free], w0[s.name].reshape(-1)[free]), s.name
+        assert torch.equal(s.base, w0[s.name].reshape(-1)[now]), s.name
 
 
 def test_qsift_dropped_entries_leave_the_delta_and_the_effective_weight_is_the_4bit_base(monkeypatch):
