@@ -1,35 +1,32 @@
 """Does a mask that keeps learning pay? Static SIFT, SIFT with drop-and-regrow (sift.regrow), LoRA and
 full fine-tuning at equal trainable counts, through the trainer users run (trainer.recipe).
 
-    nice -n 10 python -m benchmarks.regrow_quality --workdir W --json benchmarks/results/regrow_quality.json
+    nice -n 10 python -m benchmarks.run regrow_quality/smollm2     # experiments/regrow_quality/smollm2.json
 
 SmolLM2-135M-Instruct (the embedded model) on the bundled real Alpaca sample, split once with a fixed
 seed into train / validation (the learning-rate sweep) / test (the held-out loss), plus a held-out set
 of another distribution, the bundled ShareGPT sample (multi-turn identity chats: forgetting). Every run
-is `trainer.recipe.Recipe` on `train_sft.py`'s flags, with one addition (`StudyRecipe`): wherever the
+is `trainer.recipe.Recipe` on `train_sft.py`'s flags, with one addition (`study_recipe`): wherever the
 recipe measures the held-out loss (before, every `eval_every` steps, after) it measures the other set
 too. Per method the learning rate is the one with the lowest validation loss after `sweep_steps` steps
-(seed 0, validation split as the held-out file); then `steps` steps per seed on the test split. A run's
-result is kept as it finishes (the JSON is rewritten; a rerun skips finished runs, and an interrupted
-run resumes from its own checkpoint with the trainer's --resume_from_checkpoint latest).
+(seed 0, the validation split as the held-out file); then `steps` steps per seed on the test split.
+Each run's result is kept in `workdir` as it finishes (a rerun skips finished runs, more methods or
+seeds add runs, and an interrupted run resumes from its own checkpoint with the trainer's
+--resume_from_checkpoint latest), so the study can span sessions.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
+import statistics
+import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: bitsandbytes' CPU kernels (README)
+import torch
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from common.atomic import atomic_write  # noqa: E402
-from data_prep import BUNDLED_ALPACA  # noqa: E402
+from common.atomic import atomic_write
+from data_prep import BUNDLED_ALPACA
 
 SHAREGPT = os.path.join(os.path.dirname(str(BUNDLED_ALPACA)), "sharegpt_dummy_conversation.json")
 # name -> train_sft.py flags of the method (the learning rate and the rate / rank come from the study)
@@ -181,8 +178,9 @@ def train(flags: list[str], paths: dict, n_other: int) -> dict:
 
 
 # -------------------------------------------------------------------- the study
-class FileCheckpoint:
-    """Partial results in a JSON file (the shape of benchmarks.run's Checkpoint: load / save / clear)."""
+class RunCache:
+    """The finished runs, in one JSON file of the workdir, offered to a study whose fixed settings
+    (everything but the methods, seeds and learning-rate grid) are the same."""
 
     def __init__(self, path: str, params: dict):
         self.path, self.params = path, params
@@ -197,9 +195,6 @@ class FileCheckpoint:
 
     def save(self, partial: dict) -> None:
         atomic_write(self.path, [json.dumps({"params": self.params, "partial": partial}, indent=1)])
-
-    def clear(self) -> None:
-        pass
 
 
 def study(cfg: StudyConfig, workdir: str, checkpoint, log=print) -> dict:
@@ -267,80 +262,14 @@ def summarize(runs: dict, cfg: StudyConfig) -> dict:
     return out
 
 
-def plot(results: dict, path: str) -> None:
-    """Held-out (Alpaca) and other-distribution (ShareGPT) loss over the steps, one line per run."""
-    import matplotlib
+def run(setting: dict, workdir: str, log=print) -> dict:
+    """The study of `setting` (StudyConfig's fields) in `workdir` (relative: to the repository)."""
+    cfg = StudyConfig(**{**setting, "methods": tuple(setting["methods"]), "seeds": tuple(setting["seeds"])})
+    unknown = sorted(set(cfg.methods) - set(METHODS))
+    if unknown:
+        from common.cli import UsageError
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    for key, r in sorted(results["runs"].items()):
-        steps = [c[0] for c in r["curve"]]
-        for ax, col in zip(axes, (1, 2)):
-            ax.plot(steps, [c[col] for c in r["curve"]], color=colors[r["method"]],
-                    linestyle="-" if r["seed"] == results["config"]["seeds"][0] else "--",
-                    label=f"{r['method']} (lr {r['lr']:g}) seed {r['seed']}")
-    axes[0].set_title("held-out Alpaca loss (learning)")
-    axes[1].set_title("ShareGPT sample loss (another distribution: a rise is forgetting)")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("mean token loss")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    c = results["config"]
-    fig.suptitle(f"SmolLM2-135M, Alpaca, {c['steps']} steps x batch {c['batch']}, SIFT {results['sift_rate']:.2%} "
-                 f"= LoRA r={c['lora_rank']}")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def code_state() -> dict:
-    """The commit the code ran at and whether it differed from it."""
-    import subprocess
-
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results",
-                ":(exclude)benchmarks/plots")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(dirty)}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.regrow_quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True, help="data splits and run directories (kept between runs)")
-    ap.add_argument("--json", required=True, help="results (rewritten after every run; finished runs are skipped)")
-    ap.add_argument("--plot", default=None, help="draw the curves into this PNG")
-    ap.add_argument("--methods", default=",".join(StudyConfig.methods))
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--steps", type=int, default=StudyConfig.steps)
-    ap.add_argument("--sweep_steps", type=int, default=StudyConfig.sweep_steps)
-    ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
-                    help="fix a method's learning rate (no sweep for it)")
-    a = ap.parse_args(argv)
-    grid = dict(LR_GRID)
-    for item in a.lr:
-        name, lr = item.split("=")
-        grid[name] = (float(lr),)
-        LR_FROM.pop(name, None)
-    cfg = StudyConfig(methods=tuple(a.methods.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
-                      steps=a.steps, sweep_steps=a.sweep_steps, lr_grid=grid)
-    t0 = time.time()
+        raise UsageError(f"regrow_quality: methods {unknown}: choose among {', '.join(METHODS)}")
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), workdir)
     fixed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "seeds", "lr_grid")}
-    stamp = {"command": "nice -n 10 python -m benchmarks.regrow_quality " + " ".join(argv or os.sys.argv[1:]),
-             **code_state(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(),
-             "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
-    # more methods or seeds later: more runs into the same partial file
-    results = study(cfg, a.workdir, FileCheckpoint(os.path.join(a.workdir, "partial.json"), fixed))
-    results["stamp"] = {**stamp, "seconds_this_invocation": time.time() - t0, "loadavg_end": os.getloadavg()}
-    atomic_write(a.json, [json.dumps(results, indent=1)])
-    if a.plot:
-        plot(results, a.plot)
-    print(json.dumps(results["summary"], indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return study(cfg, root, RunCache(os.path.join(root, "partial.json"), fixed), log=log)
