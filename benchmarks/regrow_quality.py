@@ -207,7 +207,7 @@ def study(cfg: StudyConfig, workdir: str, checkpoint, log=print) -> dict:
 
     def once(kind: str, key: str, method: str, lr: float, seed: int, steps: int, heldout: str) -> dict:
         done = partial[kind]
-        if key not in done:
+        if key not in done or done[key]["lr"] != lr:  # a run kept at another learning rate is run again
             log(f"  {kind} {key} ...")
             flags = run_flags(method, lr, seed, steps, heldout, paths, os.path.join(workdir, kind, key), cfg, rate)
             n_other = cfg.n_other if kind == "runs" else 0  # the sweep scores the validation split alone
