@@ -331,6 +331,15 @@ def test_train_sft_resumed_inside_a_window_and_after_a_regrow_equals_the_straigh
         assert log(out) == log(straight)[at:]
         mine = load_file(out / "sift_increment.safetensors")
         assert mine.keys() == final.keys() and all(torch.equal(mine[k], final[k]) for k in final), at
+    if not quantized:  # format 2 after regrows: base + increment is merged/, bit for bit
+        from transformers import AutoModelForCausalLM
+
+        from sift import apply_increment
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        apply_increment(base, str(straight / "sift_increment.safetensors"))
+        merged = AutoModelForCausalLM.from_pretrained(straight / "merged")
+        assert all(torch.equal(a, b) for a, b in zip(base.parameters(), merged.parameters()))
 
 
 def test_zero2_two_ranks_choose_alike_and_equal_one_process_with_twice_the_batch(tiny_dir, alpaca_40, tmp_path):
