@@ -6,10 +6,14 @@ trainer.methods' 4-bit forms (QSift, QLora) call `load` for the model, `attach_d
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import torch
 
+from common.fingerprint import WeightFiles
+from common.inputs import model_location
 from common.modeling import resolve_model_path
 from sift import quantize as q
 
@@ -34,8 +38,28 @@ def attach_deltas(model, args: Arguments) -> None:
 
 
 def save_increment(model, path: str, method: MethodArguments, base_model: str) -> None:
-    """QSIFT's increment (checkpoint or final): its indices and deltas live in the modules, not in SIFT's state."""
-    q.save_increment(model, path, base_model=base_model, rate=method.sift_rate, selection=method.sift_selection)
+    """QSIFT's increment (checkpoint or final): its indices and deltas live in the modules, not in SIFT's
+    state; its base fingerprint is read from the full-precision base's weights files (a few values per
+    tensor), as the model never holds those values."""
+    files = base_files(base_model)
+    save = functools.partial(q.save_increment, model, path, base_model=base_model, rate=method.sift_rate,
+                             selection=method.sift_selection)
+    try:
+        save(base_values=files.read if files else None)
+    except KeyError as e:  # a weight the files name otherwise: the file is still right, only less checkable
+        print(f"warning: {e}: the increment records no full-precision base fingerprint", file=sys.stderr)
+        save()
+
+
+def base_files(base_model: str) -> WeightFiles | None:
+    """The full-precision base's weights files (a local directory, a hub id's cached snapshot, the
+    embedded model's cache), or None when they are not on this machine."""
+    location = model_location(base_model)
+    files = WeightFiles(location) if location is not None else None
+    if not files:
+        print(f"warning: the weights files of {base_model} are not at hand: the increment records no "
+              "full-precision base fingerprint", file=sys.stderr)
+    return files or None
 
 
 def load_payload(directory: str, model, filename: str) -> None:
