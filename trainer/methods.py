@@ -58,7 +58,8 @@ FOUR_BIT_READS = ("double_quant",)
 # SIFTConfig's wording -> the flags' (None = off is 0 on the command line)
 _FLAG_WORDS = {"max_grad_norm=None": "--max_grad_norm 0", "step_in_backward=False": "no --step_in_backward",
                "or None to disable": "or 0 to disable", "regrow_steps = ": "--sift_regrow_steps ",
-               "regrow_steps=0": "--sift_regrow_steps 0"}
+               "regrow_steps=0": "--sift_regrow_steps 0",
+               "rate < 1, or": "--sift_rate < 1, or"}
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,18 @@ class Sift(Method):
         cfg = sift_fields(args)
         sparse, dense = find_trainable(skeleton, cfg["targets"], cfg["dense"])
         return {n for n, _ in sparse + dense}
+
+    @classmethod
+    def settle(cls, args):
+        """Also a regrow more often than the default window: the window, unset, shrinks to the interval
+        (it ends at a regrow and starts after the one before)."""
+        out, method = super().settle(args), args.method
+        steps, window = method.sift_regrow_steps, method.sift_regrow_window
+        if isinstance(steps, int) and 0 < steps < window and not args.is_set("sift_regrow_window"):
+            method.sift_regrow_window = steps
+            out.append(f"--sift_regrow_steps {steps}: using --sift_regrow_window {steps} (a window is at most the "
+                       "steps between two regrows)")
+        return out
 
     @classmethod
     def ignored(cls, args):
