@@ -157,7 +157,7 @@ def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradi
                  method: str = "all", rate: float = 0.05, lora_rank: int | None = None, dtype: str = "bf16",
                  quantization: str | None = None, gradient_accumulation_steps: int = 1,
                  offload_activations: bool = False, embeddings_on_host: bool = False,
-                 dry_run: bool = False) -> dict:
+                 regrow_fraction: float | None = None, dry_run: bool = False) -> dict:
     """The planned rows of one setting (the options of `python -m benchmarks.memory_plan`, which see).
     Every bad option and an unusable model are refused together, before any row is planned; a dry
     run stops there and names the rows it would plan."""
@@ -176,6 +176,9 @@ def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradi
     if embeddings_on_host:
         methods = [dataclasses.replace(m, name=f"{m.name} + host embeddings", embeddings_on_host=True)
                    for m in methods if m.kind != "full"]
+    if regrow_fraction is not None:  # each SIFT row again, stepping inside a regrow window (its largest, the first)
+        methods += [dataclasses.replace(m, name=f"{m.name} + regrow window ({regrow_fraction:g})",
+                                        regrow_fraction=regrow_fraction) for m in methods if m.kind == "sift"]
     accumulation = gradient_accumulation_steps
     methods = [m for m in methods if accumulation == 1 or not m.step_in_backward]  # in-backward needs 1
     if dry_run:
@@ -202,6 +205,9 @@ def option_problems(setting: dict) -> list[str]:
     rate = setting["rate"]
     if type(rate) not in (int, float) or not (0 < rate <= 1):  # NaN fails the comparison too
         out.append(f"--rate {rate}: must be a number in (0, 1] (the share of each target's entries trained)")
+    fraction = setting["regrow_fraction"]
+    if fraction is not None and (type(fraction) not in (int, float) or not (0 < fraction <= 1)):
+        out.append(f"--regrow_fraction {fraction}: must be a number in (0, 1] (the share a regrow replaces)")
     for key, choices in (("method", FAMILIES), ("dtype", tuple(DTYPES)), ("quantization", (None, *QUANTIZATIONS))):
         if setting[key] not in choices:
             out.append(f"--{key} {setting[key]}: choose one of {', '.join(str(c) for c in choices if c)}")
@@ -278,6 +284,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true")
     opt("embeddings_on_host", "plan the (frozen) input embedding table in host memory (not for full "
                               "fine-tuning)", action="store_true")
+    opt("regrow_fraction", "also plan each SIFT row stepping inside a regrow window that replaces this share "
+                           "(--sift_regrow_fraction: the first window, the largest)", type=float)
     ap.add_argument("--json", help="also write the rows to this file")
     return ap
 

@@ -33,6 +33,9 @@ from .original_sift import OriginalSIFTProfile
 KINDS = ("floor", "full", "lora", "original", "sift")
 # torch AdamW (moments in the weights' dtype), bitsandbytes AdamW with fp32 / 8-bit moments
 FULL_OPTIMIZERS = ("adamw", "adamw32bit", "adamw8bit")
+# A planned regrow window (sift.regrow): every PLANNED_WINDOW steps with a window as long, in a run twice
+# as long, so the first window opens before step 1 and outlasts every tracked step
+PLANNED_WINDOW = 1000
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Method:
     double_quant: bool = True
     offload_activations: bool = False  # trainer.offload: saved activations in host memory
     embeddings_on_host: bool = False   # trainer.offload: the frozen input embedding table in host memory
+    regrow_fraction: float | None = None  # sift only: step inside a regrow window replacing this share
 
     def __post_init__(self):
         if self.optimizer is None:
@@ -63,6 +67,8 @@ class Method:
             problems.append(f"{self.name}: a positive LoRA rank required")
         if self.kind == "full" and self.optimizer not in FULL_OPTIMIZERS:
             problems.append(f"{self.name}: full fine-tuning optimizer is one of {FULL_OPTIMIZERS}")
+        if self.regrow_fraction is not None and self.kind != "sift":
+            problems.append(f"{self.name}: a regrow window is SIFT's (and QSIFT's)")
         if self.quantization and self.kind not in ("sift", "lora"):
             problems.append(f"{self.name}: a 4-bit base is for sift (QSIFT) or lora (QLoRA)")
         if problems:
@@ -140,6 +146,7 @@ class Trainee:
             if kind == "lora":
                 self._train_only([])  # PEFT freezes the base; the adapters it adds train
             self.trained = trainer_methods.build(model, trainer_arguments(method, seed, max_grad_norm))
+            self.trained.plan(2 * PLANNED_WINDOW)  # the run's length (SIFT's regrow schedule; no-op otherwise)
             self.model, self.opt = self.trained.model, self.trained.opt
             self.entries = self.trained.trained_entries()
         self.offload = offload.enable(self.model) if method.offload_activations else None
@@ -222,12 +229,15 @@ def trainer_arguments(method: Method, seed: int, max_grad_norm: float | None):
     from trainer.args import Arguments, MethodArguments, ModelArguments, TrainArguments
 
     clip = 0.0 if method.step_in_backward or max_grad_norm is None else max_grad_norm
+    regrow = {} if method.regrow_fraction is None else dict(
+        sift_regrow_steps=PLANNED_WINDOW, sift_regrow_window=PLANNED_WINDOW, sift_regrow_fraction=method.regrow_fraction)
     return Arguments(
         model=ModelArguments(quantization=method.quantization or "none", double_quant=method.double_quant),
         method=MethodArguments(finetuning_type=method.kind, sift_rate=method.rate or 0.05,
                                sift_targets=",".join(LLAMA_LINEARS), sift_selection=method.selection,
                                optim=method.optimizer, step_in_backward=method.step_in_backward,
-                               lora_rank=method.rank or 8, lora_alpha=2 * (method.rank or 8), lora_dropout=0.0),
+                               lora_rank=method.rank or 8, lora_alpha=2 * (method.rank or 8), lora_dropout=0.0,
+                               **regrow),
         train=TrainArguments(learning_rate=method.lr, weight_decay=0.0, max_grad_norm=clip, seed=seed))
 
 

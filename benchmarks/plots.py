@@ -194,6 +194,36 @@ def qsift_quality_figure(doc: dict):
     return fig
 
 
+def regrow_quality_figure(doc: dict):
+    """Held-out Alpaca loss (learning) and ShareGPT loss (forgetting) over the steps: per method the
+    mean over seeds, the band spanning the seeds."""
+    res = doc["result"]
+    runs = list(res["runs"].values())
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(13, 4.6))
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
+        mine = [r for r in runs if r["method"] == method]
+        steps = [c[0] for c in mine[0]["curve"]]
+        for ax, col in zip(axes, (1, 2)):
+            ys = [[r["curve"][j][col] for r in mine] for j in range(len(steps))]
+            ax.plot(steps, [sum(y) / len(y) for y in ys], "o-", ms=3, color=f"C{i}",
+                    label=f"{method} (lr {mine[0]['lr']:g}, {len(mine)} seed{'s' * (len(mine) > 1)})")
+            ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.15, lw=0)
+    axes[0].set_title("held-out Alpaca loss (learning)", fontsize=9)
+    axes[1].set_title("ShareGPT sample loss (another distribution: a rise is forgetting)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean loss over assistant tokens")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    c = res["config"]
+    fig.suptitle(f"SmolLM2-135M on Alpaca: {c['steps']} steps x {c['batch']} conversations of <= {c['max_length']} "
+                 f"tokens; SIFT {res['sift_rate']:.2%} = LoRA r={c['lora_rank']}'s count (band: seeds' range)",
+                 fontsize=9)
+    return fig
+
+
 def ratio_bars(ax, labels: list[str], values: list[float], goal: float | None, xlabel: str):
     """Horizontal bars of ratios with their values written at the ends, and a goal line."""
     ax.barh(labels, values, color="C0")
@@ -283,6 +313,7 @@ def gpu_figure(doc: dict):
 FIGURES = {"memory": {"": memory_figure, "-speed": speed_figure}, "plan": {"": plan_figure},
            "quality": {"": quality_figure}, "sparsity": {"": sparsity_figure},
            "qsift_quality": {"": qsift_quality_figure}, "core_speed": {"": core_speed_figure},
+           "regrow_quality": {"": regrow_quality_figure},
            "packing": {"": packing_figure}, "packing_counts": {"": packing_counts_figure},
            "gpu": {"": gpu_figure}}
 

@@ -134,6 +134,37 @@ def qsift_quality_sections(doc: dict) -> dict[str, str]:
     return {"": "\n".join(lines)}
 
 
+def regrow_quality_sections(doc: dict) -> dict[str, str]:
+    """Per method: held-out Alpaca and ShareGPT losses after training (mean, per seed), the paired
+    difference to static SIFT (same seed: same data order and first selection) with its range over
+    seeds, and the ShareGPT change from before (forgetting); the learning-rate sweep apart."""
+    res = doc["result"]
+
+    def cell(row, key):
+        d = row.get(f"{key}_vs_sift")
+        return "" if d is None else f"{d:+.4f} [{row[f'{key}_vs_sift_spread'][0]:+.4f}, {row[f'{key}_vs_sift_spread'][1]:+.4f}]"
+
+    lines = ["| method | trainable | lr | Alpaca held-out after (per seed) | paired Δ vs static SIFT [range] | "
+             "ShareGPT after (per seed) | ShareGPT Δ vs before | paired Δ vs static SIFT [range] | min / run |",
+             "|---|---:|---:|---|---:|---|---:|---:|---:|"]
+    summary = res["summary"]
+    if summary:
+        first = next(iter(summary.values()))
+        lines.append(f"| before fine-tuning | 0 | | {first['heldout_before']:.4f} | | {first['other_before']:.4f} | | | |")
+    for method, row in summary.items():
+        per = {key: ", ".join(f"{r['after'][f'{key}_loss']:.4f}" for r in sorted(res["runs"].values(),
+                                                                                  key=lambda r: r["seed"])
+                              if r["method"] == method) for key in ("heldout", "other")}
+        lines.append(f"| {method} | {row['trained_entries'] / 1e6:.2f} M | {row['lr']:g} | **{row['heldout_after']:.4f}** "
+                     f"({per['heldout']}) | {cell(row, 'heldout')} | **{row['other_after']:.4f}** ({per['other']}) | "
+                     f"{row['other_after'] - row['other_before']:+.4f} | {cell(row, 'other')} | {row['minutes']:.0f} |")
+    sweep = ["| method | learning rate | validation loss after the sweep | chosen |", "|---|---:|---:|:-:|"]
+    for r in sorted(res["sweep"].values(), key=lambda r: (r["method"], r["lr"])):
+        sweep.append(f"| {r['method']} | {r['lr']:g} | {r['after']['heldout_loss']:.4f} | "
+                     f"{'✓' if res['lrs'].get(r['method']) == r['lr'] else ''} |")
+    return {"": "\n".join(lines), "lr_sweep": "\n".join(sweep)}
+
+
 def core_speed_sections(doc: dict) -> dict[str, str]:
     lines = ["| weights | method | median step (s) | x floor (wall) | x floor (CPU time) | bitsandbytes update "
              "alone / floor | peak (MiB) | extra peak B / entry | state B / entry |",
@@ -199,6 +230,7 @@ def plan_sections(doc: dict) -> dict[str, str]:
 
 TABLES = {"memory": memory_sections, "plan": plan_sections, "sparsity": sparsity_sections,
           "quality": quality_sections, "qsift_quality": qsift_quality_sections, "core_speed": core_speed_sections,
+          "regrow_quality": regrow_quality_sections,
           "packing": packing_sections, "packing_counts": packing_counts_sections, "gpu": gpu_sections}
 
 

@@ -17,7 +17,7 @@ from common.cli import UsageError
 
 from . import core_speed as core_speed_mod
 from . import gpu_check, memory_plan, memory_speed, packing as packing_mod, qsift_quality as qsift_quality_mod
-from . import quality as quality_mod, sparsity as sparsity_mod
+from . import quality as quality_mod, regrow_quality as regrow_quality_mod, sparsity as sparsity_mod
 from .data import fixed_batches
 from .methods import compared_methods
 from .models import SMOLLM2, load_config, load_pristine
@@ -82,6 +82,18 @@ def qsift_quality(steps: int = 100, batch_size: int = 4, max_length: int = 64, r
     return qsift_quality_mod.run(setting, checkpoint=checkpoint, log=log)
 
 
+def regrow_quality(methods: tuple = ("sift", "sift-regrow", "lora", "full"), seeds: tuple = (0, 1), steps: int = 150,
+                   sweep_steps: int = 20, batch: int = 4, max_length: int = 128, lora_rank: int = 4,
+                   eval_every: int = 50, n_test: int = 64, n_val: int = 64, n_other: int = 48,
+                   lr_grid: dict | None = None, workdir: str = "outputs/regrow-study", log=print) -> dict:
+    """Static SIFT, SIFT with drop and regrow, LoRA and full fine-tuning at LoRA rank `lora_rank`'s count
+    on SmolLM2 through train_sft.py's recipe: held-out Alpaca and ShareGPT losses, before / during /
+    after; each run kept in `workdir` (under the repository) as it finishes."""
+    setting = {k: v for k, v in locals().items() if k not in ("workdir", "log")}
+    setting["lr_grid"] = {k: tuple(v) for k, v in (lr_grid or regrow_quality_mod.LR_GRID).items()}
+    return regrow_quality_mod.run(setting, workdir, log=log)
+
+
 def packing(max_steps: int | None = None, model_max_length: int | None = None, packed_first: bool = False,
             log=print) -> dict:
     """The default train_sft.py run padded, then with --packing (None: train_sft.py's default)."""
@@ -111,5 +123,6 @@ def gpu(rows: list, parts: tuple = gpu_check.PARTS, seq: int = 2048, batch: int 
 
 
 STAGES = {"memory": memory, "plan": memory_plan.plan_setting, "sparsity": sparsity, "quality": quality,
-          "qsift_quality": qsift_quality, "packing": packing, "packing_counts": packing_counts,
+          "qsift_quality": qsift_quality, "regrow_quality": regrow_quality, "packing": packing,
+          "packing_counts": packing_counts,
           "core_speed": core_speed, "gpu": gpu}

@@ -24,6 +24,9 @@ class SIFTConfig:
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "global L2 clipping over all sparse and dense grads; None = off"})
     step_in_backward: bool = field(default=False, metadata={"help": "update inside each hook; no accumulation buffers, no global clipping"})
     seed: int = field(default=0, metadata={"help": "seed of the torch.Generator used by random selection"})
+    regrow_steps: int = field(default=0, metadata={"help": "drop and regrow entries every N optimizer steps (sift.regrow); 0 = off: the entries chosen first stay"})
+    regrow_fraction: float = field(default=0.2, metadata={"help": "share of each tensor's entries replaced at the first regrow, decaying linearly to 0 at the end of the run"})
+    regrow_window: int = field(default=5, metadata={"help": "optimizer steps whose gradients (every micro-batch, every rank) score the candidates before each regrow"})
 
     def __post_init__(self):
         self.targets, self.dense, self.betas = tuple(self.targets), tuple(self.dense), tuple(self.betas)
@@ -57,6 +60,21 @@ class SIFTConfig:
         if self.step_in_backward and self.max_grad_norm is not None:
             out.append(("step_in_backward", "cannot clip by the global norm (each tensor steps before the "
                         "others' gradients exist): set max_grad_norm=None, or step_in_backward=False"))
+        out += self.regrow_problems()
+        return out
+
+    def regrow_problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not (isinstance(self.regrow_steps, int) and self.regrow_steps >= 0):
+            out.append(("regrow_steps", "an integer >= 0 (0 = off)"))
+        elif self.regrow_steps:
+            if not (math.isfinite(self.regrow_fraction) and 0.0 < self.regrow_fraction <= 1.0):
+                out.append(("regrow_fraction", "must be in (0, 1], e.g. 0.2 for a fifth of each tensor's entries"))
+            if not (isinstance(self.regrow_window, int) and 1 <= self.regrow_window <= self.regrow_steps):
+                out.append(("regrow_window", f"an integer in [1, regrow_steps = {self.regrow_steps}]: the window "
+                            "ends at the regrow and starts after the one before"))
+            if self.rate >= 1.0:
+                out.append(("regrow_steps", "regrow needs unselected entries to grow: rate < 1, or regrow_steps=0"))
         return out
 
     def to_dict(self) -> dict:

@@ -11,7 +11,7 @@ the contiguous slice [lo, hi) (one rank: 0, numel). Two holders implement `Entri
 Both keep their entries with sift.codec (2 B per entry + an int32 per 2^15-entry block, relative to
 lo) and pick them with sift.selection. What is written once against this protocol: selection before
 training (`select_before_training`) and the reduction of a dense gradient to the entries, which
-selects on the first one (`sparse_grad`).
+selects on the first one and feeds an open regrow window (`sparse_grad`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class Entries(Protocol):
     lo: int         # this rank's slice [lo, hi) of the flat weight
     hi: int
     selection: str  # the sift.selection rule that picks them
+    window: object  # the sift.regrow.Window gathering candidate gradients while one is open, else None
 
     def ready(self) -> bool:
         """Whether the entries are chosen."""
@@ -64,7 +65,8 @@ def sparse_grad(entries: Entries, dense: torch.Tensor, idx: torch.Tensor | None 
     on `device` (default: the gradient's). The first call chooses the entries from this gradient
     (summed over ranks by sift.selection.agree). `idx`: the decoded indices, if the caller has them.
     This is the one place a dense weight gradient meets the entries: SIFT's hook and QSIFTLinear's
-    backward both call it while the dense gradient exists."""
+    backward both call it while the dense gradient exists; an open regrow window (sift.regrow) takes
+    its candidates' gradient here too."""
     if not entries.ready():
         entries.select(choose(entries.selection, entries.k, entries.numel, grad=dense))
     if idx is None:
@@ -73,4 +75,6 @@ def sparse_grad(entries: Entries, dense: torch.Tensor, idx: torch.Tensor | None 
     if (entries.lo, entries.hi) != (0, entries.numel):
         flat = flat[entries.lo:entries.hi]  # this rank's slice: a view
     values = flat.index_select(0, idx.to(flat.device))  # device-correct: ZeRO-3 offload's host gradient
+    if entries.window is not None:  # a regrow window is open: its candidates' gradient (sift.regrow)
+        entries.window.observe(dense, flat, idx)
     return idx, values if device is None else values.to(device)

@@ -19,6 +19,7 @@ from bitsandbytes import functional as bnbf
 
 from .config import SIFTConfig
 from .entries import select_before_training, sparse_grad
+from .regrow import Regrow, resume_problems as regrow_resume_problems
 from .state import Bank, SparseState, flat_weight, index_dtype, numel, shape  # noqa: F401 (re-exported)
 from .targets import exact_grad_dtypes, find_trainable, increment_holders
 
@@ -69,6 +70,8 @@ class SIFT(torch.optim.Optimizer):
             else:
                 select_before_training(s, generator)
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._make_hook(s)) for s in self.slots]
+        # drop and regrow (sift.regrow): None when off; plan_regrow(total_steps) starts its schedule
+        self.regrow = Regrow(self.slots, cfg, self._all_reduce, self._qmap_pair) if cfg.regrow_steps else None
 
     def _make_banks(self, eightbit: bool, fp32_master: bool) -> list[Bank]:
         """One Bank per (device, weight dtype, needs offsets), slots laid out in model order, each padded to 256."""
@@ -170,10 +173,11 @@ class SIFT(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.cfg.step_in_backward:
-            self._finish_backward_step()
+            self._after_step(1.0, self._finish_backward_step())
             return loss
         pending = [s for s in self.slots if s.grad is not None]
         if not pending:
+            self._after_step(None)
             return loss
         if self.world > 1:  # sum over ranks in fp32: a bf16 all-reduce would round the partial sums
             for s in pending:
@@ -190,6 +194,7 @@ class SIFT(torch.optim.Optimizer):
         if not math.isfinite(norm):
             self.skipped_steps += 1
             self.zero_grad()
+            self._after_step(None)
             return loss
         scale = 1.0
         if self.cfg.max_grad_norm is not None:
@@ -201,7 +206,19 @@ class SIFT(torch.optim.Optimizer):
             run[0].bank.step(run, [r.grad for r in run], group, self._qmap_pair(run[0].device), scale)
         for s in pending:
             s.grad = None
+        self._after_step(scale)
         return loss
+
+    def _after_step(self, scale: float | None, skipped: list[int] = ()) -> None:
+        """The regrow's part of a step (none when off): `scale` the step's clip factor (None: nothing
+        stepped), `skipped` the slots step_in_backward left untouched."""
+        if self.regrow is not None:
+            self.regrow.after_step(scale, {self.slots[i].name for i in skipped}, self.param_groups[0]["betas"])
+
+    def plan_regrow(self, total_steps: int) -> None:
+        """The run's length in optimizer steps, which the regrow's share decays over (no-op when off)."""
+        if self.regrow is not None:
+            self.regrow.plan(total_steps)
 
     def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
         """Sum compact gradients over ranks, in place (async, no concatenated copy)."""
@@ -212,27 +229,32 @@ class SIFT(torch.optim.Optimizer):
             h.wait()
         self.comm_bytes += sum(t.nbytes for t in tensors)
 
-    def _finish_backward_step(self):
+    def _finish_backward_step(self) -> list[int]:
+        """Take the skipped tensors' step counts back; returns their slot numbers."""
         self._flush_in_backward()
         for s in self.slots:
             s.stepped = False
         # one host sync per step (the memory planner's meta flags have no values: nothing to take back)
         bad = [f.nonzero().view(-1).tolist() for f in self._bad.values() if f.device.type != "meta" and bool(f.any())]
         if not bad:
-            return
-        for i in sorted({i for b in bad for i in b}):
+            return []
+        skipped = sorted({i for b in bad for i in b})
+        for i in skipped:
             self.slots[i].step -= 1  # the skipped update never happened
         for flags in self._bad.values():
             flags.zero_()
         self.skipped_steps += 1
         warnings.warn("SIFT step_in_backward: non-finite gradients; the affected tensors were left "
                       "untouched, the others had already stepped inside backward")
+        return skipped
 
     def zero_grad(self, set_to_none: bool = True):
         self._flush_in_backward()  # step_in_backward's updates were due in backward: none is dropped
         for s in self.slots:
             s.grad = None
             s.param.grad = None
+        if self.regrow is not None:
+            self.regrow.zero_pending()
 
     # ---------------------------------------------------------------- introspection & state
     def selected_indices(self) -> dict[str, torch.Tensor]:
@@ -260,7 +282,8 @@ class SIFT(torch.optim.Optimizer):
         skip flags): what a memory count should call optimizer state."""
         return ([q for pair in self._qmaps.values() for q in pair] + list(self._bad.values())
                 + [t for b in self.banks for t in b.tensors()]
-                + [s.counts for s in self.slots if s.counts is not None])
+                + [s.counts for s in self.slots if s.counts is not None]
+                + (self.regrow.tensors() if self.regrow is not None else []))
 
     def host_tensors(self) -> list[torch.Tensor]:
         """State kept in host memory (the base values of the trained entries)."""
@@ -276,12 +299,15 @@ class SIFT(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         self._flush_in_backward()
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {
+        out = {
             "config": self.cfg.to_dict(),
             "param_groups": groups,
             "skipped_steps": self.skipped_steps,
             "slots": {s.name: s.state() for s in self.slots if s.ready()},
         }
+        if self.regrow is not None:
+            out["regrow"] = self.regrow.state()  # the step count and any open window's statistics
+        return out
 
     def resume_problems(self, state_dict: dict) -> list[str]:
         """Every reason `state_dict` cannot continue this run (empty if it can); touches nothing."""
@@ -294,6 +320,9 @@ class SIFT(torch.optim.Optimizer):
                 a, b = list(a), list(b)
             if a != b:
                 out.append(f"config {key}: saved {a!r}, this run {b!r}")
+        out += regrow_resume_problems(saved, self.cfg)
+        if self.regrow is not None:
+            out += self.regrow.problems(state_dict.get("regrow"))
         slots = {s.name: s for s in self.slots}
         saved_slots = state_dict.get("slots", {})
         unknown = sorted(set(saved_slots) - set(slots))
@@ -318,6 +347,8 @@ class SIFT(torch.optim.Optimizer):
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
             g.update(saved)
         self.skipped_steps = state_dict["skipped_steps"]
+        if self.regrow is not None:
+            self.regrow.load(state_dict.get("regrow"))
 
     def memory_report(self) -> dict:
         """Bytes held by SIFT's state, by kind, and per trained entry (padding and tables included)."""
@@ -340,6 +371,9 @@ class SIFT(torch.optim.Optimizer):
         report["bytes_per_entry"] = report["persistent"] / max(entries, 1)
         grad_bytes = sum(s.k * s.grad_dtype.itemsize for s in self.slots if s.ready())  # deferred, no accumulation
         report["bytes_per_entry_with_grad"] = (report["persistent"] + grad_bytes) / max(entries, 1)
+        if self.regrow is not None:  # an open window's candidates (sift.regrow); 0 between windows
+            report["regrow_candidates"] = self.regrow.nbytes()
+            report["total"] += report["regrow_candidates"]
         return report
 
     def remove_hooks(self):

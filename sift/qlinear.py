@@ -56,6 +56,7 @@ class QSIFTLinear(nn.Module):
         self.register_buffer("counts", None)   # int32 per block: how many entries it holds
         self.k = 0
         self.selection = "grad"  # the sift.selection rule that picks the entries
+        self.window = None  # sift.regrow.Window while a regrow window gathers candidate gradients
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,

@@ -251,8 +251,8 @@ class SparseState:
     Dense, it trains a whole parameter, which may be the values of another holder's entries
     (`holder`: QSIFTLinear for its delta, whose base is 0 by definition). `entries` is, either way,
     the holder whose entries these values are (None for a plain dense parameter).
-    Public: indices(), flat_indices(), values(), set_values(), nbytes(), state(), load(), ready(),
-    select(); the rest serves SIFT's hooks and step.
+    Public: indices(), flat_indices(), values(), set_values(), moment_rows(), nbytes(), state(), load(),
+    ready(), select(); the rest serves SIFT's hooks and step.
     """
 
     def __init__(self, name: str, param: nn.Parameter, k: int | None, grad_dtype: torch.dtype | None = None,
@@ -278,6 +278,7 @@ class SparseState:
         self.counts = None    # int32 [blocks]: how many trained entries each index block holds
         self.grad = None      # the accumulated sparse gradient (weight dtype; fp32 once accumulated)
         self.base = None      # host copy of the trained entries' base values (weight dtype): the increment's deltas
+        self.window = None    # sift.regrow.Window while a regrow window gathers this tensor's candidates
         self._ready = not self.sparse
 
     # ---------------------------------------------------------------- views into the bank
@@ -374,6 +375,12 @@ class SparseState:
                 self._view(self.bank.master).copy_(values)
             w = values
         self.write_weights(w, idx)
+
+    def moment_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Views of this tensor's bank rows of moments [2, kp] (uint8 codes or fp32) and, 8-bit, of
+        their absmax [2, kp / 256] (None with fp32 moments)."""
+        b, lo, hi = self.bank, self.start, self.start + self.kp
+        return b.moments[:, lo:hi], None if b.absmax is None else b.absmax[:, lo // BLOCK:hi // BLOCK]
 
     # ---------------------------------------------------------------- public state
     def nbytes(self) -> dict[str, int]:

@@ -274,8 +274,9 @@ def test_export_eval_prep_bad_input_gets_one_clear_line(results, name):
 # ----------------------------------------------------------------------------- train_sft.py's options
 # Values once taken silently (a negative count used as a Python slice, a path as a run name, the
 # training file as the held-out one, an explicit value --step_in_backward cannot use), misspelled and
-# abbreviated options, LoRA's ranges, warm-up given twice, a file listed twice in --data_path: each one
-# line naming the option, exit status 2, before anything is read or written. Same pool as above.
+# abbreviated options, LoRA's ranges, the regrow's ranges and a regrow without entries, warm-up given
+# twice, a file listed twice in --data_path: each one line naming the option, exit status 2, before
+# anything is read or written. Same pool as above.
 OPTION_CASES = {
     "negative_counts_and_paths": (_train("--max_train_samples", "-30", "--max_steps", "-5", "--save_steps", "-1",
                                          "--save_total_limit", "-1", "--eval_data_path", "{data}", "--run_name",
@@ -298,6 +299,13 @@ OPTION_CASES = {
                                              "--max_grad_norm", "1.0"), 2,
                                       [["--step_in_backward cannot accumulate", "(got 2)"],
                                        ["--step_in_backward: cannot clip by the global norm"]], {}),
+    "regrow_ranges": (_train("--sift_regrow_steps", "4", "--sift_regrow_fraction", "1.5", "--sift_regrow_window", "5"), 2,
+                      [["--sift_regrow_fraction 1.5", "must be in (0, 1]"],
+                       ["--sift_regrow_window 5", "[1, --sift_regrow_steps 4]"]], {}),
+    "regrow_without_entries": (_train("--finetuning_type", "full", "--sift_regrow_steps", "10"), 2,
+                               [["--sift_regrow_steps 10", "full fine-tuning", "use --finetuning_type sift"]], {}),
+    "regrow_misspelled": (_train("--sift_regrow_step", "3"), 2,
+                          [["unknown option --sift_regrow_step: did you mean --sift_regrow_steps?"]], {}),
     "data_file_listed_twice": (_train("--data_path", "{data},{data}"), 2, [["--data_path", "listed twice"]], {}),
     "data_list_with_a_missing_file": (_train("--data_path", "{data},{dir}/absent.jsonl"), 2,
                                       [["--data_path", "absent.jsonl: no such file"]], {}),

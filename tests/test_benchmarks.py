@@ -360,11 +360,29 @@ def test_planner_bad_input_in_process(tmp_path, capsys, name, monkeypatch):
     assert out.out == ""
 
 
+def test_the_planner_plans_each_sift_row_inside_a_regrow_window_too():
+    """--regrow_fraction adds each SIFT row stepping inside the first regrow window: its peak is the
+    static row's plus the window's candidates exactly (memory_report's regrow_candidates), which stay
+    within sift.regrow's bound of 14 B per candidate (<= 2 x fraction x k) + 4 B per index block."""
+    from sift import regrow
+
+    doc = memory_plan.plan_setting(model="llama-tiny", seq=32, method="sift", rate=0.05, regrow_fraction=0.2)
+    rows = {r["name"]: r for r in doc["rows"]}
+    tensors = 7 * memory_plan.checked_config("llama-tiny", False)[0].num_hidden_layers  # one index block each
+    for mode in ("deferred", "in-backward"):
+        static, window = rows[f"SIFT 5% {mode}"], rows[f"SIFT 5% {mode} + regrow window (0.2)"]
+        held = window["sift"]["regrow_candidates"]
+        assert "regrow_candidates" not in static["sift"] and window["sift"]["total"] == static["sift"]["total"] + held
+        assert 0 < held <= 14 * regrow.CANDIDATES * 0.2 * window["trainable_entries"] + 4 * tensors
+        assert window["peak"] == static["peak"] + held, mode
+
+
 @pytest.mark.parametrize("key, value, needle", [("seq", 2.5, "--seq 2.5: must be an integer"),
                                                 ("batch", True, "--batch True: must be an integer"),
                                                 ("rate", "0.05", "--rate 0.05: must be a number in (0, 1]"),
                                                 ("method", "qlora", "--method qlora: choose one of all, full"),
-                                                ("quantization", "int8", "--quantization int8: choose one of nf4")])
+                                                ("quantization", "int8", "--quantization int8: choose one of nf4"),
+                                                ("regrow_fraction", 1.5, "--regrow_fraction 1.5: must be a number in (0, 1]")])
 def test_plan_experiments_get_the_planners_checks(key, value, needle):
     """An experiment's JSON can hold what argparse would refuse; the stage refuses it the same way."""
     with pytest.raises(SystemExit) as err:

@@ -115,12 +115,48 @@ def test_step_in_backward_alone_sets_what_it_needs_and_says_so():
     (["--quantization", "nf4", "--sift_dense", "norm"], []),  # refused, not warned
     (["--finetuning_type", "lora", "--step_in_backward", "--gradient_accumulation_steps", "1"], []),  # refused
     (["--finetuning_type", "lora", "--sift_targets", "q_proj", "--optim", "adamw"], []),
+    (["--finetuning_type", "full", "--sift_regrow_fraction", "0.3", "--sift_regrow_window", "2"],
+     [("sift_regrow_fraction", "full fine-tuning", "full", "SIFT, QSIFT"),
+      ("sift_regrow_window", "full fine-tuning", "full", "SIFT, QSIFT")]),
+    (["--finetuning_type", "lora", "--sift_regrow_steps", "0"], [("sift_regrow_steps", "LoRA", "lora", "SIFT, QSIFT")]),
+    (["--quantization", "nf4", "--sift_regrow_steps", "4", "--sift_regrow_fraction", "0.1"], []),  # QSIFT reads them
 ])
 def test_an_option_the_method_does_not_read_is_one_warning_naming_the_method(flags, ignored):
     args = targs.parse(flags)
     cls, _ = methods.lookup(args)
     assert cls.ignored(args) == [f"warning: --{flag} {args.value(flag)} is ignored: {title} (--finetuning_type {kind}) "
                                  f"does not read it; {readers} do" for flag, title, kind, readers in ignored]
+
+
+def test_the_regrow_flags_are_checked_settled_and_warned_in_flag_names():
+    """SIFTConfig's regrow rules in flag names, every problem at once; a regrow is refused by a method
+    without entries (an explicit 0 is only ignored); an unset window shrinks to a shorter interval and
+    says so; a share or window given with the regrow off is a warning."""
+    _, problems = check("--sift_regrow_steps", "4", "--sift_regrow_fraction", "0", "--sift_regrow_window", "5",
+                        "--sift_rate", "1")
+    assert problems == ["--sift_regrow_fraction 0.0: must be in (0, 1], e.g. 0.2 for a fifth of each tensor's entries",
+                        "--sift_regrow_window 5: an integer in [1, --sift_regrow_steps 4]: the window ends at the "
+                        "regrow and starts after the one before",
+                        "--sift_regrow_steps 4: regrow needs unselected entries to grow: --sift_rate < 1, or "
+                        "--sift_regrow_steps 0"]
+    assert check("--sift_regrow_steps", "-1")[1] == ["--sift_regrow_steps -1: an integer >= 0 (0 = off)"]
+    assert check("--sift_regrow_steps", "4", "--sift_regrow_window", "0")[1][0].startswith("--sift_regrow_window 0: ")
+    assert check("--quantization", "nf4", "--sift_regrow_steps", "4", "--sift_regrow_fraction", "nan")[1][0].startswith(
+        "--sift_regrow_fraction nan: must be in (0, 1]")
+    for kind, title in (("full", "full fine-tuning"), ("lora", "LoRA")):
+        plan, problems = check("--finetuning_type", kind, "--sift_regrow_steps", "10")
+        assert problems == [f"--sift_regrow_steps 10: drop and regrow moves SIFT's trained entries; {title} "
+                            f"(--finetuning_type {kind}) has none: use --finetuning_type sift"]
+        assert check("--finetuning_type", kind, "--sift_regrow_steps", "0")[1] == []
+    args = targs.parse(["--sift_regrow_steps", "3"])
+    plan, problems = validate.check(args)
+    assert problems == [] and args.method.sift_regrow_window == 3 and plan.notes == [
+        "--sift_regrow_steps 3: using --sift_regrow_window 3 (a window is at most the steps between two regrows)"]
+    assert check("--sift_regrow_steps", "6")[0].notes == []  # the default window fits
+    plan, problems = check("--sift_regrow_fraction", "0.3", "--sift_regrow_window", "2")
+    assert problems == [] and plan.notes == [
+        f"warning: --{flag} is ignored: the regrow is off (--sift_regrow_steps 0)"
+        for flag in ("sift_regrow_fraction 0.3", "sift_regrow_window 2")]
 
 
 def test_the_registry_declares_a_reader_for_every_method_flag():

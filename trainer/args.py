@@ -92,6 +92,14 @@ class MethodArguments:
                        "weights' dtype)", default="adamw8bit")
     step_in_backward: bool = _help("update inside backward hooks; it needs --gradient_accumulation_steps 1 and "
                                    "--max_grad_norm 0, which it sets when they are not given", default=False)
+    sift_regrow_steps: int = _help("drop and regrow each tensor's entries every N optimizer steps (SpIEL-style: "
+                                   "the smallest trained changes go back to the base, the candidates with the "
+                                   "largest accumulated gradient come in); 0 = off: the first choice stays",
+                                   default=0)
+    sift_regrow_fraction: float = _help("share of each tensor's entries replaced at the first regrow, decaying "
+                                        "linearly to 0 at the end of the run", default=0.2)
+    sift_regrow_window: int = _help("optimizer steps of gradient statistics gathered before each regrow "
+                                    "(<= --sift_regrow_steps)", default=5)
     lora_rank: int = _help("LoRA rank", default=8)
     lora_alpha: int = _help("LoRA alpha", default=16)
     lora_dropout: float = _help("LoRA dropout", default=0.0)

@@ -45,16 +45,21 @@ ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
 # SIFTConfig field -> the flag that sets it
 SIFT_FLAGS = {"rate": "sift_rate", "targets": "sift_targets", "dense": "sift_dense", "selection": "sift_selection",
               "optimizer": "optim", "lr": "learning_rate", "weight_decay": "weight_decay",
-              "max_grad_norm": "max_grad_norm", "step_in_backward": "step_in_backward", "seed": "seed"}
+              "max_grad_norm": "max_grad_norm", "step_in_backward": "step_in_backward", "seed": "seed",
+              "regrow_steps": "sift_regrow_steps", "regrow_fraction": "sift_regrow_fraction",
+              "regrow_window": "sift_regrow_window"}
 # SIFTConfig's rules that hold for every method (an optimizer step is an AdamW step in all three)
 ADAMW_FIELDS = ("lr", "weight_decay", "max_grad_norm", "betas", "eps")
 # The flags of one method or another (Rules.reads): the rest of the options are every method's
-SIFT_READS = ("sift_rate", "sift_targets", "sift_dense", "sift_selection", "optim", "step_in_backward")
+SIFT_READS = ("sift_rate", "sift_targets", "sift_dense", "sift_selection", "optim", "step_in_backward",
+              "sift_regrow_steps", "sift_regrow_fraction", "sift_regrow_window")
 LORA_READS = ("sift_targets", "optim", "lora_rank", "lora_alpha", "lora_dropout")
 FOUR_BIT_READS = ("double_quant",)
 # SIFTConfig's wording -> the flags' (None = off is 0 on the command line)
 _FLAG_WORDS = {"max_grad_norm=None": "--max_grad_norm 0", "step_in_backward=False": "no --step_in_backward",
-               "or None to disable": "or 0 to disable"}
+               "or None to disable": "or 0 to disable", "regrow_steps = ": "--sift_regrow_steps ",
+               "regrow_steps=0": "--sift_regrow_steps 0",
+               "rate < 1, or": "--sift_rate < 1, or"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,8 @@ def sift_fields(args: Arguments) -> dict:
     return dict(rate=method.sift_rate, targets=split_list(method.sift_targets), dense=split_list(method.sift_dense),
                 selection=method.sift_selection, optimizer=method.optim, lr=train.learning_rate,
                 weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm or None,
-                step_in_backward=method.step_in_backward, seed=train.seed)
+                step_in_backward=method.step_in_backward, seed=train.seed, regrow_steps=method.sift_regrow_steps,
+                regrow_fraction=method.sift_regrow_fraction, regrow_window=method.sift_regrow_window)
 
 
 def sift_config(args: Arguments) -> SIFTConfig:
@@ -154,6 +160,9 @@ class Method:
         if method.step_in_backward and args.train.gradient_accumulation_steps != 1:
             out.append("--step_in_backward cannot accumulate gradients: set --gradient_accumulation_steps 1 "
                        f"(got {args.train.gradient_accumulation_steps})")
+        if method.sift_regrow_steps and "sift_regrow_steps" not in rules.reads:
+            out.append(f"--sift_regrow_steps {method.sift_regrow_steps}: drop and regrow moves SIFT's trained entries; "
+                       f"{cls.title} (--finetuning_type {cls.name}) has none: use --finetuning_type sift")
         out += [line for flag, line in rules.refuses if args.is_set(flag)]
         if deepspeed is not None:
             out += cls.deepspeed_problems(args, deepspeed)
@@ -181,6 +190,9 @@ class Method:
     def load(cls, model_path: str, args: Arguments, dtype: torch.dtype, device: str):
         """The model as this method trains it, on `device`."""
         return load_model(model_path, dtype=dtype, device=device)
+
+    def plan(self, total_steps: int) -> None:
+        """The run's length in optimizer steps, known once the data is (SIFT's regrow decays over it)."""
 
     # ---------------------------------------------------------------- the step
     def step(self) -> float:
@@ -266,6 +278,30 @@ class Sift(Method):
         cfg = sift_fields(args)
         sparse, dense = find_trainable(skeleton, cfg["targets"], cfg["dense"])
         return {n for n, _ in sparse + dense}
+
+    @classmethod
+    def settle(cls, args):
+        """Also a regrow more often than the default window: the window, unset, shrinks to the interval
+        (it ends at a regrow and starts after the one before)."""
+        out, method = super().settle(args), args.method
+        steps, window = method.sift_regrow_steps, method.sift_regrow_window
+        if isinstance(steps, int) and 0 < steps < window and not args.is_set("sift_regrow_window"):
+            method.sift_regrow_window = steps
+            out.append(f"--sift_regrow_steps {steps}: using --sift_regrow_window {steps} (a window is at most the "
+                       "steps between two regrows)")
+        return out
+
+    @classmethod
+    def ignored(cls, args):
+        """Also the regrow's share and window given while the regrow is off (--sift_regrow_steps 0)."""
+        out = super().ignored(args)
+        if not args.method.sift_regrow_steps:
+            out += [f"warning: --{flag} {args.value(flag)} is ignored: the regrow is off (--sift_regrow_steps 0)"
+                    for flag in ("sift_regrow_fraction", "sift_regrow_window") if args.is_set(flag)]
+        return out
+
+    def plan(self, total_steps):
+        self.opt.plan_regrow(total_steps)
 
     def step(self) -> float:
         self.opt.step()  # clips by the global norm of its sparse gradients itself

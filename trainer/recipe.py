@@ -147,7 +147,8 @@ class Recipe:
             offload.embeddings_on_host(unwrap(self.model))
 
     def setup_schedule(self) -> None:
-        """The run's length in optimizer steps and the learning-rate schedule over it."""
+        """The run's length in optimizer steps, the learning-rate schedule over it, and the method's plan
+        over it (SIFT's regrow)."""
         from transformers import get_scheduler
 
         train = self.args.train
@@ -155,6 +156,7 @@ class Recipe:
         self.total_steps = total_steps(self.args, per_epoch)
         self.scheduler = get_scheduler(train.lr_scheduler_type, self.method.opt, num_training_steps=self.total_steps,
                                        num_warmup_steps=warmup_steps(train, self.total_steps))
+        self.method.plan(self.total_steps)
 
     def start_run(self) -> None:
         """The output directory: the checkpoints to resume are found, the previous run's files go
