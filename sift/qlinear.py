@@ -43,6 +43,7 @@ class QSIFTLinear(nn.Module):
 
     sift_dense_params = ("delta",)  # sift.targets: train these densely, never sparsely
     lo = 0  # sift.entries: the slice of the flat weight this layer holds is all of it
+    shard = None  # and its gradient is this rank's (ZeRO-3 shards its delta as a plain parameter instead)
 
     def __init__(self, packed: torch.Tensor, quant_state, bias: torch.Tensor | None):
         super().__init__()

@@ -8,7 +8,6 @@ parameter (zero learning rate) that lives beside the model (LOMO uses the same r
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -134,11 +133,25 @@ def initialize(model: nn.Module, cfg: dict):
     return engine
 
 
-def gathered(model: nn.Module):
-    """Context in which every ZeRO-3 parameter holds its full data (for saving); no-op otherwise."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
-    if not params:
-        return contextlib.nullcontext()
+def finish_step(engine) -> None:
+    """DeepSpeed's step at the accumulation boundary, taken after the method's own step (train_window
+    with boundary=False): under ZeRO-3 it releases every gathered weight and gathers the persistent
+    ones again, from partitions that now hold SIFT's update; its anchor optimizer moves nothing."""
+    if engine is not None:
+        engine.step()
+
+
+def full_state_dict(model: nn.Module, keep: bool) -> dict | None:
+    """ZeRO-3: the model's state dict on the host of the process that `keep`s it, gathered one
+    parameter at a time (every rank calls this; a parameter is whole on each rank's device only
+    while it is copied). None when nothing is partitioned: the model's tensors are whole."""
+    if not any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        return None
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        with deepspeed.zero.GatheredParameters([t] if hasattr(t, "ds_tensor") else [], modifier_rank=None):
+            if keep:
+                out[name] = t.detach().to("cpu", copy=True)
+    return out

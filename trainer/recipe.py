@@ -28,7 +28,7 @@ from common.modeling import load_tokenizer
 
 from . import ds, offload, rundir
 from .args import Arguments, record, run_name, total_steps
-from .checkpoint import load_state, resume_candidates, save_checkpoint
+from .checkpoint import begin_checkpoint, finish_checkpoint, load_state, resume_candidates
 from .data import batches_for_window, build_datasets, micro_batches_per_epoch
 from .interrupts import Interrupts
 from .loss import heldout_loss, train_window, unwrap
@@ -210,8 +210,9 @@ class Recipe:
         micro = batches_for_window(self.train_set, step, train.per_device_train_batch_size,
                                    train.gradient_accumulation_steps, train.seed, self.pad_id, self.rank, self.world,
                                    packed=self.args.data.packing)
-        loss, seen = train_window(self.model, micro, self.device, self.engine)
+        loss, seen = train_window(self.model, micro, self.device, self.engine, boundary=False)
         self.grad_norm = self.method.step()
+        ds.finish_step(self.engine)  # after the method's step: ZeRO-3's gathered weights then hold it
         self.scheduler.step()
         self.last_loss = loss
         self.meter.add(loss, seen, self.world)
@@ -277,15 +278,23 @@ class Recipe:
         return bool(every) and done % every == 0 or done == self.total_steps
 
     def checkpoint(self, done: int) -> str:
-        """checkpoint-<done>: the method's payload, the schedule, the RNG and the "before" figures
-        (written by the main process: the method's state is replicated)."""
+        """checkpoint-<done>: the method's payload, the schedule, the RNG and the "before" figures.
+        Every rank takes part (a sharded run's state is written by each rank into the main process's
+        temp directory); the main process completes it."""
         output = self.args.output
+        tmp = begin_checkpoint(output.output_dir, done) if self.main_process else None
+        if self.distributed:
+            shared = [tmp]
+            dist.broadcast_object_list(shared)  # one file system: every rank writes into the same directory
+            tmp = shared[0]
+        self.method.save_payload(tmp, self.base_model, self.main_process)
+        if self.distributed:
+            dist.barrier()
         path = os.path.join(output.output_dir, f"checkpoint-{done}")
         if self.main_process:
             state = {"step": done, "run_id": self.run_id, "scheduler": self.scheduler.state_dict(),
                      "rng": torch.get_rng_state().tolist(), "before": self.before}
-            path = save_checkpoint(output.output_dir, done, lambda tmp: self.method.save_payload(tmp, self.base_model),
-                                   state, output.save_total_limit, args=self.run_args)
+            path = finish_checkpoint(output.output_dir, done, tmp, state, output.save_total_limit, args=self.run_args)
         if self.distributed:
             dist.barrier()
         return path
@@ -314,16 +323,15 @@ class Recipe:
         if not (math.isfinite(held) and (last is None or math.isfinite(last))):
             self.stop("failed", self.total_steps, f"train_sft.py: the loss is not finite at the end (held-out "
                       f"{held}, last step {last}): the run diverged (lower --learning_rate?); no merged model written", 1)
-        with ds.gathered(self.model):  # ZeRO-3: every rank takes part in the gather
-            if self.main_process:
-                self.write_outputs()
+        self.method.save_final(self.args.output.output_dir, self.tokenizer, self.base_model, self.main_process)
+        if self.main_process:  # every rank took part in the method's gathers (ZeRO-3)
+            self.write_outputs()
         if self.distributed:
             dist.barrier()
 
     def write_outputs(self) -> None:
         output_dir = self.args.output.output_dir
         print(f"after: {json.dumps(self.after, ensure_ascii=False)}")
-        self.method.save_final(output_dir, self.tokenizer, self.base_model)
         report = self.method.memory_report()
         if report:
             print(f"memory: {json.dumps(report)}")
