@@ -11,6 +11,13 @@ forward / backward (one layer at a time, freed before the next layer runs); what
 Q (0.5 B/entry + absmax) and, per trained entry, delta (4 B) and its index in 2 B: a 15-bit offset
 inside its block of 2^15 entries plus the block's entry count (int32 per block), decoded into flat
 indices transiently per layer (k x 4 B in index_dtype, no host sync).
+
+Under ZeRO-3 (`partitionable`) Q and the offsets become frozen parameters whose bytes are viewed as
+bf16 (FSDP-QLoRA's quant_storage: a 16-bit dtype DeepSpeed partitions and gathers like any weight;
+gloo and NCCL move no int16), so each rank holds 1/N of them and of delta (a parameter already);
+DeepSpeed gathers the three with the layer, one layer at a time: per forward and backward
+(recomputation included) k x 6 B + numel / 2 B cross ranks. The quantization state (absmax, code)
+and the block counts (4 B per 2^15 entries) stay whole on every rank.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from bitsandbytes import functional as bnbf
 
 from .codec import block_starts, decode, encode, index_dtype
 from .entries import select_before_training, sparse_grad
+from .shard import write_whole
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64
@@ -42,6 +50,7 @@ class QSIFTLinear(nn.Module):
     """y = x W^T + b with W = deq(Q) + scatter(indices, delta); only delta is trained."""
 
     sift_dense_params = ("delta",)  # sift.targets: train these densely, never sparsely
+    sift_storage_params = ("weight_4bit", "offsets")  # sift.targets: never trained (parameters under ZeRO-3)
     lo = 0  # sift.entries: the slice of the flat weight this layer holds is all of it
     shard = None  # and its gradient is this rank's (ZeRO-3 shards its delta as a plain parameter instead)
 
@@ -102,14 +111,15 @@ class QSIFTLinear(nn.Module):
 
     # ------------------------------------------------------------ sift.entries.Entries
     def ready(self) -> bool:
-        return self.offsets is not None and self.offsets.numel() == self.k > 0
+        return self.counts is not None and self.k > 0
 
     def indices(self) -> torch.Tensor | None:
         """Sorted flat indices (int32 unless numel >= 2^31), decoded into one new k-sized tensor (4 B
         per entry at LLaMA shapes; 3 launches, no host sync); None before the entries are chosen."""
         if not self.ready():
             return None
-        return decode(self.offsets, self.counts, block_starts(0, self.numel, self.offsets.device, index_dtype(self.numel)))
+        offsets = self.offsets.view(torch.int16)  # ZeRO-3: gathered with the layer, stored as bf16
+        return decode(offsets, self.counts, block_starts(0, self.numel, offsets.device, index_dtype(self.numel)))
 
     def flat_indices(self) -> torch.Tensor:
         """What the increment stores: the same as indices()."""
@@ -118,7 +128,38 @@ class QSIFTLinear(nn.Module):
     def select(self, idx: torch.Tensor) -> None:
         """Fix the entries: sorted flat indices, on any device."""
         idx = idx.to(self.weight_4bit.device)
-        self.offsets, self.counts = encode(idx, 0, self.numel)
+        offsets, self.counts = encode(idx, 0, self.numel)
+        if self.partitioned:  # each rank writes its partition (and the gathered copy, if any)
+            write_whole(self.offsets, offsets.view(torch.bfloat16))
+        else:
+            self.offsets = offsets
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether Q and the offsets are parameters (`partitionable`: ZeRO-3)."""
+        return isinstance(self.offsets, nn.Parameter)
+
+    def partitionable(self) -> None:
+        """Make Q and the offsets frozen 16-bit parameters (their bytes viewed as bf16), so ZeRO-3
+        partitions and gathers them like any weight; before deepspeed.initialize."""
+        packed, nbytes = self.weight_4bit.reshape(-1), self.weight_4bit.numel()
+        if nbytes % 2:
+            packed = torch.cat([packed, packed.new_zeros(1)])  # a whole last bf16
+        offsets = self.offsets if self.ready() else torch.zeros(self.k, dtype=torch.int16, device=packed.device)
+        del self._buffers["weight_4bit"], self._buffers["offsets"]
+        self.weight_4bit = nn.Parameter(packed.view(torch.bfloat16), requires_grad=False)
+        self.offsets = nn.Parameter(offsets.view(torch.bfloat16), requires_grad=False)
+        self.packed_bytes = nbytes
+
+    def packed(self) -> torch.Tensor:
+        """Q's packed bytes (uint8), as bitsandbytes reads them."""
+        if not self.partitioned:
+            return self.weight_4bit
+        return self.weight_4bit.view(torch.uint8)[:self.packed_bytes].view(-1, 1)
+
+    def set_delta(self, values: torch.Tensor) -> None:
+        """delta's values (resume): the whole k, or under ZeRO-3 each rank's partition of them."""
+        write_whole(self.delta, values.to(torch.float32))
 
     def dense_weight(self) -> torch.Tensor:
         return self.dequantized()
@@ -139,7 +180,7 @@ class QSIFTLinear(nn.Module):
     # ------------------------------------------------------------ weights
     def dequantized(self) -> torch.Tensor:
         """deq(Q): a fresh dense tensor in the weight's dtype (transient: callers drop it)."""
-        return _born(bnbf.dequantize_4bit(self.weight_4bit, self.quant_state))
+        return _born(bnbf.dequantize_4bit(self.packed(), self.quant_state))
 
     def effective_weight(self, delta: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> torch.Tensor:
         """deq(Q) with delta added at the selected entries (`idx`: their decoded indices, if at

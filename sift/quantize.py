@@ -14,6 +14,7 @@ towards the quantized base (as decay acts on a LoRA adapter), not towards zero.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -123,15 +124,20 @@ def quantization_info(model: nn.Module) -> dict:
             "dtype": str(first.quant_state.dtype).removeprefix("torch.")}
 
 
-def increment_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def increment_tensors(model: nn.Module, each=None, keep: bool = True) -> dict[str, torch.Tensor]:
     """The increment format v2 layout of the quantized layers: `<weight name>.indices` (sorted;
     int32 unless numel >= 2^31) and `<weight name>.delta` (fp32, trained - base: here delta itself,
-    the base being deq(Q)), on the CPU. Unselected layers (no step yet) are left out."""
+    the base being deq(Q)), on the CPU. Unselected layers (no step yet) are left out. `each(layer)`:
+    a context in which the layer's offsets and delta are whole (ZeRO-3 gathers them, one layer at a
+    time; every rank enters it); only where `keep` are the tensors copied out."""
     out = {}
     for name, layer in layers(model).items():
-        if layer.ready():
-            out[f"{name}.indices"] = layer.flat_indices().cpu().contiguous()  # the format's flat int32 form
-            out[f"{name}.delta"] = layer.delta.detach().float().cpu().contiguous()
+        if not layer.ready():
+            continue
+        with each(layer) if each is not None else contextlib.nullcontext():
+            if keep:
+                out[f"{name}.indices"] = layer.flat_indices().cpu().contiguous()  # the format's flat int32 form
+                out[f"{name}.delta"] = layer.delta.detach().float().cpu().contiguous()
     return out
 
 
@@ -190,7 +196,7 @@ def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: s
             layer.delta = nn.Parameter(torch.zeros(layer.k, device=layer.weight_4bit.device),
                                        requires_grad=layer.delta is not None and layer.delta.requires_grad)
         layer.select(idx)  # validated above: sorted, unique, in range
-        layer.delta.copy_(delta.to(layer.delta.device))
+        layer.set_delta(delta)
 
 
 @torch.no_grad()
@@ -209,11 +215,12 @@ def apply_onto_full(model: nn.Module, tensors: dict, meta: dict | None = None, s
 
 # ---------------------------------------------------------------- the increment file
 def save_increment(model: nn.Module, path: str, base_model: str = "", rate: float | None = None,
-                   selection: str = "", extra: dict | None = None) -> None:
+                   selection: str = "", extra: dict | None = None, tensors: dict | None = None) -> None:
     """Write the quantized layers' increment through sift.increment's one writer (format v2, crash-safe),
     with `quantization` in the metadata. No `base_fingerprint`: the training base is deq(Q), whose
     values at the trained entries are not the full-precision base's that the file also applies onto;
-    `restore` / `apply_onto_full` check names, shapes, indices and the quantization instead."""
+    `restore` / `apply_onto_full` check names, shapes, indices and the quantization instead.
+    `tensors`: the layers' increment_tensors, when already gathered."""
     from . import increment
 
     found = layers(model)
@@ -222,7 +229,7 @@ def save_increment(model: nn.Module, path: str, base_model: str = "", rate: floa
     meta = {"base_model": base_model, "rate": "" if rate is None else str(rate), "selection": selection,
             "dtype": dtype, "shapes": json.dumps(shapes), "quantization": json.dumps(quantization_info(model)),
             **(extra or {})}
-    increment.write_increment(path, increment_tensors(model), meta)
+    increment.write_increment(path, increment_tensors(model) if tensors is None else tensors, meta)
 
 
 def load_increment(path: str) -> tuple[dict, dict]:

@@ -58,6 +58,23 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
+def write_whole(param: nn.Parameter, full: torch.Tensor) -> None:
+    """Set a parameter to the whole tensor `full`: under ZeRO-3 this rank's partition of it (and the
+    gathered data, while the parameter is gathered); else its data."""
+    flat = full.detach().reshape(-1)
+    if not hasattr(param, "ds_tensor"):
+        param.data.view(-1).copy_(flat.to(param.device))
+        return
+    part = param.ds_tensor.data.view(-1)
+    group = getattr(param, "ds_process_group", None)
+    rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    lo = min(rank * part.numel(), flat.numel())
+    n = min(part.numel(), flat.numel() - lo)
+    part[:n].copy_(flat[lo:lo + n])
+    if param.data.numel() == flat.numel():
+        param.data.view(-1).copy_(flat.to(param.device))
+
+
 class Shard:
     """The collectives of one ZeRO-3 parameter's slices: its process group, every rank's slice of
     the flat weight, and every rank's entry count (learnt at the first exchange)."""

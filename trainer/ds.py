@@ -8,6 +8,7 @@ parameter (zero learning rate) that lives beside the model (LOMO uses the same r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from common.modeling import resolve_model_path
+from sift.qlinear import QSIFTLinear
+from sift.targets import increment_params
 
 from .args import Arguments, default_bf16, world_size
 from .loss import causal_lm_loss
@@ -123,14 +126,34 @@ class Anchored(nn.Module):
 
 
 def initialize(model: nn.Module, cfg: dict):
-    """A DeepSpeed engine around `model` (ZeRO-3 partitions it here); returns the engine."""
+    """A DeepSpeed engine around `model` (ZeRO-3 partitions it here); returns the engine. Under ZeRO-3
+    QSIFT's 4-bit weights and offsets become 16-bit parameters first (QSIFTLinear.partitionable), so
+    they are partitioned too; parameters that are increments (QSIFT's fp32 deltas, zero here) get
+    back the dtype DeepSpeed's bf16 cast took from them."""
     import deepspeed
 
+    if cfg["zero_optimization"].get("stage") == 3:
+        for m in model.modules():
+            if isinstance(m, QSIFTLinear):
+                m.partitionable()
+    increments = {n: p.dtype for n, p in model.named_parameters() if n in increment_params(model)}
     wrapped = Anchored(model)
     anchor_opt = torch.optim.SGD([wrapped.anchor], lr=0.0)
     engine, *_ = deepspeed.initialize(model=wrapped, optimizer=anchor_opt, model_parameters=[wrapped.anchor],
                                       config=cfg)
+    for name, p in model.named_parameters():
+        if name in increments and p.dtype != increments[name]:
+            restore_dtype(p, increments[name])
     return engine
+
+
+def restore_dtype(p: nn.Parameter, dtype: torch.dtype) -> None:
+    """Give `p` (its ZeRO-3 partition too) back `dtype`; exact for what DeepSpeed cast down from it
+    at initialize (QSIFT's deltas are zeros then)."""
+    if hasattr(p, "ds_tensor"):
+        part = p.ds_tensor.data.to(dtype)
+        p.ds_tensor.data = part.pin_memory() if p.ds_tensor.is_pinned() else part
+    p.data = p.data.to(dtype)
 
 
 def finish_step(engine) -> None:
@@ -139,6 +162,17 @@ def finish_step(engine) -> None:
     ones again, from partitions that now hold SIFT's update; its anchor optimizer moves nothing."""
     if engine is not None:
         engine.step()
+
+
+def gathered_params(params: list):
+    """Context in which these parameters are whole on every rank (ZeRO-3 gathers them; every rank
+    enters it); a no-op for parameters that are not partitioned."""
+    params = [p for p in params if hasattr(p, "ds_tensor")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def full_state_dict(model: nn.Module, keep: bool) -> dict | None:

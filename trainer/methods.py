@@ -303,9 +303,7 @@ class QSift(Sift):
     (QSIFTLinear), which SIFT trains as dense fp32 parameters."""
     title = "QSIFT"
     rules = dataclasses.replace(
-        Sift.rules, zero=((0, None), (1, None), (2, None)),
-        zero_refusal="--quantization with ZeRO-3: 4-bit weights are not partitioned; use ZeRO-2 or one device",
-        refuses=(("sift_dense", "--sift_dense is not supported with --quantization (only the target linears' "
+        Sift.rules, refuses=(("sift_dense", "--sift_dense is not supported with --quantization (only the target linears' "
                                 "deltas train)"),))
 
     @classmethod
@@ -318,11 +316,19 @@ class QSift(Sift):
         quantized.load_payload(directory, self.model, FILENAME)  # the indices are module buffers: restored first
         super().load_payload(directory)
 
-    def save_increment(self, path, base_model):
-        quantized.save_increment(self.model, path, self.args.method, base_model)
+    def save_increment(self, path, base_model, main=True):
+        tensors = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+        if main:
+            quantized.save_increment(self.model, path, self.args.method, base_model, tensors)
 
-    def merged_model(self, base_model):
-        return quantized.merged_qsift(self.model, base_model)
+    def save_final(self, output_dir, tokenizer, base_model, main=True):
+        tensors = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+        if not main:
+            return []
+        path = os.path.join(output_dir, FILENAME)
+        quantized.save_increment(self.model, path, self.args.method, base_model, tensors)
+        merged = quantized.merged_qsift(self.model, base_model, tensors)  # the full-precision base + the deltas
+        return [path, save_merged(merged, tokenizer, os.path.join(output_dir, MERGED_DIR))]
 
 
 class Full(Method):

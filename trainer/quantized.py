@@ -13,6 +13,7 @@ import torch
 from common.modeling import resolve_model_path
 from sift import quantize as q
 
+from . import ds
 from .args import Arguments, MethodArguments, ModelArguments, split_list
 
 
@@ -33,9 +34,16 @@ def attach_deltas(model, args: Arguments) -> None:
     q.attach(model, args.method.sift_rate, args.method.sift_selection, args.train.seed)
 
 
-def save_increment(model, path: str, method: MethodArguments, base_model: str) -> None:
+def increment_tensors(model, keep: bool = True) -> dict:
+    """QSIFT's indices and deltas, whole (ZeRO-3: gathered one layer at a time; every rank calls this,
+    only where `keep` are they copied to the host)."""
+    return q.increment_tensors(model, lambda layer: ds.gathered_params([layer.offsets, layer.delta]), keep)
+
+
+def save_increment(model, path: str, method: MethodArguments, base_model: str, tensors: dict | None = None) -> None:
     """QSIFT's increment (checkpoint or final): its indices and deltas live in the modules, not in SIFT's state."""
-    q.save_increment(model, path, base_model=base_model, rate=method.sift_rate, selection=method.sift_selection)
+    q.save_increment(model, path, base_model=base_model, rate=method.sift_rate, selection=method.sift_selection,
+                     tensors=tensors)
 
 
 def load_payload(directory: str, model, filename: str) -> None:
@@ -51,10 +59,12 @@ def _full_base(model, base_model: str):
 
 
 @torch.no_grad()
-def merged_qsift(model, base_model: str):
-    """merged/ of QSIFT: the full-precision base + the trained deltas, never the 4-bit weights."""
+def merged_qsift(model, base_model: str, tensors: dict | None = None):
+    """merged/ of QSIFT: the full-precision base + the trained deltas (`tensors`, when already
+    gathered), never the 4-bit weights."""
     full = _full_base(model, base_model)
-    q.apply_onto_full(full, q.increment_tensors(model), source="the trained 4-bit model")
+    q.apply_onto_full(full, q.increment_tensors(model) if tensors is None else tensors,
+                      source="the trained 4-bit model")
     return full
 
 
