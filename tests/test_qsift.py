@@ -416,19 +416,18 @@ def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped(dtype
     assert all(torch.equal(a, layer.delta) for a, layer in zip(before, layers(q).values()))
 
 
-def test_zero3_is_refused_with_a_4bit_base():
+def test_zero3_takes_a_4bit_base_on_several_ranks(monkeypatch):
     import os
 
     from trainer import methods
     from trainer.args import Arguments, ModelArguments, TrainArguments
     from trainer.ds import resolve_config
 
-    zero3 = os.path.join(os.path.dirname(train_sft.__file__), "ds_configs", "zero3_offload.json")
-    four_bit, plain = (Arguments(model=ModelArguments(quantization=q), train=TrainArguments(deepspeed=zero3))
-                       for q in ("nf4", "none"))
-    assert methods.method_class(four_bit).problems(four_bit, resolve_config(zero3, four_bit)[0]) == [
-        "--quantization with ZeRO-3: 4-bit weights are not partitioned; use ZeRO-2 or one device"]
-    assert methods.method_class(plain).problems(plain, resolve_config(zero3, plain)[0]) == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for config in ("zero3.json", "zero3_offload.json"):
+        path = os.path.join(os.path.dirname(train_sft.__file__), "ds_configs", config)
+        four_bit = Arguments(model=ModelArguments(quantization="nf4"), train=TrainArguments(deepspeed=path))
+        assert methods.method_class(four_bit).problems(four_bit, resolve_config(path, four_bit)[0]) == []
 
 
 def test_bytes_per_entry_at_7b_shapes():
