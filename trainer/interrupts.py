@@ -6,6 +6,12 @@ how to resume, and exits 128 + the signal number (130 for Ctrl-C, 143 for a sche
 a shell reports a process the signal killed. A second signal means "now": exit at once, without a
 checkpoint (the last complete one stays; a half-written one is only a temp directory that the next
 start removes).
+
+Under the DeepSpeed launcher (LOCAL_RANK set) a signal to the launcher's process group (Ctrl-C, a
+scheduler's SIGTERM) reaches each rank twice: once from the group, once forwarded by
+`deepspeed.launcher.launch` (which SIGKILLs the ranks 30 s later). A second signal within
+LAUNCHER_GRACE seconds of the first is therefore the same request, not "now". The `deepspeed` command
+itself forwards nothing: a SIGTERM to it alone leaves the ranks running.
 """
 from __future__ import annotations
 
@@ -13,14 +19,17 @@ import os
 import signal
 import sys
 import threading
+import time
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LAUNCHER_GRACE = 3.0  # seconds: a launcher's forward of the group's signal arrives within milliseconds
 
 
 class Interrupts:
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
+        self._since = 0.0  # when the first signal came (monotonic)
 
     def install(self) -> "Interrupts":
         if threading.current_thread() is not threading.main_thread():
@@ -36,8 +45,10 @@ class Interrupts:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if "LOCAL_RANK" in os.environ and time.monotonic() - self._since < LAUNCHER_GRACE:
+                return  # the launcher forwarding the signal this rank's process group got too
             os._exit(128 + signum)  # the user insists: no cleanup that could hang (e.g. a collective)
-        self.signum = signum
+        self.signum, self._since = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
               "(send it again to exit at once, without one)", file=sys.stderr, flush=True)
 
