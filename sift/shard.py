@@ -90,6 +90,10 @@ class Shard:
         self.ks: list[int] | None = None  # entries of each rank's slice
         self.sent = 0                     # bytes this rank has sent for this tensor
 
+    def sizes(self) -> list[int]:
+        """Every rank's slice size: the parts of a densely trained parameter."""
+        return [hi - lo for lo, hi in zip(self.lows, self.highs)]
+
     def learn(self, k: int, device) -> list[int]:
         """Every rank's entry count (an all-gather of one int, once per tensor and run)."""
         if self.ks is None:
@@ -114,7 +118,7 @@ class Shard:
 
     def dense_sum(self, flat: torch.Tensor, device) -> torch.Tensor:
         """The whole parameter's local gradient `flat`, summed over ranks on this rank's slice (fp32)."""
-        return self.sum_parts(flat.to(device), [h - lo for lo, h in zip(self.lows, self.highs)])
+        return self.sum_parts(flat.to(device), self.sizes())
 
     def sparse_sum(self, state: "ShardedState", flat: torch.Tensor) -> torch.Tensor:
         """The local gradient `flat` of the whole weight, summed over ranks at this rank's entries."""
@@ -196,8 +200,7 @@ class ShardedState(SparseState):
 
     def dense_weight(self) -> torch.Tensor:
         """The whole weight, gathered from every rank's slice (the magnitude rule reads it; transient)."""
-        sh = self.shard
-        return sh.gather_whole(self.storage(), [h - lo for lo, h in zip(sh.lows, sh.highs)])
+        return self.shard.gather_whole(self.storage(), self.shard.sizes())
 
     def nbytes(self) -> dict[str, int]:
         if self.bank is None:  # entries not chosen yet: nothing held
@@ -253,9 +256,7 @@ class Whole:
     def parts(s: SparseState) -> list[int]:
         if s.shard is None:
             return [s.k]
-        if s.sparse:
-            return s.shard.learn(s.k, s.device)
-        return [h - lo for lo, h in zip(s.shard.lows, s.shard.highs)]
+        return s.shard.learn(s.k, s.device) if s.sparse else s.shard.sizes()
 
     def selected_indices(self):
         return self.indices

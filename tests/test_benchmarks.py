@@ -267,7 +267,9 @@ def test_gpu_check_dry_run_builds_every_part_on_the_cpu_and_each_row_meets_its_p
         assert abs(row["measured_vs_plan"]) <= 0.02, row
     assert [p["optimizer"] for p in result["parity"]] == ["adamw8bit", "adamw"]
     assert result["parity"][0]["max_abs_update"] > 0 and result["kernel_same_inputs"]["max_abs_update"] > 0
-    assert "ds_configs/zero3_offload.json" in result["zero3_offload_smoke"]["command"]
+    commands = result["zero3"]["commands"]
+    assert "ds_configs/zero3_offload.json" in commands["offload"] and "ds_configs/zero3.json" in commands["qsift"]
+    assert commands["sift"][commands["sift"].index("--per_device_train_batch_size") + 1] == "2"
     if not torch.cuda.is_available():  # the real run refuses in one line
         with pytest.raises(SystemExit) as err:
             run.call_stage(exp, log=lambda *_: None)

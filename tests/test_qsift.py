@@ -9,6 +9,7 @@ import torch
 
 import train_sft
 from conftest import batch, tiny_llama, train_args
+from test_deepspeed import log
 from sift import SIFT, SIFTConfig
 from sift import qlinear
 from sift.quantize import (QuantizedIncrementError, apply_increment, apply_onto_full, attach, increment_tensors,

@@ -52,7 +52,7 @@ def sigterm_mid_run(argv: list[str], out: str) -> tuple[int, str]:
 def runs(tiny_dir, alpaca_40, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
     d = SimpleNamespace(**{n: str(root / n) for n in ("sigterm", "straight", "inb", "qsift", "qinb", "zero2",
-                                                       "layout", "qzero2", "core")})
+                                                       "layout", "qzero2", "qbf16", "core")})
     two = lambda out, *extra: train_args(tiny_dir, alpaca_40, out, "--per_device_train_batch_size", "1", *extra)  # noqa: E731
     sift = (*FP32, "--max_steps", STEPS, "--deepspeed", "ds_configs/zero3.json")
     d.rc, d.text = sigterm_mid_run(two(d.sigterm, *sift), d.sigterm)
@@ -68,7 +68,9 @@ def runs(tiny_dir, alpaca_40, tmp_path_factory):
             {"train": two(d.layout, *zero2, "--deepspeed", "ds_configs/zero3.json", "--resume_from_checkpoint",
                           os.path.join(d.zero2, "checkpoint-2"))},
             {"train": two(d.qzero2, "--generate_tokens", "0", "--quantization", "nf4", "--deepspeed",
-                          "ds_configs/zero2.json")}]
+                          "ds_configs/zero2.json")},
+            {"train": two(d.qbf16, "--generate_tokens", "0", "--quantization", "nf4", "--bf16", "True", "--max_steps",
+                          "2", "--gradient_accumulation_steps", "1", "--deepspeed", "ds_configs/zero3.json")}]
     for i, job in enumerate(plan):
         job["out"] = str(root / f"job{i}.json")
     plan += [{"core": spec, "out": f"{d.core}-{name}"} for name, spec in CORE.items()]
@@ -158,6 +160,15 @@ def test_qsift_zero2_two_ranks_equal_one_process_with_twice_the_batch(runs, tiny
     assert_increments_close(single, runs.qzero2)  # the same indices (from the all-reduced first gradient), deltas close
 
 
+def test_qsift_deltas_stay_fp32_through_deepspeeds_bf16_cast(runs):
+    """DeepSpeed casts every float parameter to bf16; trainer.ds gives the zero deltas their fp32 back
+    (with the cast left in place, every delta of this run is a bf16 value)."""
+    assert runs.jobs[8]["code"] == 0, runs.jobs[8]
+    deltas = [v for k, v in load_file(os.path.join(runs.qbf16, "sift_increment.safetensors")).items()
+              if k.endswith(".delta")]
+    assert deltas and any(bool((d.bfloat16().float() != d).any()) for d in deltas)
+
+
 def assert_whole_equal(ranks: list[dict], ref: dict, skipped: int = 0, atol: float = 1e-6) -> None:
     """Rank 0's gathered tensors equal the one-process run's: indices exactly, values within 1e-5
     (fp32 moments; `atol`: 8-bit moments, whose 256-entry blocks start anew at each rank's slice)."""
@@ -204,7 +215,7 @@ def test_qsift_partitions_the_4bit_base_and_the_delta(runs):
     assert_whole_equal(ranks, ref)
     for r in ranks:
         parts = {n: v for n, v in r["parts"].items() if ".mlp." in n or ".self_attn." in n}
-        assert {n.rsplit(".", 1)[1] for n in parts} == {"weight_4bit", "delta", "offsets"}
+        assert {n.rsplit(".", 1)[1] for n in parts} == {"weight_4bit", "absmax", "delta", "offsets"}
         for name, (mine, whole) in parts.items():
             assert mine == -(-whole // 2), name  # half of each (the last rank's padded)
         assert r["memory"]["persistent"] == pytest.approx(ref["memory"]["persistent"] / 2, rel=0.05)

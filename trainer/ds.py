@@ -1,10 +1,13 @@
-"""DeepSpeed for SIFT: ZeRO-2 data parallel and ZeRO-3 CPU param offload, SIFT doing the stepping.
+"""DeepSpeed for SIFT and QSIFT: ZeRO-2 data parallel, ZeRO-3 on the GPUs or with the parameters on the
+host, SIFT doing the stepping.
 
 DeepSpeed launches the ranks, owns the process group, casts and (ZeRO-3) partitions and offloads
 the weights, gathering one layer at a time. It gets no optimizer of its own: SIFT's hooks see each
-target's full gradient, reduce it to the selected entries and update the parameter's own partition
-(`ds_tensor`). DeepSpeed still insists on a ZeRO optimizer, so it is handed a one-entry "anchor"
-parameter (zero learning rate) that lives beside the model (LOMO uses the same route).
+target's full gradient, reduce it to the selected entries (several ZeRO-3 ranks: summed over them at
+each rank's entries, sift.shard) and update the parameter's own partition (`ds_tensor`). DeepSpeed
+still insists on a ZeRO optimizer, so it is handed a one-entry "anchor" parameter (zero learning
+rate) that lives beside the model (LOMO uses the same route); its step comes after SIFT's
+(`finish_step`).
 """
 from __future__ import annotations
 
