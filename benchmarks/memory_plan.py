@@ -86,7 +86,8 @@ def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dty
     micro-batches) and what made it up; with `zero` (benchmarks.zero_plan.config_values) also per
     rank of `world_size` ZeRO-3 ranks ("zero3")."""
     model = build(config, "meta", dtype, gradient_checkpointing)
-    largest_k = math.ceil((method.rate or 0) * max(p.numel() for _, p in targets_of(model)))
+    largest = max(p.numel() for _, p in targets_of(model))  # entries of the largest target weight
+    largest_k = math.ceil((method.rate or 0) * largest)
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     batches = [{"input_ids": ids, "labels": ids}]
     with warnings.catch_warnings():
@@ -102,7 +103,7 @@ def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dty
             "peak_breakdown": out[-1]["breakdown"], "after_step": after, "sift": trainee.sift_report(),
             "offloaded_bytes": trainee.offload.offloaded_bytes if trainee.offload else 0}
     if zero:
-        row["zero3"] = zero_plan.per_rank(row, split, world_size, zero, largest_k)
+        row["zero3"] = zero_plan.per_rank(row, split, world_size, zero, largest_k, largest * dtype.itemsize)
     return row
 
 

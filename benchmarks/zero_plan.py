@@ -18,6 +18,8 @@ partitions, which the meta device cannot give. What each rank holds instead (tra
                  offsets, int64 indices, gathered bf16 values) + k x 6 B received (sift.shard).
     per rank     activations, the backward's and the step's temporaries: as in the one-rank plan
                  (each rank runs its own micro-batch of the same size).
+    first step   + what the one-rank first step adds (the selection) + sift.selection.agree's copy of
+                 the largest target's dense gradient (the all-reduced selection score).
 DeepSpeed's reduce bucket is not allocated (contiguous_gradients false in the shipped configs: its
 only optimizer parameter is a one-entry anchor), its all-gather buffers are the gathered weights.
 Bytes per element of the gathered bound: 2 (bf16; the 4-bit weights are counted as bf16 elements).
@@ -74,8 +76,10 @@ def weight_split(model: nn.Module, threshold: int) -> dict:
     return out
 
 
-def per_rank(row: dict, split: dict, world: int, zero: dict, largest_k: int) -> dict:
-    """A one-rank plan row's peak moment, rebuilt for one of `world` ZeRO-3 ranks (bytes by part)."""
+def per_rank(row: dict, split: dict, world: int, zero: dict, largest_k: int, largest_grad: int) -> dict:
+    """A one-rank plan row's peak moment, rebuilt for one of `world` ZeRO-3 ranks (bytes by part).
+    The first step adds what the one-rank first step adds (the selection's temporaries) and, with
+    several ranks, sift.selection.agree's copy of the largest target's dense gradient."""
     bd = row["peak_breakdown"]
     shard = split["partitioned"] / world
     gathered = min(split["partitioned"], split["largest"] + 2 * (zero["stage3_max_reuse_distance"]
@@ -88,18 +92,19 @@ def per_rank(row: dict, split: dict, world: int, zero: dict, largest_k: int) -> 
            "activations & temporaries": bd["activations"] + bd["backward"] + bd["step"] + bd["other"]}
     host = {"weights": shard if zero["offload_param"] else 0, "base values": bd["host"] / world,
             "offloaded activations": row.get("offloaded_bytes", 0)}
+    first = sum(gpu.values()) + max(0, row["first_step_peak"] - row["peak"]) + (largest_grad if world > 1 else 0)
     return {"world_size": world, "gpu": gpu, "host": host, "gpu_peak": sum(gpu.values()),
-            "host_total": sum(host.values()), "zero": zero}
+            "first_step_gpu_peak": first, "host_total": sum(host.values()), "zero": zero}
 
 
 def render(rows: list[dict]) -> str:
     """Markdown, GiB per rank: the GPU columns sum to the GPU peak."""
     parts = list(rows[0]["zero3"]["gpu"])
-    lines = ["| method | ranks | " + " | ".join(parts) + " | GPU peak | host |",
-             "|---|---:|" + "---:|" * (len(parts) + 2)]
+    lines = ["| method | ranks | " + " | ".join(parts) + " | GPU peak | first step | host |",
+             "|---|---:|" + "---:|" * (len(parts) + 3)]
     for r in rows:
         z = r["zero3"]
         cells = " | ".join(f"{z['gpu'][p] / GIB:.2f}" for p in parts)
         lines.append(f"| {r['name']} | {z['world_size']} | {cells} | **{z['gpu_peak'] / GIB:.2f}** | "
-                     f"{z['host_total'] / GIB:.2f} |")
+                     f"{z['first_step_gpu_peak'] / GIB:.2f} | {z['host_total'] / GIB:.2f} |")
     return "\n".join(lines)

@@ -101,9 +101,17 @@ def core(spec: dict, distributed: bool) -> dict:
     if calls is not None:
         calls.on = False
     whole = opt.gathered(keep=rank == 0)
+    ds_params = [(n, p) for n, p in model.named_parameters() if hasattr(p, "ds_tensor")]
     out = {"memory": opt.memory_report(), "skipped": opt.skipped_steps, "calls": calls.seen if calls else [],
            "ks": {s.name: s.k for s in opt.slots if s.ready()}, "sent": opt.comm_bytes,
-           "parts": {n: [p.ds_tensor.numel(), p.ds_numel] for n, p in model.named_parameters() if hasattr(p, "ds_tensor")}}
+           "parts": {n: [p.ds_tensor.numel(), p.ds_numel] for n, p in ds_params},
+           "partitioned": sum(p.ds_tensor.nbytes for _, p in ds_params if not p.ds_persist),
+           "persistent": sum(p.ds_numel * p.element_size() for _, p in ds_params if p.ds_persist)}
+    if not distributed:  # what the memory planner takes ZeRO-3 to partition of this model
+        from benchmarks.zero_plan import weight_split
+
+        out["split"] = weight_split(model, zero3(spec.get("hidden", 32), accum, 2)["zero_optimization"]
+                                    ["stage3_param_persistence_threshold"])
     if rank == 0:
         out.update(indices=whole.selected_indices(), values=whole.trained_values())
     return out

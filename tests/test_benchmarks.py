@@ -315,6 +315,8 @@ PLANNER_IN_PROCESS = {
     "tied_embeddings_on_host": (["--model", "{d}/tied.json", "--embeddings_on_host"],
                                 [["--embeddings_on_host", "ties its input embeddings"]]),
     "json_in_a_missing_directory": (["--json", "{d}/nowhere/plan.json"], [["--json", "nowhere", "no directory"]]),
+    "zero3_bad_ranks_and_config": (["--zero", "3", "--world_size", "0", "--ds_config", "{d}/none.json"],
+                                   [["--world_size 0", ">= 1"], ["--ds_config", "none.json", "zero3 or zero3_offload"]]),
     "seq_not_a_number": (["--seq", "abc"], [["--seq", "invalid int value: 'abc'"]]),
     "unknown_dtype": (["--dtype", "fp8"], [["--dtype", "invalid choice: 'fp8'"]]),
 }
@@ -366,7 +368,8 @@ def test_planner_bad_input_in_process(tmp_path, capsys, name, monkeypatch):
                                                 ("batch", True, "--batch True: must be an integer"),
                                                 ("rate", "0.05", "--rate 0.05: must be a number in (0, 1]"),
                                                 ("method", "qlora", "--method qlora: choose one of all, full"),
-                                                ("quantization", "int8", "--quantization int8: choose one of nf4")])
+                                                ("quantization", "int8", "--quantization int8: choose one of nf4"),
+                                                ("zero", 2, "--zero 2: the per-rank plan is for ZeRO-3")])
 def test_plan_experiments_get_the_planners_checks(key, value, needle):
     """An experiment's JSON can hold what argparse would refuse; the stage refuses it the same way."""
     with pytest.raises(SystemExit) as err:

@@ -219,4 +219,8 @@ def test_qsift_partitions_the_4bit_base_and_the_delta(runs):
         for name, (mine, whole) in parts.items():
             assert mine == -(-whole // 2), name  # half of each (the last rank's padded)
         assert r["memory"]["persistent"] == pytest.approx(ref["memory"]["persistent"] / 2, rel=0.05)
-    print(f"ds_runs launch: {runs.seconds:.0f} s")
+    # the memory planner's split (benchmarks.zero_plan) is what DeepSpeed partitioned: each rank half
+    # of the partitioned bytes (the last rank's partitions padded), the persistent ones whole
+    split = ref["split"]
+    assert sum(r["partitioned"] for r in ranks) == pytest.approx(split["partitioned"], rel=0.01)
+    assert [r["persistent"] for r in ranks] == [split["persistent"]] * 2
