@@ -90,13 +90,14 @@ def test_unsupported_deepspeed_configs_are_refused(tmp_path):
     for needle in ("train_micro_batch_size_per_gpu is 8 but the arguments say 2", "remove the 'optimizer' section",
                    "remove the 'scheduler' section", "fp16 needs dynamic loss scaling", "offload_optimizer"):
         assert needle in text, needle
-    lora = Arguments(model=fp32, method=MethodArguments(finetuning_type="lora"))
-    cfg, _ = resolve_config(str(path), lora)
-    assert any("runs SIFT only" in p for p in methods.method_class(lora).problems(lora, cfg))
+    for baseline in ("lora", "full"):  # under the ZeRO-3 config
+        args = Arguments(model=fp32, method=MethodArguments(finetuning_type=baseline))
+        cfg, _ = resolve_config(str(path), args)
+        assert any("runs SIFT only" in p for p in methods.method_class(args).problems(args, cfg)), baseline
 
 
 def test_shipped_configs_resolve_from_the_arguments():
-    for name in ("zero2.json", "zero3_offload.json"):
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         args = Arguments(model=ModelArguments(bf16=True),
                          train=TrainArguments(per_device_train_batch_size=3, gradient_accumulation_steps=5))
         cfg, problems = resolve_config(os.path.join(REPO, "ds_configs", name), args)

@@ -38,7 +38,7 @@ from sift.config import OPTIMIZERS
 from sift.increment import FILENAME
 
 from . import ds, quantized
-from .args import Arguments, TrainArguments, split_list, world_size
+from .args import Arguments, TrainArguments, split_list
 
 OPTIMIZER_FILE, TRAINABLE_FILE = "optimizer.pt", "trainable.safetensors"
 ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
@@ -58,8 +58,7 @@ class Rules:
     """What a method supports and refuses, declared once per method class."""
     optimizers: tuple[str, ...]                  # the --optim values it takes
     config_fields: tuple[str, ...] = ADAMW_FIELDS  # SIFTConfig fields whose rules apply (in flag names)
-    zero: tuple[tuple[int, int | None], ...] = ()  # (ZeRO stage, most ranks or None: any); (): no DeepSpeed
-    zero_refusal: str = ""                       # the line for a refused stage / rank count ({path}, {world})
+    zero: tuple[int, ...] = ()                   # the ZeRO stages it runs under, on any ranks; (): no DeepSpeed
     step_in_backward: bool = False               # may step inside backward (--step_in_backward)
     refuses: tuple[tuple[str, str], ...] = ()    # (flag, the line printed when that flag is set)
 
@@ -126,15 +125,16 @@ class Method:
 
     @classmethod
     def deepspeed_problems(cls, args: Arguments, deepspeed: dict) -> list[str]:
-        """The line for a ZeRO stage or rank count this method does not run under (`rules.zero`); a
-        stage DeepSpeed does not have is trainer.ds's to report."""
-        stage, world, zero = deepspeed["zero_optimization"].get("stage", 0), world_size(), dict(cls.rules.zero)
+        """The line for a ZeRO stage this method does not run under (`rules.zero`); a stage DeepSpeed
+        does not have is trainer.ds's to report."""
+        stage, zero = deepspeed["zero_optimization"].get("stage", 0), cls.rules.zero
         if not zero:
             able = [m.title for m in METHODS.values() if m.rules.zero]
             return [f"--deepspeed runs {' or '.join(able)} only; run the {cls.name} baseline without --deepspeed"]
-        if stage not in ds.STAGES or (stage in zero and (zero[stage] is None or world <= zero[stage])):
+        if stage not in ds.STAGES or stage in zero:
             return []
-        return [cls.rules.zero_refusal.format(path=args.train.deepspeed, world=world)]
+        return [f"--deepspeed {args.train.deepspeed}: {cls.title} runs under ZeRO stages "
+                f"{', '.join(map(str, zero))}, not {stage}"]
 
     @classmethod
     def trained_names(cls, skeleton, args: Arguments) -> set[str]:
@@ -222,7 +222,7 @@ class Sift(Method):
     rules = Rules(optimizers=OPTIMIZERS, step_in_backward=True,
                   # --optim is checked against `optimizers` for every method
                   config_fields=tuple(f.name for f in dataclasses.fields(SIFTConfig) if f.name != "optimizer"),
-                  zero=((0, None), (1, None), (2, None), (3, None)))
+                  zero=ds.STAGES)
 
     def __init__(self, model, args):
         super().__init__(model, args)
