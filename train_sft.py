@@ -16,31 +16,36 @@ import sys
 # (benchmarks/README.md); must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.quiet import silence_unrelated_warnings  # noqa: E402
+try:  # the imports take seconds (torch, transformers): Ctrl-C here is one line, not a traceback
+    from common.quiet import silence_unrelated_warnings
 
-silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
+    silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
 
-from common import cli  # noqa: E402
-from trainer import args as targs  # noqa: E402
-from trainer import validate  # noqa: E402
-from trainer.recipe import Recipe  # noqa: E402
+    from common import cli
+    from trainer import args as targs
+    from trainer import methods, validate
+    from trainer.recipe import Recipe
+except KeyboardInterrupt:
+    print("train_sft.py: SIGINT while starting: nothing was done", file=sys.stderr)
+    sys.exit(130)
 
 
 def main(argv=None):
     """One run; returns (before, after): the held-out figures of the base and the trained model. A
     usage or input problem raises `common.cli.UsageError` (one message, exit status 2)."""
-    args = targs.parse(argv)  # args.model, .method, .data, .train, .output
+    args = targs.parse(argv, choices=methods.flag_choices())  # args.model, .method, .data, .train, .output
     plan = validate.resolve(args)  # every problem at once, before any weight is read
 
-    # ------------------------------------------------------------------ setup
     recipe = Recipe(args, plan)
-    recipe.setup()  # ranks, data, model and method, schedule, output directory, resume, the "before" figures
+    with recipe.running():  # the output directory is this run's (a second one is refused); an early end says so
+        # -------------------------------------------------------------- setup
+        recipe.setup()  # ranks, data, model and method, schedule, output directory, resume, the "before" figures
 
-    # ------------------------------------------------------------------ train
-    recipe.train()  # steps, log rows, held-out losses, checkpoints; a signal or divergence stops here
+        # -------------------------------------------------------------- train
+        recipe.train()  # steps, log rows, held-out losses, checkpoints; a signal or divergence stops here
 
-    # ------------------------------------------------------------------ save
-    recipe.save()  # the increment / adapter, merged/, results.json, loss.png; run.json "finished" last
+        # -------------------------------------------------------------- save
+        recipe.save()  # the increment / adapter, merged/, results.json, loss.png; run.json "finished" last
     return recipe.before, recipe.after
 
 

@@ -97,7 +97,7 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
 
         try:
             if quantize.is_quantized_increment(increment) or quantize.is_quantized(net):
-                quantize.apply_increment(net, increment)  # QSIFT: onto the 4-bit base, or base + delta
+                quantize.apply_increment(net, increment, force=force)  # QSIFT: onto the 4-bit base, or base + delta
             else:
                 apply_increment(net, (increment, *loaded), force=force)
         except IncrementError as e:

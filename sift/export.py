@@ -15,7 +15,8 @@ merged model as one GGUF file for llama.cpp (LLaMA models with a byte-level BPE 
 sift/gguf.py), readable by transformers (`from_pretrained(dir, gguf_file=name)`).
 Nothing is written where it would replace what the export reads: an output that is or holds the
 increment, `--model` or the recorded base (symlinks resolved; a hub id is its cache snapshot, the
-embedded model its cache directory) is refused before anything loads.
+embedded model its cache directory) is refused before anything loads, and so is an output inside
+the directory of a running training run (its lock, common.lock).
 """
 from __future__ import annotations
 
@@ -98,8 +99,10 @@ def protected(increment: str, model: str | None, meta: dict) -> list[tuple[str, 
 
 
 def _output_problem(args, reads: list[tuple[str, Path]]) -> str | None:
-    """The output is neither the other kind (file / directory) nor something the export reads."""
+    """The output is neither the other kind (file / directory), nor something the export reads, nor
+    inside the directory of a running training run."""
     from common.inputs import output_problem, overwrite_problem
+    from common.lock import in_use_problem
 
     if args.kind == "gguf":
         option, path = "--output", args.output
@@ -109,9 +112,7 @@ def _output_problem(args, reads: list[tuple[str, Path]]) -> str | None:
     else:
         option, path = "--output_dir", args.output_dir
         problem = output_problem(option, path, "dir")
-    if problem:
-        return problem
-    problem = overwrite_problem(option, path, reads)
+    problem = problem or overwrite_problem(option, path, reads) or in_use_problem(option, path)
     if problem:
         return problem
     out = Path(path)
@@ -290,9 +291,11 @@ def export_peft(increment: str, output_dir: str, model: str | None = None, dtype
     sparsity = peft_sparsity(sizes)
     config = SupertuningConfig(target_modules=[n.removesuffix(".weight") for n in sparse],
                                modules_to_save=sorted({n.rsplit(".", 1)[0] for n in dense}) or None,
-                               sparsity=sparsity, save_precomputed_indices=True, task_type="CAUSAL_LM",
-                               base_model_name_or_path=name)
+                               sparsity=sparsity, save_precomputed_indices=True, task_type="CAUSAL_LM")
     peft_model = get_peft_model(net, config)  # peft selects its own indices once (a topk); replaced below
+    # peft records the loaded model's path (the embedded model's or a hub snapshot's cache directory):
+    # the adapter names its base as the increment does, by the id a user loads it by
+    peft_model.peft_config["default"].base_model_name_or_path = name
     wrapped = dict(peft_model.base_model.model.named_modules())
     padding = 0
     for n in sparse:
@@ -303,7 +306,7 @@ def export_peft(increment: str, output_dir: str, model: str | None = None, dtype
         layer.supertuning_indices["default"] = idx.to(torch.int32)
         layer.supertuning_values["default"].data = delta
     with atomic_dir(output_dir) as tmp:
-        peft_model.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary never changes: no hub check
     entries = sum(tensors[f"{n}.indices"].numel() for n in sparse)
     return {"sparsity": sparsity, "entries": entries, "padding": padding, "inexact": inexact}
 

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -500,3 +501,24 @@ def test_exports_refuse_an_output_that_is_or_holds_what_they_read(tiny_dir, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and err[0].startswith("python -m sift.export: error: "), (argv, err)
     assert tree(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_peft_export_of_an_embedded_model_run_records_the_portable_id(tmp_path):
+    """Not the machine-local cache directory the embedded model loads from: the id the increment records."""
+    from common.modeling import EMBEDDED, embedded_model_path
+    from sift.increment import write_increment
+
+    inc = tmp_path / "sift_increment.safetensors"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    write_increment(str(inc), {f"{name}.indices": torch.tensor([3, 70, 500], dtype=torch.int32),
+                               f"{name}.delta": torch.tensor([1e-3, -2e-3, 5e-4])},
+                    {"base_model": EMBEDDED, "dtype": "float32", "rate": "0.05"})
+    out = tmp_path / "peft"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert export_main(["peft", "--increment", str(inc), "--output_dir", str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == EMBEDDED
+    assert str(embedded_model_path()) not in (out / "adapter_config.json").read_text()
+    # neither peft's "base_model_name_or_path was renamed" nor its hub lookup of the id ("Could not find a config")
+    assert not [w for w in seen if "renamed" in str(w.message) or "config file" in str(w.message)]

@@ -247,6 +247,46 @@ def test_malformed_increments_are_refused_clearly(tmp_path):
         apply_increment(copy.deepcopy(q), str(tmp_path / "torn.safetensors"))
 
 
+def test_qsift_increments_carry_both_base_fingerprints_and_applying_checks_them(tmp_path):
+    """The full-precision base's fingerprint (read through `base_values`, as the trainer reads the base's
+    weights files) and deq(Q)'s: a model of the same shapes with other values is refused on both routes,
+    naming both fingerprints, and --force applies anyway with a warning."""
+    from sift.increment import IncrementError, apply_increment as apply_sift, model_fingerprint
+    from sift.quantize import load_increment, quantized_fingerprint
+
+    fp, q = quantized(rate=0.05)
+    opt = SIFT(q, SIFTConfig(rate=0.05, lr=1e-2))
+    train(q, opt, 2)
+    params = dict(fp.named_parameters())
+    path = str(tmp_path / "inc.safetensors")
+    save_increment(q, path, base_model="tiny", base_values=lambda name, at: params[name].detach().view(-1)[at])
+    tensors, meta = load_increment(path)
+    assert meta["base_fingerprint"] == model_fingerprint(fp, tensors)
+    assert meta["quantized_base_fingerprint"] == quantized_fingerprint(quantize(copy.deepcopy(fp)), tensors)
+    assert meta["base_fingerprint"] != meta["quantized_base_fingerprint"]  # deq(Q) is not the base
+
+    other = tiny_llama(seed=1)  # the same shapes, other weights
+    found = model_fingerprint(other, tensors)
+    for apply in (apply_increment, apply_sift):  # QSIFT's own route (eval) and SIFT's (the exports)
+        with pytest.raises(IncrementError, match=rf"this model is not the base the increment was trained from "
+                                                 rf"\(base fingerprint {found}, the file records {meta['base_fingerprint']}"):
+            apply(copy.deepcopy(other), path)
+    with pytest.raises(IncrementError, match=r"not the 4-bit base the increment was trained from \(quantized base "
+                                             rf"fingerprint [0-9a-f]{{32}}, the file records {meta['quantized_base_fingerprint']}"):
+        apply_increment(quantize(copy.deepcopy(other)), path)
+    with pytest.warns(UserWarning, match="applying anyway"):
+        forced = apply_increment(quantize(copy.deepcopy(other)), path, force=True)
+    assert forced["base_model"] == "tiny"
+    with pytest.warns(UserWarning, match="applying anyway"):
+        apply_increment(copy.deepcopy(other), path, force=True)
+    merged = copy.deepcopy(fp)
+    apply_increment(merged, path)  # its own bases pass
+    requant = quantize(copy.deepcopy(fp))
+    apply_increment(requant, path)
+    for name, layer in layers(requant).items():
+        assert torch.equal(layer.effective_weight(), layers(q)[name].effective_weight()), name
+
+
 # ---------------------------------------------------------------- train_sft.py --quantization
 def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_path):
     from safetensors.torch import load_file
@@ -258,6 +298,13 @@ def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_p
                                               "--save_steps", "2"))
     assert after["heldout_loss"] < before["heldout_loss"]
     inc = straight / "sift_increment.safetensors"
+    from sift.increment import model_fingerprint
+    from sift.quantize import load_increment, quantized_fingerprint
+
+    tensors, meta = load_increment(str(inc))  # the base's fingerprint, read from its files, is the loaded base's
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert meta["base_fingerprint"] == model_fingerprint(base, tensors)
+    assert meta["quantized_base_fingerprint"] == quantized_fingerprint(quantize(copy.deepcopy(base)), tensors)
     assert (straight / "checkpoint-2" / "sift_increment.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(straight / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)

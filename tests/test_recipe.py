@@ -1,6 +1,7 @@
 """trainer.recipe's parts called one by one on a tiny model (the same parts train_sft.main runs), and
 trainer.validate collecting the problems of every owner at once."""
 import json
+import math
 
 import pytest
 import torch
@@ -53,7 +54,9 @@ def test_log_rows_and_the_evaluation_schedule(tiny_dir, alpaca_40, tmp_path):
     tokens = sum(int(b["attention_mask"].sum()) for w in windows for b in w)
     grid = sum(b["input_ids"].numel() for w in windows for b in w)
     assert row["step"] == 2 and row["loss"] == (losses[0] + losses[1]) / 2
-    assert (row["lr"], row["grad_norm"]) == (run.scheduler.get_last_lr()[0], run.grad_norm)
+    # the rate step 2 used (cosine over 5 steps, no warm-up: lambda(1)), not the one set for step 3
+    assert row["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 5)), rel=1e-12)
+    assert row["lr"] != run.scheduler.get_last_lr()[0] and row["grad_norm"] == run.grad_norm
     assert row["label_tokens"] == labels and row["padding_share"] == pytest.approx(1 - tokens / grid)
     assert row["skipped_steps"] == 0 and "allreduce_bytes_per_step" not in row  # one process: nothing sent
     expected = heldout_loss(run.model, run.eval_set, run.pad_id, 8, "cpu")
@@ -126,3 +129,29 @@ def test_deepspeed_stages_and_ranks_are_the_methods_rules(monkeypatch):
             assert methods.QSift.problems(args["qsift"], {"zero_optimization": {"stage": stage}}) == []
         assert methods.Lora.problems(args["lora"], zero) == [
             "--deepspeed runs SIFT only; run the lora baseline without --deepspeed"]
+
+
+def test_inputs_not_on_this_machine_before_loading_are_recorded_after_it_and_compared(tiny_dir, alpaca_40, tmp_path,
+                                                                                      monkeypatch):
+    """A hub model (or dataset) not yet in the cache has no fingerprint at validation: args.json gets it
+    once setup has loaded it, and a resume compares it there."""
+    from common.cli import UsageError
+    from common.fingerprint import file_sha256, weights_fingerprint
+    from trainer import recipe as recipe_module
+
+    run = recipe(tiny_dir, alpaca_40, tmp_path / "run", "--max_steps", "2")
+    assert run.plan.inputs == {"model_name_or_path": weights_fingerprint(tiny_dir),
+                               "data_path": "sha256:" + file_sha256(alpaca_40)}
+    run.plan.inputs["model_name_or_path"] = None  # as for a hub id the load downloads
+    run.setup()
+    recorded = json.loads((tmp_path / "run" / "args.json").read_text())["inputs"]
+    assert recorded["model_name_or_path"] == weights_fingerprint(tiny_dir)
+    run.step(0)
+    run.checkpoint(1)
+
+    resumed = recipe(tiny_dir, alpaca_40, tmp_path / "run", "--max_steps", "2", "--resume_from_checkpoint", "latest")
+    resumed.plan.inputs["model_name_or_path"] = None
+    monkeypatch.setattr(recipe_module, "run_inputs", lambda args, path: ({"model_name_or_path": "0" * 32}, []))
+    with pytest.raises(UsageError, match=r"checkpoint-1: --model_name_or_path .*: its weights changed since the "
+                                         r"checkpoint was written \([0-9a-f]{24} -> 0{24}\)"):
+        resumed.setup()

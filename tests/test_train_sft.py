@@ -140,7 +140,7 @@ def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
     message = usage_error(capsys, ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path",
                                    str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "old"),
                                    "--sift_rate", "1.5", "--step_in_backward", "--gradient_accumulation_steps", "4",
-                                   "--sift_selection", "best", "--eval_steps", "-1"])
+                                   "--max_grad_norm", "1.0", "--sift_selection", "best", "--eval_steps", "-1"])
     for needle in ("--sift_rate 1.5", "--sift_selection best", "--gradient_accumulation_steps 1",
                    "--max_grad_norm 0", "none.json: no such file", "no-model: no such directory",
                    "holds another run", "--eval_steps -1"):
@@ -197,9 +197,9 @@ def test_options_from_a_yaml_file_with_flag_overrides_and_launcher_rank(tmp_path
         parse([str(tmp_path / "bad.yaml")])
 
 
-def test_help_and_readme_list_every_option_under_its_group(capsys):
-    """Each argument group is one titled --help section holding exactly its flags, and README's
-    Options section names every flag under the same group."""
+def test_help_and_the_options_page_list_every_option_under_its_group(capsys):
+    """Each argument group is one titled --help section holding exactly its flags, and docs/options.md
+    names every flag under the same group."""
     from dataclasses import fields
 
     from trainer.args import GROUPS, parse
@@ -208,14 +208,12 @@ def test_help_and_readme_list_every_option_under_its_group(capsys):
         parse(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    readme = open(os.path.join(os.path.dirname(train_sft.__file__), "README.md")).read()
-    readme = readme[readme.index("\n## Options\n"):]
-    readme = readme[:readme.index("\n## ", 1)]
+    page = open(os.path.join(os.path.dirname(train_sft.__file__), "docs", "options.md")).read()
     titles = [g._argument_group_name for g in GROUPS]
     for i, group in enumerate(GROUPS):
         flags = {f"--{f.name}" for f in fields(group)}
         for where, start, entry in ((text, f"\n{titles[i]}:\n", r"^  (--[a-z0-9_]+)"),  # an option, not wrapped help
-                                    (readme, f"**{titles[i][0].upper()}{titles[i][1:]}**", r"^- `(--[a-z0-9_]+)`")):
+                                    (page, f"\n## {titles[i][0].upper()}{titles[i][1:]}\n", r"^- `(--[a-z0-9_]+)`")):
             section = where[where.index(start):]
             if i + 1 < len(GROUPS):
                 section = section[:section.lower().index(titles[i + 1].lower())]

@@ -1,7 +1,9 @@
 """The fine-tuning methods behind one interface, and the registry of what each one supports.
 
     cls = method_class(args)             # Sift | Full | Lora, or the 4-bit forms QSift | QLora
+    cls.settle(args)                     # what its flags imply where the user left them unset (said in lines)
     cls.problems(args, deepspeed)        # its rules, in flag names (trainer.validate collects them)
+    cls.ignored(args)                    # a warning per flag the user set that this method does not read
     model = cls.load(path, args, dtype, device)     # the weights as this method trains them
     method = build(model, args)          # cls(model, args); method.model may be wrapped (LoRA)
     loss.backward(); method.step()       # clip, step, clear; returns the global grad norm
@@ -17,8 +19,8 @@ lora: PEFT LoRA on the same target modules, AdamW over the adapters; leaves adap
 With --quantization the target linears' base is 4-bit: QSIFT (sift) and QLoRA (lora); full has no
 4-bit form (a 4-bit base is frozen).
 
-A method declares what it supports in its `rules` (a `Rules`); `Method.problems` turns each refusal
-into one line. A new capability is a field of `Rules` plus its check in `Method.problems`; a rule
+A method declares what it supports and reads in its `rules` (a `Rules`); `Method.problems` turns
+each refusal into one line, `Method.ignored` each flag set for another method into a warning. A new capability is a field of `Rules` plus its check in `Method.problems`; a rule
 only one method has goes into that method's `problems` (calling the base's).
 """
 from __future__ import annotations
@@ -48,6 +50,10 @@ SIFT_FLAGS = {"rate": "sift_rate", "targets": "sift_targets", "dense": "sift_den
               "max_grad_norm": "max_grad_norm", "step_in_backward": "step_in_backward", "seed": "seed"}
 # SIFTConfig's rules that hold for every method (an optimizer step is an AdamW step in all three)
 ADAMW_FIELDS = ("lr", "weight_decay", "max_grad_norm", "betas", "eps")
+# The flags of one method or another (Rules.reads): the rest of the options are every method's
+SIFT_READS = ("sift_rate", "sift_targets", "sift_dense", "sift_selection", "optim", "step_in_backward")
+LORA_READS = ("sift_targets", "optim", "lora_rank", "lora_alpha", "lora_dropout")
+FOUR_BIT_READS = ("double_quant",)
 # SIFTConfig's wording -> the flags' (None = off is 0 on the command line)
 _FLAG_WORDS = {"max_grad_norm=None": "--max_grad_norm 0", "step_in_backward=False": "no --step_in_backward",
                "or None to disable": "or 0 to disable"}
@@ -61,6 +67,7 @@ class Rules:
     zero: tuple[int, ...] = ()                   # the ZeRO stages it runs under, on any ranks; (): no DeepSpeed
     step_in_backward: bool = False               # may step inside backward (--step_in_backward)
     refuses: tuple[tuple[str, str], ...] = ()    # (flag, the line printed when that flag is set)
+    reads: tuple[str, ...] = ()                  # the method-specific flags it reads (one set for another: a warning)
 
 
 def sift_fields(args: Arguments) -> dict:
@@ -104,6 +111,36 @@ class Method:
         self.opt: torch.optim.Optimizer
 
     # ---------------------------------------------------------------- the rules
+    @classmethod
+    def settle(cls, args: Arguments) -> list[str]:
+        """Give the flags the user left unset the values this method's chosen mode needs (in place);
+        one line saying so. --step_in_backward steps each tensor inside backward, so it needs one
+        micro-batch per step and no global clipping; given values stay, for `problems` to refuse."""
+        if not (args.method.step_in_backward and cls.rules.step_in_backward):
+            return []
+        train, implied = args.train, []
+        if not args.is_set("gradient_accumulation_steps"):
+            train.gradient_accumulation_steps = 1
+            implied.append("--gradient_accumulation_steps 1")
+        if not args.is_set("max_grad_norm"):
+            train.max_grad_norm = 0.0
+            implied.append("--max_grad_norm 0 (no clipping)")
+        return [f"--step_in_backward: using {' and '.join(implied)}, which it needs"] if implied else []
+
+    @classmethod
+    def ignored(cls, args: Arguments) -> list[str]:
+        """A warning per flag the user set that this method does not read, though another one does
+        (`Rules.reads`); flags it refuses are `problems`' to report."""
+        rules, every = cls.rules, (*METHODS.values(), *FOUR_BIT.values())
+        refused = {flag for flag, _ in rules.refuses} | ({"step_in_backward"} if not rules.step_in_backward else set())
+        out = []
+        for flag in dict.fromkeys(f for m in every for f in m.rules.reads):
+            if args.is_set(flag) and flag not in rules.reads and flag not in refused:
+                readers = ", ".join(dict.fromkeys(m.title for m in every if flag in m.rules.reads))
+                out.append(f"warning: --{flag} {args.value(flag)} is ignored: {cls.title} (--finetuning_type "
+                           f"{args.method.finetuning_type}) does not read it; {readers} do")
+        return out
+
     @classmethod
     def problems(cls, args: Arguments, deepspeed: dict | None = None) -> list[str]:
         """Every option this method refuses, given the resolved DeepSpeed config (None: no DeepSpeed)."""
@@ -219,7 +256,7 @@ class Method:
 class Sift(Method):
     """SIFT: its hooks reduce each target's gradient to the selected entries inside backward."""
     name, title = "sift", "SIFT"
-    rules = Rules(optimizers=OPTIMIZERS, step_in_backward=True,
+    rules = Rules(optimizers=OPTIMIZERS, step_in_backward=True, reads=SIFT_READS,
                   # --optim is checked against `optimizers` for every method
                   config_fields=tuple(f.name for f in dataclasses.fields(SIFTConfig) if f.name != "optimizer"),
                   zero=ds.STAGES)
@@ -303,7 +340,8 @@ class QSift(Sift):
     (QSIFTLinear), which SIFT trains as dense fp32 parameters."""
     title = "QSIFT"
     rules = dataclasses.replace(
-        Sift.rules, refuses=(("sift_dense", "--sift_dense is not supported with --quantization (only the target linears' "
+        Sift.rules, reads=SIFT_READS + FOUR_BIT_READS,
+        refuses=(("sift_dense", "--sift_dense is not supported with --quantization (only the target linears' "
                                 "deltas train)"),))
 
     @classmethod
@@ -317,24 +355,24 @@ class QSift(Sift):
         super().load_payload(directory)
 
     def save_increment(self, path, base_model, main=True):
-        tensors = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+        gathered = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
         if main:
-            quantized.save_increment(self.model, path, self.args.method, base_model, tensors)
+            quantized.save_increment(self.model, path, self.args.method, base_model, gathered)
 
     def save_final(self, output_dir, tokenizer, base_model, main=True):
-        tensors = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+        gathered = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
         if not main:
             return []
         path = os.path.join(output_dir, FILENAME)
-        quantized.save_increment(self.model, path, self.args.method, base_model, tensors)
-        merged = quantized.merged_qsift(self.model, base_model, tensors)  # the full-precision base + the deltas
+        quantized.save_increment(self.model, path, self.args.method, base_model, gathered)
+        merged = quantized.merged_qsift(self.model, base_model, gathered[0])  # the full-precision base + the deltas
         return [path, save_merged(merged, tokenizer, os.path.join(output_dir, MERGED_DIR))]
 
 
 class Full(Method):
     """Every weight trained (a baseline)."""
     name, title = "full", "full fine-tuning"
-    rules = Rules(optimizers=("adamw", "adamw8bit", "adamw32bit"))  # torch AdamW, bitsandbytes 8-bit / fp32
+    rules = Rules(optimizers=("adamw", "adamw8bit", "adamw32bit"), reads=("optim",))  # torch AdamW, bitsandbytes 8-bit / fp32
 
     def __init__(self, model, args):
         super().__init__(model, args)
@@ -349,7 +387,7 @@ class Full(Method):
 class Lora(Method):
     """PEFT LoRA on the target modules (a baseline); the model comes back wrapped."""
     name, title = "lora", "LoRA"
-    rules = Full.rules
+    rules = dataclasses.replace(Full.rules, reads=LORA_READS)
 
     def __init__(self, model, args):
         from peft import LoraConfig, get_peft_model
@@ -362,6 +400,17 @@ class Lora(Method):
         self.opt = _adamw(method.optim, [p for p in self.model.parameters() if p.requires_grad], args.train)
 
     @classmethod
+    def problems(cls, args, deepspeed=None):
+        method, out = args.method, super().problems(args, deepspeed)
+        if method.lora_rank < 1:
+            out.append(f"--lora_rank {method.lora_rank}: must be >= 1")
+        if method.lora_alpha <= 0:
+            out.append(f"--lora_alpha {method.lora_alpha}: must be > 0 (the adapters' scale is alpha / rank)")
+        if not 0 <= method.lora_dropout < 1:
+            out.append(f"--lora_dropout {method.lora_dropout}: must be in [0, 1)")
+        return out
+
+    @classmethod
     def trained_names(cls, skeleton, args):
         from sift.targets import find_trainable
 
@@ -370,8 +419,9 @@ class Lora(Method):
 
     def save_final(self, output_dir, tokenizer, base_model, main=True):
         adapter = os.path.join(output_dir, ADAPTER_DIR)
+        self.model.peft_config["default"].base_model_name_or_path = base_model  # the id, not this machine's cache path
         with atomic_dir(adapter, prefix=".adapter-") as tmp:  # before merging: merge_and_unload folds it in
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary never changes: no hub check
         return [adapter] + super().save_final(output_dir, tokenizer, base_model, main)
 
     def merged_model(self, base_model):
@@ -381,6 +431,7 @@ class Lora(Method):
 class QLora(Lora):
     """QLoRA: LoRA on a 4-bit base (bitsandbytes Linear4bit target linears)."""
     title = "QLoRA"
+    rules = dataclasses.replace(Lora.rules, reads=LORA_READS + FOUR_BIT_READS)
 
     @classmethod
     def load(cls, model_path, args, dtype, device):
@@ -405,6 +456,12 @@ def lookup(args: Arguments) -> tuple[type[Method] | None, list[str]]:
         able = " or ".join(f"{name} ({cls.title})" for name, cls in FOUR_BIT.items())
         return None, [f"--quantization needs --finetuning_type {able}: a 4-bit base is frozen"]
     return FOUR_BIT[kind], []
+
+
+def flag_choices() -> dict[str, tuple[str, ...]]:
+    """The choice lists of the flags this registry owns, for --help (trainer.args.parser)."""
+    optimizers = dict.fromkeys(o for m in METHODS.values() for o in m.rules.optimizers)
+    return {"finetuning_type": tuple(METHODS), "optim": tuple(optimizers)}
 
 
 def method_class(args: Arguments) -> type[Method]:

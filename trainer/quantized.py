@@ -6,10 +6,14 @@ trainer.methods' 4-bit forms (QSift, QLora) call `load` for the model, `attach_d
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import torch
 
+from common.fingerprint import WeightFiles
+from common.inputs import model_location
 from common.modeling import resolve_model_path
 from sift import quantize as q
 
@@ -34,20 +38,49 @@ def attach_deltas(model, args: Arguments) -> None:
     q.attach(model, args.method.sift_rate, args.method.sift_selection, args.train.seed)
 
 
-def increment_tensors(model, keep: bool = True) -> dict:
-    """QSIFT's indices and deltas, whole (ZeRO-3: gathered one layer at a time; every rank calls this,
-    only where `keep` are they copied to the host)."""
-    return q.increment_tensors(model, lambda layer: ds.gathered_params([layer.offsets, layer.delta]), keep)
+def whole_layer(layer):
+    """A context in which a QSIFTLinear's parameters (Q, its absmax, the offsets, delta) are whole:
+    ZeRO-3 gathers them (every rank enters it); otherwise nothing to do."""
+    return ds.gathered_params(list(layer.parameters()))
 
 
-def save_increment(model, path: str, method: MethodArguments, base_model: str, tensors: dict | None = None) -> None:
-    """QSIFT's increment (checkpoint or final): its indices and deltas live in the modules, not in SIFT's state."""
-    q.save_increment(model, path, base_model=base_model, rate=method.sift_rate, selection=method.sift_selection,
-                     tensors=tensors)
+def increment_tensors(model, keep: bool = True) -> tuple[dict, str]:
+    """QSIFT's indices and deltas, whole, and their quantized base fingerprint (ZeRO-3: gathered one
+    layer at a time, the deltas and offsets, then each whole layer for deq(Q); every rank calls this,
+    only where `keep` are the tensors copied to the host and fingerprinted)."""
+    tensors = q.increment_tensors(model, lambda layer: ds.gathered_params([layer.offsets, layer.delta]), keep)
+    return tensors, q.quantized_fingerprint(model, tensors, whole_layer)
+
+
+def save_increment(model, path: str, method: MethodArguments, base_model: str, gathered: tuple | None = None) -> None:
+    """QSIFT's increment (checkpoint or final): its indices and deltas live in the modules, not in SIFT's
+    state (`gathered`: increment_tensors' answer, when already taken); its base fingerprint is read
+    from the full-precision base's weights files (a few values per tensor), as the model never holds
+    those values."""
+    tensors, quantized = gathered if gathered is not None else (None, None)
+    files = base_files(base_model)
+    save = functools.partial(q.save_increment, model, path, base_model=base_model, rate=method.sift_rate,
+                             selection=method.sift_selection, tensors=tensors, quantized=quantized)
+    try:
+        save(base_values=files.read if files else None)
+    except KeyError as e:  # a weight the files name otherwise: the file is still right, only less checkable
+        print(f"warning: {e}: the increment records no full-precision base fingerprint", file=sys.stderr)
+        save()
+
+
+def base_files(base_model: str) -> WeightFiles | None:
+    """The full-precision base's weights files (a local directory, a hub id's cached snapshot, the
+    embedded model's cache), or None when they are not on this machine."""
+    location = model_location(base_model)
+    files = WeightFiles(location) if location is not None else None
+    if not files:
+        print(f"warning: the weights files of {base_model} are not at hand: the increment records no "
+              "full-precision base fingerprint", file=sys.stderr)
+    return files or None
 
 
 def load_payload(directory: str, model, filename: str) -> None:
-    q.apply_increment(model, os.path.join(directory, filename))  # indices + deltas, before SIFT's state
+    q.apply_increment(model, os.path.join(directory, filename), whole=whole_layer)  # indices + deltas, before SIFT's state
 
 
 def _full_base(model, base_model: str):

@@ -1,25 +1,33 @@
 """The training loop as a recipe: setup -> train -> save, each part a method a test can call.
 
     recipe = Recipe(args, plan)     # plan = trainer.validate.resolve(args): the options are valid
-    recipe.setup()                  # ranks, data, model + method, schedule, output directory, resume, "before"
-    recipe.train()                  # optimizer steps, log rows, held-out losses, checkpoints; a signal or
+    with recipe.running():          # the output directory's lock; however the run ends early, run.json says so
+        recipe.setup()              # ranks, data, model + method, schedule, output directory, resume, "before"
+        recipe.train()              # optimizer steps, log rows, held-out losses, checkpoints; a signal or
                                     # divergence ends the process here (SystemExit, run.json says why)
-    recipe.save()                   # the method's final files, results.json, loss.png; run.json "finished"
+        recipe.save()               # the method's final files, results.json, loss.png; run.json "finished"
 
 setup() runs, in order: setup_distributed, setup_data, setup_model, setup_schedule, start_run,
 resume, measure_before. train() runs step(i) (one optimizer step) and after_step(i + 1) (log_row,
 evaluate when eval_due, check_skipped, checkpoint when checkpoint_due or a signal came) per step.
-Every rank runs every part; only the main process writes files and prints.
+Every rank runs every part; only the main process writes files and prints. `running()` holds the
+output directory's lock around them and turns an early end (a signal outside the step loop, a write
+that fails: a full disk) into one line, run.json's "interrupted" / "failed" and the exit status
+(130 / 143, 1), with where to resume from.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
@@ -27,13 +35,13 @@ from common.cli import UsageError
 from common.modeling import load_tokenizer
 
 from . import ds, offload, rundir
-from .args import Arguments, record, run_name, total_steps
-from .checkpoint import begin_checkpoint, finish_checkpoint, load_state, resume_candidates
+from .args import Arguments, record, run_name, total_steps, warmup_steps
+from .checkpoint import begin_checkpoint, finish_checkpoint, load_args, load_state, resume_candidates
 from .data import batches_for_window, build_datasets, micro_batches_per_epoch
-from .interrupts import Interrupts
+from .interrupts import Interrupts, Signalled, raising
 from .loss import heldout_loss, train_window, unwrap
 from .report import Logger, Meter, plot_loss, sample_generation, write_json_atomic
-from .validate import Plan, base_model
+from .validate import Plan, base_model, claim_output_dir, run_inputs
 
 
 class Recipe:
@@ -44,7 +52,9 @@ class Recipe:
         self.rank, self.world, self.device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
         self.engine, self.candidates, self.run_id, self.log, self.bar = None, [], None, None, None
         self.start_step, self.before, self.after, self.last_loss, self.grad_norm = 0, None, None, None, None
+        self.lr = None  # the learning rate the last step used
         self.meter, self.interrupts, self.postfix = Meter(), Interrupts(), {}
+        self.phase, self.done = "start-up", 0  # where the run is, for the line an early end prints
 
     @property
     def main_process(self) -> bool:
@@ -53,6 +63,38 @@ class Recipe:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+    @contextmanager
+    def running(self):
+        """The block (setup -> train -> save) owns the output directory: its lock is held (a second run
+        into it is refused, naming this process), a signal outside the step loop stops the process where
+        it is, and an early end leaves run.json saying so, with one line and the exit status."""
+        with claim_output_dir(self.args, self.plan), raising():
+            try:
+                yield self
+            except BaseException as e:
+                self.ended_early(e)
+                raise
+
+    def ended_early(self, e: BaseException) -> None:
+        """The line, run.json's status and the exit status of a run that ends before its last file:
+        a signal (Signalled / Ctrl-C: "interrupted", 128 + the signal), a failed write (a full disk) or
+        another OSError ("failed", 1), each with where to resume from; a SystemExit keeps its message and
+        code (run.json "failed" / "interrupted" if still "running"). Anything else is a bug: run.json
+        "failed", and it goes on with its traceback (so do OSErrors with SIFT_TRACEBACK=1)."""
+        output_dir = self.args.output.output_dir
+        hint = rundir.resume_hint(output_dir, self.run_id) if self.run_id else "nothing was written"
+        if isinstance(e, KeyboardInterrupt):
+            name = e.args[0] if isinstance(e, Signalled) else "SIGINT"
+            self.stop("interrupted", self.done, f"train_sft.py: {name} during {self.phase}: {hint}",
+                      128 + getattr(e, "signum", 2))
+        if isinstance(e, WriteFailed) or isinstance(e, OSError) and not os.environ.get("SIFT_TRACEBACK"):
+            self.stop("failed", self.done, f"train_sft.py: {write_failure(e, output_dir, self.phase)}; {hint}", 1)
+        code = e.code if isinstance(e, SystemExit) else 1
+        if self.main_process and self.run_id and code not in (0, None) and \
+                rundir.run_info(output_dir).get("status") == "running":
+            rundir.set_status(output_dir, self.run_id, "interrupted" if code in (130, 143) else "failed", self.done,
+                              str(e) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")
 
     # ================================================================== setup
     def setup(self) -> None:
@@ -83,7 +125,8 @@ class Recipe:
         self.pad_id = self.tokenizer.pad_token_id
         try:
             self.train_set, self.eval_set, self.data_report = build_datasets(
-                self.args.data, self.tokenizer, self.args.train.seed, verbose=self.main_process)
+                self.args.data, self.tokenizer, self.args.train.seed, verbose=self.main_process,
+                records=self.main_process and self.args.output.verbose)
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"train_sft.py: {e}") from None  # the data errors name their file (and line)
 
@@ -111,21 +154,35 @@ class Recipe:
         per_epoch = micro_batches_per_epoch(len(self.train_set), train.per_device_train_batch_size * self.world)
         self.total_steps = total_steps(self.args, per_epoch)
         self.scheduler = get_scheduler(train.lr_scheduler_type, self.method.opt, num_training_steps=self.total_steps,
-                                       num_warmup_steps=int(train.warmup_ratio * self.total_steps))
+                                       num_warmup_steps=warmup_steps(train, self.total_steps))
 
     def start_run(self) -> None:
         """The output directory: the checkpoints to resume are found, the previous run's files go
         (before this run writes its first one), run.json and args.json are written (main process)."""
         output = self.args.output
         if output.resume_from_checkpoint:
-            self.candidates = resume_candidates(output.output_dir, output.resume_from_checkpoint,
-                                                rundir.run_info(output.output_dir).get("run_id"), warn=self.main_process)
+            self.candidates = resume_candidates(output.output_dir, output.resume_from_checkpoint,  # warned: validate
+                                                rundir.run_info(output.output_dir).get("run_id"), warn=False)
         self.run_args = record(self.args, self.plan.bf16, resolved_model_path=self.plan.model_path,
                                total_steps=self.total_steps, device=self.device, deepspeed_config=self.plan.deepspeed,
-                               data_report=self.data_report)
+                               data_report=self.data_report, inputs=self.inputs())
         if self.main_process:
             self.run_id = rundir.start(output.output_dir, self.candidates[0] if self.candidates else None)
             write_json_atomic(os.path.join(output.output_dir, "args.json"), {**self.run_args, "run_id": self.run_id})
+
+    def inputs(self) -> dict:
+        """What args.json records of the model and data files (validate.run_inputs), taken again for
+        those that were not on this machine before setup loaded them (a hub model or dataset it
+        downloaded); a resumed checkpoint must have been trained on the same (exit 2)."""
+        inputs = dict(self.plan.inputs or {})
+        if None in inputs.values():
+            fresh, _ = run_inputs(self.args, self.plan.model_path)
+            inputs.update({flag: fresh.get(flag) for flag, value in inputs.items() if value is None})
+            changed = rundir.input_differences(load_args(self.candidates[0]) or {}, record(
+                self.args, self.plan.bf16, inputs=inputs)) if self.candidates else []
+            if changed:
+                raise UsageError(f"train_sft.py: --resume_from_checkpoint {self.candidates[0]}: {changed[0]}")
+        return inputs
 
     def resume(self) -> int:
         """Continue from the newest candidate checkpoint whose payload loads (with 'latest', a damaged
@@ -139,6 +196,7 @@ class Recipe:
                 print(f"warning: skipping {ckpt}: its payload fails to load ({type(e).__name__}: {e})", file=sys.stderr)
                 continue
             self.start_step, self.before = state["step"], state.get("before")  # the base model's figures, from the first run
+            self.done = self.start_step
             torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
             print(f"resumed from {ckpt} at step {self.start_step}")
             break
@@ -173,6 +231,7 @@ class Recipe:
 
     # ================================================================== train
     def train(self) -> None:
+        self.phase = "training"
         self.open_log()
         self.interrupts.install()  # from here on a signal means: checkpoint at the next step boundary
         try:
@@ -210,6 +269,7 @@ class Recipe:
         micro = batches_for_window(self.train_set, step, train.per_device_train_batch_size,
                                    train.gradient_accumulation_steps, train.seed, self.pad_id, self.rank, self.world,
                                    packed=self.args.data.packing)
+        self.lr = self.method.opt.param_groups[0]["lr"]  # this step's rate; scheduler.step() sets the next one
         loss, seen = train_window(self.model, micro, self.device, self.engine, boundary=False)
         self.grad_norm = self.method.step()
         ds.finish_step(self.engine)  # after the method's step: ZeRO-3's gathered weights then hold it
@@ -221,6 +281,7 @@ class Recipe:
     def after_step(self, done: int) -> None:
         """What follows `done` steps: the log row, the held-out loss, the divergence stop, the checkpoint
         (and the stop a signal asked for)."""
+        self.done = done
         if self.main_process and (done % self.args.output.logging_steps == 0 or done == self.total_steps):
             self.show(self.log_row(done))
         if self.eval_due(done):
@@ -235,9 +296,10 @@ class Recipe:
                           self.interrupts.exit_code)
 
     def log_row(self, done: int) -> dict:
-        """The training row of step `done`: means since the previous row, rates, memory, the method's
-        skipped steps and (several ranks) the bytes it communicated per step."""
-        return self.meter.row(done, self.scheduler.get_last_lr()[0], self.grad_norm, self.device,
+        """The training row of step `done`: means since the previous row, the learning rate step `done`
+        used, rates, memory, the method's skipped steps and (several ranks) the bytes it communicated
+        per step."""
+        return self.meter.row(done, self.lr, self.grad_norm, self.device,
                               skipped=self.method.skipped_steps(),
                               sent=self.method.communicated_bytes() if self.distributed else None)
 
@@ -280,31 +342,43 @@ class Recipe:
     def checkpoint(self, done: int) -> str:
         """checkpoint-<done>: the method's payload, the schedule, the RNG and the "before" figures.
         Every rank takes part (a sharded run's state is written by each rank into the main process's
-        temp directory); the main process completes it."""
+        temp directory); the main process completes it. A failed write leaves the previous checkpoints
+        as they were and no temp directory."""
         output = self.args.output
-        tmp = begin_checkpoint(output.output_dir, done) if self.main_process else None
-        if self.distributed:
-            shared = [tmp]
-            dist.broadcast_object_list(shared)  # one file system: every rank writes into the same directory
-            tmp = shared[0]
-        self.method.save_payload(tmp, self.base_model, self.main_process)
-        if self.distributed:
-            dist.barrier()
         path = os.path.join(output.output_dir, f"checkpoint-{done}")
-        if self.main_process:
-            state = {"step": done, "run_id": self.run_id, "scheduler": self.scheduler.state_dict(),
-                     "rng": torch.get_rng_state().tolist(), "before": self.before}
-            path = finish_checkpoint(output.output_dir, done, tmp, state, output.save_total_limit, args=self.run_args)
+        with writing(f"checkpoint-{done}"):
+            tmp = begin_checkpoint(output.output_dir, done) if self.main_process else None
+            if self.distributed:
+                shared = [tmp]
+                dist.broadcast_object_list(shared)  # one file system: every rank writes into the same directory
+                tmp = shared[0]
+            try:
+                self.method.save_payload(tmp, self.base_model, self.main_process)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if self.distributed:
+                dist.barrier()
+            if self.main_process:
+                state = {"step": done, "run_id": self.run_id, "scheduler": self.scheduler.state_dict(),
+                         "rng": torch.get_rng_state().tolist(), "before": self.before}
+                path = finish_checkpoint(output.output_dir, done, tmp, state, output.save_total_limit,
+                                         args=self.run_args)
         if self.distributed:
             dist.barrier()
         return path
 
     def stop(self, status: str, done: int, message: str, code: int):
-        """End the process: run.json gets `status` (interrupted: resumable; failed: no merged model)."""
+        """End the process: the message, and run.json gets `status` (interrupted: resumable; failed: no
+        merged model) once the run has started."""
         self.cleanup()
         if self.main_process:
-            rundir.set_status(self.args.output.output_dir, self.run_id, status, done)
             print(message, file=sys.stderr, flush=True)
+            if self.run_id is not None:
+                try:
+                    rundir.set_status(self.args.output.output_dir, self.run_id, status, done, message)
+                except OSError as e:
+                    print(f"warning: {rundir.RUN_FILE} not updated ({e.strerror})", file=sys.stderr)
         raise SystemExit(code)
 
     def cleanup(self) -> None:
@@ -316,6 +390,7 @@ class Recipe:
     # ================================================================== save
     def save(self) -> None:
         """A finished run's files (refused when the loss is not finite); run.json "finished" last."""
+        self.phase = "the final save"
         skipped = self.method.skipped_steps()
         if self.main_process and skipped is not None:
             print(f"skipped steps (non-finite gradients): {skipped} of {self.total_steps}")
@@ -323,23 +398,23 @@ class Recipe:
         if not (math.isfinite(held) and (last is None or math.isfinite(last))):
             self.stop("failed", self.total_steps, f"train_sft.py: the loss is not finite at the end (held-out "
                       f"{held}, last step {last}): the run diverged (lower --learning_rate?); no merged model written", 1)
-        self.method.save_final(self.args.output.output_dir, self.tokenizer, self.base_model, self.main_process)
-        if self.main_process:  # every rank took part in the method's gathers (ZeRO-3)
-            self.write_outputs()
+        output_dir = self.args.output.output_dir
+        if self.main_process:
+            print(f"after: {json.dumps(self.after, ensure_ascii=False)}")
+        with writing("the final files"):  # every rank takes part in the method's gathers (ZeRO-3)
+            self.method.save_final(output_dir, self.tokenizer, self.base_model, self.main_process)
+            if self.main_process:
+                write_json_atomic(os.path.join(output_dir, "results.json"),
+                                  {"before": self.before, "after": self.after, "steps": self.total_steps})
+                plot_loss(output_dir)
+        if self.main_process:
+            report = self.method.memory_report()
+            if report:
+                print(f"memory: {json.dumps(report)}")
+            rundir.set_status(output_dir, self.run_id, "finished", self.total_steps)  # last: the completion marker
+            print(f"saved to {output_dir}")
         if self.distributed:
             dist.barrier()
-
-    def write_outputs(self) -> None:
-        output_dir = self.args.output.output_dir
-        print(f"after: {json.dumps(self.after, ensure_ascii=False)}")
-        report = self.method.memory_report()
-        if report:
-            print(f"memory: {json.dumps(report)}")
-        write_json_atomic(os.path.join(output_dir, "results.json"),
-                          {"before": self.before, "after": self.after, "steps": self.total_steps})
-        plot_loss(output_dir)
-        rundir.set_status(output_dir, self.run_id, "finished", self.total_steps)  # last: the completion marker
-        print(f"saved to {output_dir}")
 
 
 def continue_schedule(scheduler) -> None:
@@ -351,3 +426,39 @@ def continue_schedule(scheduler) -> None:
         for group, lr in zip(scheduler.optimizer.param_groups, lrs):
             group["lr"] = lr
         scheduler._last_lr = lrs
+
+
+class WriteFailed(Exception):
+    """A run's file could not be written (a full disk, a failing one): the message says which."""
+
+
+@contextmanager
+def writing(what: str):
+    """Errors while writing `what` become WriteFailed naming it: torch.save reports a full disk as a
+    RuntimeError from its zip writer (inline_container.cc), safetensors as its own error type."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if os.environ.get("SIFT_TRACEBACK"):
+            raise
+        raise WriteFailed(f"writing {what} failed") from e
+
+
+def write_failure(e: BaseException, output_dir: str, phase: str) -> str:
+    """One line for a failed write (`writing X failed: no space left on device (N MiB free in DIR once
+    the partial files are removed; the error)`, the disk named when it is full) or another OSError
+    (`the error, during <phase>`)."""
+    cause = e.__cause__ if isinstance(e, WriteFailed) and e.__cause__ is not None else e
+    if isinstance(cause, OSError) and cause.strerror:
+        detail = cause.strerror + (f": {cause.filename}" if cause.filename else "")
+    else:
+        detail = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1][:200]}"
+    if not isinstance(e, WriteFailed):
+        return f"{detail} (during {phase})"
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = None
+    full = getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in detail or (free is not None and free < 2**20)
+    where = "" if free is None else f"{free / 2**20:.1f} MiB free in {output_dir} once the partial files are removed; "
+    return f"{e}{': no space left on device' if full else ''} ({where}{detail})"
