@@ -86,19 +86,24 @@ class Signalled(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise(signum, frame):
-    raise Signalled(signum)
-
-
 @contextmanager
 def raising():
     """For the block, SIGINT and SIGTERM raise Signalled where the process is (the step loop's
     Interrupts replace this while it runs): without it a SIGTERM would end the process with no word
-    and no status in run.json."""
+    and no status in run.json. Under the launcher a second signal within LAUNCHER_GRACE is the same
+    request (as for Interrupts), not a second Signalled in the middle of handling the first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise) for sig in SIGNALS}
+    first = []  # when the first signal came
+
+    def stop(signum, frame):
+        if first and "LOCAL_RANK" in os.environ and time.monotonic() - first[0] < LAUNCHER_GRACE:
+            return  # the launcher forwarding the signal this rank's process group got too
+        first.append(time.monotonic())
+        raise Signalled(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in SIGNALS}
     try:
         yield
     finally:
