@@ -13,13 +13,15 @@ Parts (the experiment's "parts" names which run; each is a function below):
   planned peak of the same row from the plan experiment the row names (results/plan--NAME.json,
   whose stamp says which commit planned it). The training loss is the trainer's: chunked, or
   Liger's fused linear cross-entropy where liger-kernel is installed (recorded per row).
-- zero3_smoke: train_sft.py under `deepspeed --num_gpus 1 ... ds_configs/zero3_offload.json` on a
-  tiny model, 4 steps, where deepspeed's launcher is installed.
+- zero3: train_sft.py under `deepspeed --num_gpus G ... ds_configs/zero3.json` (G: the GPUs, at most
+  2), SIFT and QSIFT nf4, against the plain run with G times the batch (indices equal, the largest
+  delta difference), and the one-rank zero3_offload.json run; tiny model, 4 steps, bf16, where
+  deepspeed's launcher is installed.
 
 Dry run (`python -m benchmarks.run gpu/check --dry-run`, no GPU needed, in CI): every row runs at
 the llama-tiny shape on the CPU, its peak counted by the MemoryTracker and planned live on meta
-tensors; kernel_parity runs its CPU half; zero3_smoke builds its model directory and command and
-does not launch it. Nothing is written.
+tensors; kernel_parity runs its CPU half; zero3 builds its model directory and commands and
+launches none. Nothing is written.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from .methods import Method, Trainee
 from .models import build_model, enable_checkpointing, load_config
 
 DRY_RUN_SHAPE, DRY_RUN_SEQ = "llama-tiny", 64
-PARTS = ("kernel_parity", "rows", "zero3_smoke")
+PARTS = ("kernel_parity", "rows", "zero3")
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 
@@ -71,7 +73,7 @@ def run(parts: list[str], rows: list[dict], seq: int, batch: int, steps: int, dr
             out["rows"] = [measure_row(r, seq, batch, steps, device)
                            for r in tqdm(rows, desc="gpu rows", unit="row", leave=False, disable=None)]
         else:
-            out["zero3_offload_smoke"] = zero3_smoke(dry_run)
+            out["zero3"] = zero3(dry_run)
         log(f"  {part}: {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -238,28 +240,69 @@ def kernel_launches(trainee: Trainee, ids: torch.Tensor) -> int:
     return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
 
 
-def zero3_smoke(dry_run: bool) -> dict:
-    """train_sft.py under `deepspeed --num_gpus 1 ... ds_configs/zero3_offload.json` on CUDA, 4 steps."""
+def zero3(dry_run: bool) -> dict:
+    """ZeRO-3 on the CUDA path: SIFT and QSIFT (nf4) under `deepspeed --num_gpus G ... zero3.json`
+    (G = the GPUs, at most 2: NCCL from 2) against the plain run with G times the batch, bf16, 4
+    steps, fp32 moments: exit codes, equal indices, the largest delta difference; then the one-rank
+    zero3_offload.json smoke run. A dry run builds the model directory and every command."""
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if not os.path.exists(launcher) and not dry_run:
         return {"skipped": "no deepspeed launcher in this environment"}
+    gpus = 1 if dry_run else min(torch.cuda.device_count(), 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        commands = zero3_commands(tmp, launcher, gpus)
+        if dry_run:
+            return {"skipped": "dry run", "commands": {k: c[1:] for k, c in commands.items()}}
+        out = {"gpus": gpus}
+        for name, cmd in commands.items():
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+            out[name] = {"returncode": done.returncode, "seconds": time.perf_counter() - t0,
+                         "tail": (done.stdout + done.stderr)[-1500:] if done.returncode else ""}
+        for kind in ("sift", "qsift"):
+            out[f"{kind}_vs_plain"] = compare_increments(os.path.join(tmp, f"{kind}_plain"), os.path.join(tmp, kind))
+        out["ok"] = all(v["returncode"] == 0 for k, v in out.items() if k in commands) and all(
+            out[f"{k}_vs_plain"].get("indices_equal") for k in ("sift", "qsift"))
+        return out
+
+
+def zero3_commands(tmp: str, launcher: str, gpus: int) -> dict[str, list[str]]:
+    """The tiny model in `tmp` and the check's commands: {name: argv}, its output directory tmp/name."""
     from common.modeling import load_tokenizer
     from data_prep import BUNDLED_ALPACA
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = load_tokenizer(None)
-        config = load_config(DRY_RUN_SHAPE)
-        config.vocab_size = len(tok)
-        build_model(config).save_pretrained(os.path.join(tmp, "model"))
-        tok.save_pretrained(os.path.join(tmp, "model"))
-        cmd = [launcher, "--num_gpus", "1", "train_sft.py", "--model_name_or_path", os.path.join(tmp, "model"),
-               "--data_path", BUNDLED_ALPACA, "--output_dir", os.path.join(tmp, "out"), "--max_steps", "4",
-               "--per_device_train_batch_size", "2", "--model_max_length", "96", "--eval_samples", "4",
-               "--generate_tokens", "0", "--bf16", "--deepspeed", "ds_configs/zero3_offload.json"]
-        if dry_run:
-            return {"skipped": "dry run", "command": cmd[1:]}
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-        ok = done.returncode == 0 and os.path.exists(os.path.join(tmp, "out", "sift_increment.safetensors"))
-        return {"ok": ok, "returncode": done.returncode, "seconds": time.perf_counter() - t0,
-                "tail": (done.stdout + done.stderr)[-1500:] if not ok else ""}
+    tok = load_tokenizer(None)
+    config = load_config(DRY_RUN_SHAPE)
+    config.vocab_size = len(tok)
+    model = os.path.join(tmp, "model")
+    build_model(config).save_pretrained(model)
+    tok.save_pretrained(model)
+    flags = ["--model_name_or_path", model, "--data_path", BUNDLED_ALPACA, "--max_steps", "4", "--model_max_length",
+             "96", "--eval_samples", "4", "--generate_tokens", "0", "--bf16", "--optim", "adamw", "--sift_rate", "0.05"]
+    ds = [launcher, "--num_gpus", str(gpus), "train_sft.py"]
+    plain = [sys.executable, "train_sft.py"]
+    commands = {}
+    for kind, extra in (("sift", []), ("qsift", ["--quantization", "nf4"])):
+        commands[f"{kind}_plain"] = plain + flags + extra + ["--per_device_train_batch_size", str(2 * gpus)]
+        commands[kind] = ds + flags + extra + ["--per_device_train_batch_size", "2", "--deepspeed",
+                                               "ds_configs/zero3.json"]
+    commands["offload"] = [launcher, "--num_gpus", "1", "train_sft.py", *flags, "--per_device_train_batch_size",
+                           "2", "--deepspeed", "ds_configs/zero3_offload.json"]
+    for name, cmd in commands.items():
+        cmd += ["--output_dir", os.path.join(tmp, name)]
+    return commands
+
+
+def compare_increments(one: str, other: str) -> dict:
+    """Whether two runs' increments hold the same indices, and their largest delta difference."""
+    from safetensors.torch import load_file
+
+    try:
+        a, b = (load_file(os.path.join(d, "sift_increment.safetensors")) for d in (one, other))
+    except OSError as e:
+        return {"error": str(e)}
+    keys = sorted(k for k in a if ".exact_" not in k)
+    same = keys == sorted(k for k in b if ".exact_" not in k)
+    return {"indices_equal": same and all(torch.equal(a[k], b[k]) for k in keys if k.endswith(".indices")),
+            "max_abs_delta_diff": max((a[k] - b[k]).abs().max().item() for k in keys if k.endswith(".delta"))
+            if same else None}

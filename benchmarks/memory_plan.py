@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import sys
 import warnings
@@ -47,10 +48,10 @@ from common.cli import UsageError, problems_error  # noqa: E402
 from sift.config import LLAMA_LINEARS  # noqa: E402
 from sift.targets import matches_module  # noqa: E402
 
-from . import memory_speed  # noqa: E402
+from . import memory_speed, zero_plan  # noqa: E402
 from .constants import DTYPES, GIB, PAPER_7B  # noqa: E402
 from .memtrack import MemoryTracker  # noqa: E402
-from .methods import Method, lora_rank_for_rate  # noqa: E402
+from .methods import Method, lora_rank_for_rate, targets_of  # noqa: E402
 from .models import (FUSED_SDPA, SHAPES, SMOLLM2, ConfigError, build_model, count_params,  # noqa: E402
                      enable_checkpointing, load_config)
 
@@ -79,23 +80,31 @@ def build(config, device: str, dtype: torch.dtype, gradient_checkpointing: bool)
 
 
 def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-         gradient_checkpointing: bool = False, steps: int = 3, accumulation: int = 1) -> dict:
+         gradient_checkpointing: bool = False, steps: int = 3, accumulation: int = 1, zero: dict | None = None,
+         world_size: int = 1) -> dict:
     """Peak bytes of `method`'s steady-state step (the last of `steps`, each of `accumulation`
-    micro-batches) and what made it up."""
+    micro-batches) and what made it up; with `zero` (benchmarks.zero_plan.config_values) also per
+    rank of `world_size` ZeRO-3 ranks ("zero3")."""
     model = build(config, "meta", dtype, gradient_checkpointing)
+    largest = max(p.numel() for _, p in targets_of(model))  # entries of the largest target weight
+    largest_k = math.ceil((method.rate or 0) * largest)
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     batches = [{"input_ids": ids, "labels": ids}]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SIFT's non-finite warning (see the module doc), peft's notes
         trainee, out, after = memory_speed.track_steps(method, model, batches, steps, tracker=MetaTracker,
                                                        accumulation=accumulation)
+    split = zero_plan.weight_split(trainee.model, zero["stage3_param_persistence_threshold"]) if zero else None
     trainee.close()
     host = out[-1]["breakdown"]["host"]  # fixed after the first step, so it shifts the peak only
-    return {"name": method.name, "method": method.__dict__.copy(), "trainable_entries": trainee.entries,
+    row = {"name": method.name, "method": method.__dict__.copy(), "trainable_entries": trainee.entries,
             "params": count_params(trainee.model), "peak": out[-1]["peak"] - host,
             "peak_with_host": out[-1]["peak"], "first_step_peak": out[0]["peak"] - host,
             "peak_breakdown": out[-1]["breakdown"], "after_step": after, "sift": trainee.sift_report(),
             "offloaded_bytes": trainee.offload.offloaded_bytes if trainee.offload else 0}
+    if zero:
+        row["zero3"] = zero_plan.per_rank(row, split, world_size, zero, largest_k, largest * dtype.itemsize)
+    return row
 
 
 def table1_methods(config, rate: float, rank: int | None = None, which: str = "all") -> list[Method]:
@@ -157,10 +166,12 @@ def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradi
                  method: str = "all", rate: float = 0.05, lora_rank: int | None = None, dtype: str = "bf16",
                  quantization: str | None = None, gradient_accumulation_steps: int = 1,
                  offload_activations: bool = False, embeddings_on_host: bool = False,
-                 regrow_fraction: float | None = None, dry_run: bool = False) -> dict:
+                 regrow_fraction: float | None = None, zero: int | None = None, world_size: int = 1,
+                 ds_config: str = "zero3", dry_run: bool = False) -> dict:
     """The planned rows of one setting (the options of `python -m benchmarks.memory_plan`, which see).
     Every bad option and an unusable model are refused together, before any row is planned; a dry
-    run stops there and names the rows it would plan."""
+    run stops there and names the rows it would plan. `zero` 3: the SIFT / QSIFT rows only (what
+    DeepSpeed runs), each also per rank of `world_size` (benchmarks.zero_plan)."""
     setting = {k: v for k, v in locals().items() if k != "dry_run"}
     problems = option_problems(setting)
     config = None
@@ -181,9 +192,12 @@ def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradi
                                         regrow_fraction=regrow_fraction) for m in methods if m.kind == "sift"]
     accumulation = gradient_accumulation_steps
     methods = [m for m in methods if accumulation == 1 or not m.step_in_backward]  # in-backward needs 1
+    values = zero_plan.config_values(ds_config, config) if zero else None
+    methods = [m for m in methods if not zero or m.kind == "sift"]
     if dry_run:
         return {"setting": setting, "rows": [m.name for m in methods]}
-    rows = [plan(config, m, batch, seq, DTYPES[dtype], gradient_checkpointing, accumulation=accumulation)
+    rows = [plan(config, m, batch, seq, DTYPES[dtype], gradient_checkpointing, accumulation=accumulation,
+                 zero=values, world_size=world_size)
             for m in tqdm(methods, desc=f"planning {model}", unit="row", leave=False, disable=None)]
     return {"setting": setting, "params": rows[0]["params"], "rows": rows}
 
@@ -194,7 +208,7 @@ DEFAULTS = {k: p.default for k, p in inspect.signature(plan_setting).parameters.
 def option_problems(setting: dict) -> list[str]:
     """What is wrong with the numbers and names of a setting (nothing is built to tell)."""
     out = []
-    for key in ("seq", "batch", "gradient_accumulation_steps", "lora_rank"):
+    for key in ("seq", "batch", "gradient_accumulation_steps", "lora_rank", "world_size"):
         value = setting[key]
         if value is None and key == "lora_rank":
             continue
@@ -211,6 +225,11 @@ def option_problems(setting: dict) -> list[str]:
     for key, choices in (("method", FAMILIES), ("dtype", tuple(DTYPES)), ("quantization", (None, *QUANTIZATIONS))):
         if setting[key] not in choices:
             out.append(f"--{key} {setting[key]}: choose one of {', '.join(str(c) for c in choices if c)}")
+    if setting["zero"] not in (None, 3):
+        out.append(f"--zero {setting['zero']}: the per-rank plan is for ZeRO-3 (ZeRO-2 replicates the one-rank plan)")
+    config = setting["ds_config"]
+    if setting["zero"] and config not in zero_plan.CONFIGS and not os.path.isfile(str(config)):
+        out.append(f"--ds_config {config}: choose {' or '.join(zero_plan.CONFIGS)}, or name a DeepSpeed JSON file")
     if not isinstance(setting["model"], str) or not setting["model"]:
         out.append(f"--model {setting['model']!r}: name a shape, a config.json or a model directory")
     return out
@@ -286,6 +305,10 @@ def parser() -> argparse.ArgumentParser:
                               "fine-tuning)", action="store_true")
     opt("regrow_fraction", "also plan each SIFT row stepping inside a regrow window that replaces this share "
                            "(--sift_regrow_fraction: the first window, the largest)", type=float)
+    opt("zero", "also plan each SIFT / QSIFT row per rank under DeepSpeed ZeRO-3 (benchmarks.zero_plan)",
+        type=int, choices=[3])
+    opt("world_size", "ranks of the ZeRO-3 plan", type=int)
+    opt("ds_config", f"the DeepSpeed config of the ZeRO-3 plan: {', '.join(zero_plan.CONFIGS)} or a path")
     ap.add_argument("--json", help="also write the rows to this file")
     return ap
 
@@ -312,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             == ("llama-7b", 2048, 1, True, 1):
         print(f"\nPaper (Song et al. 2024, same setting): full fine-tuning {PAPER_7B['full']} GB, "
               f"SIFT 5% {PAPER_7B['sift 5%']} GB.")
+    if s["zero"]:
+        zero = result["rows"][0]["zero3"]["zero"]
+        print(f"\nPer rank under ZeRO-3 on {s['world_size']} ranks ({zero['config']}; composed from the rows "
+              "above and DeepSpeed's buffers, benchmarks/zero_plan.py):\n")
+        print(zero_plan.render(result["rows"]))
     print("\nTensor bytes only (torch.cuda.max_memory_allocated); add the CUDA context and allocator slack.")
     if out:
         atomic_write(out, [json.dumps(result, indent=1)])

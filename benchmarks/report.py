@@ -10,7 +10,7 @@ import re
 import statistics
 from pathlib import Path
 
-from . import plots
+from . import plots, zero_plan
 from .constants import MIB
 from .memory_plan import render_table
 
@@ -225,7 +225,14 @@ def gpu_sections(doc: dict) -> dict[str, str]:
 
 
 def plan_sections(doc: dict) -> dict[str, str]:
-    return {"": render_table(doc["result"]["rows"])}
+    """The one-rank table; under ZeRO-3 (`zero`) also the per-rank one (benchmarks.zero_plan)."""
+    rows = doc["result"]["rows"]
+    if "zero3" not in rows[0]:
+        return {"": render_table(rows)}
+    zero = rows[0]["zero3"]["zero"]
+    return {"": render_table(rows) + f"\n\nPer rank under ZeRO-3 on {rows[0]['zero3']['world_size']} ranks "
+                                    f"(`{zero['config']}`; GiB; composed from the rows above and DeepSpeed's "
+                                    "buffers, benchmarks/zero_plan.py):\n\n" + zero_plan.render(rows)}
 
 
 TABLES = {"memory": memory_sections, "plan": plan_sections, "sparsity": sparsity_sections,

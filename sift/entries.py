@@ -11,7 +11,9 @@ the contiguous slice [lo, hi) (one rank: 0, numel). Two holders implement `Entri
 Both keep their entries with sift.codec (2 B per entry + an int32 per 2^15-entry block, relative to
 lo) and pick them with sift.selection. What is written once against this protocol: selection before
 training (`select_before_training`) and the reduction of a dense gradient to the entries, which
-selects on the first one and feeds an open regrow window (`sparse_grad`).
+selects on the first one and feeds an open regrow window (`sparse_grad`). A holder whose slice is one
+of several ranks' (sift.shard, ZeRO-3) has a `shard`: the collectives that sum every rank's gradient
+at its entries.
 """
 from __future__ import annotations
 
@@ -30,12 +32,14 @@ class Entries(Protocol):
     hi: int
     selection: str  # the sift.selection rule that picks them
     window: object  # the sift.regrow.Window gathering candidate gradients while one is open, else None
+    shard: object   # sift.shard.Shard when the slice is one of several ranks'; None: the gradient is this rank's
 
     def ready(self) -> bool:
         """Whether the entries are chosen."""
 
     def select(self, idx: torch.Tensor) -> None:
-        """Fix the entries: sorted flat indices of the whole weight, inside [lo, hi)."""
+        """Fix the entries: sorted flat indices of the whole weight; a holder of a slice keeps those
+        inside [lo, hi) (a rule picks over the whole weight, alike on every rank)."""
 
     def indices(self) -> torch.Tensor | None:
         """The entries as sorted indices into the slice (flat indices when it is the whole weight),
@@ -66,11 +70,15 @@ def sparse_grad(entries: Entries, dense: torch.Tensor, idx: torch.Tensor | None 
     (summed over ranks by sift.selection.agree). `idx`: the decoded indices, if the caller has them.
     This is the one place a dense weight gradient meets the entries: SIFT's hook and QSIFTLinear's
     backward both call it while the dense gradient exists; an open regrow window (sift.regrow) takes
-    its candidates' gradient here too."""
+    its candidates' gradient here too. A sharded holder gets every rank's gradient summed at its own
+    entries, in fp32 (only the selected entries' values cross ranks)."""
     if not entries.ready():
         entries.select(choose(entries.selection, entries.k, entries.numel, grad=dense))
     if idx is None:
         idx = entries.indices()
+    if entries.shard is not None:
+        values = entries.shard.sparse_sum(entries, dense.reshape(-1))
+        return idx, values if device is None else values.to(device)
     flat = dense.reshape(-1)
     if (entries.lo, entries.hi) != (0, entries.numel):
         flat = flat[entries.lo:entries.hi]  # this rank's slice: a view

@@ -20,6 +20,7 @@ from bitsandbytes import functional as bnbf
 from .config import SIFTConfig
 from .entries import select_before_training, sparse_grad
 from .regrow import Regrow, resume_problems as regrow_resume_problems
+from .shard import ShardedState, Whole, sharded
 from .state import Bank, SparseState, flat_weight, index_dtype, numel, shape  # noqa: F401 (re-exported)
 from .targets import exact_grad_dtypes, find_trainable, increment_holders
 
@@ -47,9 +48,10 @@ class SIFT(torch.optim.Optimizer):
         trainable = {id(p) for _, p in sparse + dense}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
-        self.slots = [SparseState(n, p, math.ceil(cfg.rate * numel(p)), selection=cfg.selection) for n, p in sparse]
+        self.slots = [self._slot(n, p, math.ceil(cfg.rate * numel(p)), selection=cfg.selection) for n, p in sparse]
         narrow, holders = exact_grad_dtypes(model), increment_holders(model)
-        self.slots += [SparseState(n, p, None, narrow.get(n), holders.get(n)) for n, p in dense]
+        self.slots += [self._slot(n, p, None, narrow.get(n), holders.get(n)) for n, p in dense]
+        self._eightbit, self._fp32_master = cfg.optimizer == "adamw8bit", _fp32_master
         self.banks = self._make_banks(cfg.optimizer == "adamw8bit", _fp32_master)
         defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         super().__init__([s.param for s in self.slots], defaults)
@@ -57,10 +59,12 @@ class SIFT(torch.optim.Optimizer):
         self.last_grad_norm = None
         # Data parallel (DeepSpeed ZeRO-2, DDP-style launch): ranks sum their sparse gradients.
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.comm_bytes = 0  # bytes all-reduced by SIFT so far (k values per tensor, not the dense size)
+        self._sent = 0  # bytes all-reduced by SIFT so far (k values per tensor, not the dense size)
+        self.sharded = any(s.shard is not None for s in self.slots)  # ZeRO-3 on several ranks (sift.shard)
         self._qmaps = {}
         # step_in_backward only: per-tensor "skipped" flags on the device, read once in step()
-        self._bad = {dev: torch.zeros(len(self.slots), dtype=torch.bool, device=dev) for dev in self.banks_by_device()}
+        devices = sorted({str(s.param.device) for s in self.slots})  # the banks' (sharded slots' banks come later)
+        self._bad = {dev: torch.zeros(len(self.slots), dtype=torch.bool, device=dev) for dev in devices}
         self._slot_no = {id(s): i for i, s in enumerate(self.slots)}
         self._pending, self._pending_entries = [], 0  # step_in_backward: (slot, grad, indices, flag) to step
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -72,11 +76,29 @@ class SIFT(torch.optim.Optimizer):
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._make_hook(s)) for s in self.slots]
         # drop and regrow (sift.regrow): None when off; plan_regrow(total_steps) starts its schedule
         self.regrow = Regrow(self.slots, cfg, self._all_reduce, self._qmap_pair) if cfg.regrow_steps else None
+        if self.regrow is not None and self.sharded:
+            raise ValueError("drop and regrow is not built for ZeRO-3 on several ranks (sift.shard's slices)")
+
+    def _slot(self, name: str, p: nn.Parameter, k: int | None, grad_dtype=None, holder=None,
+              selection: str = "grad") -> SparseState:
+        """The state of one trained parameter: of its slice, when ZeRO-3 partitions it over several ranks."""
+        if sharded(p):
+            return ShardedState(name, p, k, self._own_bank, holder, selection)
+        return SparseState(name, p, k, grad_dtype, holder, selection)
+
+    def _own_bank(self, slot: SparseState) -> Bank:
+        """The Bank of a sharded sparse slot, sized to the entries of its slice (sift.shard)."""
+        bank = Bank(str(slot.param.device), slot.param.dtype, self._eightbit, self._fp32_master, slot.kp)
+        self.banks.append(bank)
+        return bank
 
     def _make_banks(self, eightbit: bool, fp32_master: bool) -> list[Bank]:
-        """One Bank per (device, weight dtype, needs offsets), slots laid out in model order, each padded to 256."""
+        """One Bank per (device, weight dtype, needs offsets), slots laid out in model order, each padded to
+        256; a sharded sparse slot gets its own when its entries are chosen."""
         groups = defaultdict(list)
         for s in self.slots:
+            if s.shard is not None and s.sparse:
+                continue
             # dense fp32 tensors apart: they need no offsets (nor remainders)
             groups[(str(s.param.device), s.param.dtype, s.sparse or s.param.dtype != torch.float32)].append(s)
         banks = []
@@ -101,11 +123,12 @@ class SIFT(torch.optim.Optimizer):
             if slot.sparse:  # the first call selects (all ranks agree); k values in the gradient's dtype
                 idx, g = sparse_grad(slot, grad, device=slot.device)
             else:
-                idx, g = None, slot.gather(grad, None)
+                idx, g = None, slot.dense_grad(grad)
             del grad
             if self.cfg.step_in_backward:
                 g = g.float()
-                self._all_reduce([g])
+                if slot.shard is None:  # a sharded slot's gradient comes summed over ranks
+                    self._all_reduce([g])
                 if slot.stepped:
                     raise RuntimeError(
                         f"SIFT step_in_backward: {slot.name} received a second gradient before opt.step(); "
@@ -135,9 +158,10 @@ class SIFT(torch.optim.Optimizer):
         buffer (and one on the run's weights) puts the skipped tensors back. The step count is a
         host int: advanced here, taken back in step() for skipped tensors."""
         bad = self._bad[str(slot.device)][self._slot_no[id(slot)]]
-        torch.ne(g.sum().mul_(0), 0, out=bad)
+        flag = g.sum().mul_(0)
+        torch.ne(flag if slot.shard is None else slot.shard.agree_flag(flag), 0, out=bad)
         slot.step += 1
-        if slot.device.type in self.HOST_BRANCH and bad.item():
+        if slot.device.type in self.HOST_BRANCH and bad.item() or slot.kp == 0:
             return
         if self._pending and self._pending_entries + slot.kp > self.IN_BACKWARD_GROUP:
             self._flush_in_backward()
@@ -176,20 +200,15 @@ class SIFT(torch.optim.Optimizer):
             self._after_step(1.0, self._finish_backward_step())
             return loss
         pending = [s for s in self.slots if s.grad is not None]
-        if not pending:
+        if not pending and not self.sharded:  # sharded, every rank takes part in the norm's all-reduce
             self._after_step(None)
             return loss
         if self.world > 1:  # sum over ranks in fp32: a bf16 all-reduce would round the partial sums
             for s in pending:
                 s.grad = s.grad.float()
-        grads = [s.grad for s in pending]
-        self._all_reduce(grads)
-        dev = grads[0].device
-        norms = torch._foreach_norm(grads, dtype=torch.float32)  # one launch per device, not per tensor
-        norm = torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
         # The one host sync per step: skipping a non-finite step as a whole, and the clip scale the
         # kernels take as a float, both need the norm on the host.
-        norm = norm.item()
+        norm = self._grad_norm(pending).item()
         self.last_grad_norm = norm
         if not math.isfinite(norm):
             self.skipped_steps += 1
@@ -202,7 +221,7 @@ class SIFT(torch.optim.Optimizer):
         group = self.param_groups[0]
         for s in pending:
             s.step += 1
-        for run in _runs(pending):
+        for run in _runs([s for s in pending if s.kp]):  # a rank's slice may hold no entry of a tensor
             run[0].bank.step(run, [r.grad for r in run], group, self._qmap_pair(run[0].device), scale)
         for s in pending:
             s.grad = None
@@ -219,6 +238,28 @@ class SIFT(torch.optim.Optimizer):
         """The run's length in optimizer steps, which the regrow's share decays over (no-op when off)."""
         if self.regrow is not None:
             self.regrow.plan(total_steps)
+    def _grad_norm(self, pending: list[SparseState]) -> torch.Tensor:
+        """The global L2 norm of the pending gradients, summed over ranks first where they are
+        replicated (all-reduced in place), and by squares where each rank holds a slice."""
+        replicated = [s.grad for s in pending if s.shard is None]
+        self._all_reduce(replicated)
+        if not self.sharded:
+            grads = [s.grad for s in pending]
+            dev = grads[0].device
+            norms = torch._foreach_norm(grads, dtype=torch.float32)  # one launch per device, not per tensor
+            return torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
+        dev = torch.device(next(iter(self._bad)))
+        squares = [torch.zeros((), device=dev)] + [g.float().square().sum().to(dev) for g in
+                                                    (s.grad for s in pending if s.shard is not None)]
+        total = torch.stack(squares).sum()
+        dist.all_reduce(total, group=next(s.shard.group for s in self.slots if s.shard is not None))
+        own = [g.float().square().sum().to(dev) for g in replicated]
+        return total.add(torch.stack(own).sum() if own else 0).sqrt()
+
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes SIFT has sent to other ranks so far (compact gradients and indices, never a dense one)."""
+        return self._sent + sum(s.shard.sent for s in self.slots if s.shard is not None)
 
     def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
         """Sum compact gradients over ranks, in place (async, no concatenated copy)."""
@@ -227,7 +268,7 @@ class SIFT(torch.optim.Optimizer):
         handles = [dist.all_reduce(t, async_op=True) for t in tensors]
         for h in handles:
             h.wait()
-        self.comm_bytes += sum(t.nbytes for t in tensors)
+        self._sent += sum(t.nbytes for t in tensors)
 
     def _finish_backward_step(self) -> list[int]:
         """Take the skipped tensors' step counts back; returns their slot numbers."""
@@ -295,6 +336,17 @@ class SIFT(torch.optim.Optimizer):
 
     def trained_entries(self) -> int:
         return sum(s.k for s in self.slots)
+
+    def shards(self) -> tuple[int, int]:
+        """(this rank, ranks) over which each trained tensor is sliced (sift.shard); (0, 1): whole."""
+        shard = next((s.shard for s in self.slots if s.shard is not None), None)
+        return (0, 1) if shard is None else (shard.rank, shard.world)
+
+    def gathered(self, keep: bool = True):
+        """The whole trained tensors in one process, as sift.increment reads them from an optimizer:
+        this optimizer itself or, sharded, every rank's slices gathered where `keep` (sift.shard.Whole;
+        a collective: every rank calls it)."""
+        return Whole(self, keep) if self.sharded else self
 
     def state_dict(self) -> dict:
         self._flush_in_backward()

@@ -11,9 +11,18 @@ forward / backward (one layer at a time, freed before the next layer runs); what
 Q (0.5 B/entry + absmax) and, per trained entry, delta (4 B) and its index in 2 B: a 15-bit offset
 inside its block of 2^15 entries plus the block's entry count (int32 per block), decoded into flat
 indices transiently per layer (k x 4 B in index_dtype, no host sync).
+
+Under ZeRO-3 (`partitionable`) Q, the offsets and Q's absmax become frozen parameters whose bytes are
+viewed as bf16 (FSDP-QLoRA's quant_storage: a 16-bit dtype DeepSpeed partitions and gathers like any
+weight; gloo and NCCL move no int16), so each rank holds 1/N of them and of delta (a parameter
+already); DeepSpeed gathers them with the layer, one layer at a time: per forward and backward
+(recomputation included) k x 6 B + numel x (1/2 + 1/64) B cross ranks (double quantization). The
+rest of the quantization state (the code, the nested absmax: a few hundred bytes per 2^14 entries)
+and the block counts (4 B per 2^15 entries) stay whole on every rank.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -23,6 +32,7 @@ from bitsandbytes import functional as bnbf
 
 from .codec import block_starts, decode, encode, index_dtype
 from .entries import select_before_training, sparse_grad
+from .shard import write_whole
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64
@@ -42,7 +52,9 @@ class QSIFTLinear(nn.Module):
     """y = x W^T + b with W = deq(Q) + scatter(indices, delta); only delta is trained."""
 
     sift_dense_params = ("delta",)  # sift.targets: train these densely, never sparsely
+    sift_storage_params = ("weight_4bit", "offsets", "absmax")  # sift.targets: never trained (ZeRO-3 parameters)
     lo = 0  # sift.entries: the slice of the flat weight this layer holds is all of it
+    shard = None  # and its gradient is this rank's (ZeRO-3 shards its delta as a plain parameter instead)
 
     def __init__(self, packed: torch.Tensor, quant_state, bias: torch.Tensor | None):
         super().__init__()
@@ -102,14 +114,15 @@ class QSIFTLinear(nn.Module):
 
     # ------------------------------------------------------------ sift.entries.Entries
     def ready(self) -> bool:
-        return self.offsets is not None and self.offsets.numel() == self.k > 0
+        return self.counts is not None and self.k > 0
 
     def indices(self) -> torch.Tensor | None:
         """Sorted flat indices (int32 unless numel >= 2^31), decoded into one new k-sized tensor (4 B
         per entry at LLaMA shapes; 3 launches, no host sync); None before the entries are chosen."""
         if not self.ready():
             return None
-        return decode(self.offsets, self.counts, block_starts(0, self.numel, self.offsets.device, index_dtype(self.numel)))
+        offsets = self.offsets.view(torch.int16)  # ZeRO-3: gathered with the layer, stored as bf16
+        return decode(offsets, self.counts, block_starts(0, self.numel, offsets.device, index_dtype(self.numel)))
 
     def flat_indices(self) -> torch.Tensor:
         """What the increment stores: the same as indices()."""
@@ -118,7 +131,59 @@ class QSIFTLinear(nn.Module):
     def select(self, idx: torch.Tensor) -> None:
         """Fix the entries: sorted flat indices, on any device."""
         idx = idx.to(self.weight_4bit.device)
-        self.offsets, self.counts = encode(idx, 0, self.numel)
+        offsets, self.counts = encode(idx, 0, self.numel)
+        if self.partitioned:  # each rank writes its partition (and the gathered copy, if any)
+            write_whole(self.offsets, offsets.view(torch.bfloat16))
+        else:
+            self.offsets = offsets
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether Q and the offsets are parameters (`partitionable`: ZeRO-3)."""
+        return isinstance(self.offsets, nn.Parameter)
+
+    def partitioned_tensors(self) -> dict[str, torch.Tensor]:
+        """{attribute: tensor} of what `partitionable` turns into 16-bit parameters: Q, the offsets
+        (zeros before selection) and the absmax of Q's blocks (the memory plan counts them too)."""
+        offsets = self.offsets if self.ready() else torch.zeros(self.k, dtype=torch.int16, device=self.offsets.device)
+        return {"weight_4bit": self.weight_4bit, "offsets": offsets, "absmax": self.quant_state.absmax}
+
+    def partitionable(self) -> None:
+        """Make Q, the offsets and Q's absmax frozen parameters whose bytes are viewed as bf16, so ZeRO-3
+        partitions and gathers them like any weight (the rest of the quantization state, a few
+        hundred bytes, stays whole); before deepspeed.initialize."""
+        tensors = self.partitioned_tensors()
+        del self._buffers["weight_4bit"], self._buffers["offsets"]
+        self.stored = {name: (t.dtype, t.shape, t.nbytes) for name, t in tensors.items()}  # to view them back
+        for name, t in tensors.items():
+            flat = t.reshape(-1).view(torch.uint8)
+            if flat.numel() % 2:
+                flat = torch.cat([flat, flat.new_zeros(1)])  # a whole last bf16
+            setattr(self, name, nn.Parameter(flat.view(torch.bfloat16), requires_grad=False))
+        self.quant_state.absmax = self.quant_state.absmax.new_empty(0)  # held by the parameter now
+
+    def stored_tensor(self, name: str) -> torch.Tensor:
+        """A partitionable tensor as it was (while ZeRO-3 has it gathered)."""
+        if not self.partitioned:
+            return self.quant_state.absmax if name == "absmax" else getattr(self, name)
+        dtype, shape, nbytes = self.stored[name]
+        return getattr(self, name).view(torch.uint8)[:nbytes].view(dtype).view(shape)
+
+    def packed(self) -> torch.Tensor:
+        """Q's packed bytes (uint8), as bitsandbytes reads them."""
+        return self.stored_tensor("weight_4bit")
+
+    def quantization_state(self):
+        """The bitsandbytes QuantState dequantization reads (under ZeRO-3 with the gathered absmax)."""
+        if not self.partitioned:
+            return self.quant_state
+        state = copy.copy(self.quant_state)
+        state.absmax = self.stored_tensor("absmax")
+        return state
+
+    def set_delta(self, values: torch.Tensor) -> None:
+        """delta's values (resume): the whole k, or under ZeRO-3 each rank's partition of them."""
+        write_whole(self.delta, values.to(torch.float32))
 
     def dense_weight(self) -> torch.Tensor:
         return self.dequantized()
@@ -139,7 +204,7 @@ class QSIFTLinear(nn.Module):
     # ------------------------------------------------------------ weights
     def dequantized(self) -> torch.Tensor:
         """deq(Q): a fresh dense tensor in the weight's dtype (transient: callers drop it)."""
-        return _born(bnbf.dequantize_4bit(self.weight_4bit, self.quant_state))
+        return _born(bnbf.dequantize_4bit(self.packed(), self.quantization_state()))
 
     def effective_weight(self, delta: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> torch.Tensor:
         """deq(Q) with delta added at the selected entries (`idx`: their decoded indices, if at

@@ -14,10 +14,13 @@ towards the quantized base (as decay acts on a LoRA adapter), not towards zero.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
 import torch.nn as nn
+
+from common.fingerprint import fingerprint, sample_positions
 
 from .increment import VERSION, IncrementError, check_fingerprint, fingerprint_at, model_fingerprint
 from .qlinear import BLOCKSIZE, QUANT_TYPES, QSIFTLinear
@@ -26,7 +29,7 @@ from .targets import matches_module
 __all__ = ["QSIFTLinear", "QUANT_TYPES", "BLOCKSIZE", "quantize", "load_quantized", "attach", "layers",
            "is_quantized", "quantization_info", "increment_tensors", "restore", "apply_onto_full",
            "save_increment", "load_increment", "apply_increment", "is_quantized_increment", "to_linear4bit",
-           "quantize_base", "base_tensors", "memory_report", "quantized_fingerprint"]
+           "quantize_base", "base_tensors", "memory_report", "quantized_fingerprint", "base_samples"]
 
 
 def _targeted(model: nn.Module, targets) -> list[tuple[nn.Module, str, str, nn.Module]]:
@@ -123,15 +126,20 @@ def quantization_info(model: nn.Module) -> dict:
             "dtype": str(first.quant_state.dtype).removeprefix("torch.")}
 
 
-def increment_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def increment_tensors(model: nn.Module, each=None, keep: bool = True) -> dict[str, torch.Tensor]:
     """The increment format v2 layout of the quantized layers: `<weight name>.indices` (sorted;
     int32 unless numel >= 2^31) and `<weight name>.delta` (fp32, trained - base: here delta itself,
-    the base being deq(Q)), on the CPU. Unselected layers (no step yet) are left out."""
+    the base being deq(Q)), on the CPU. Unselected layers (no step yet) are left out. `each(layer)`:
+    a context in which the layer's offsets and delta are whole (ZeRO-3 gathers them, one layer at a
+    time; every rank enters it); only where `keep` are the tensors copied out."""
     out = {}
     for name, layer in layers(model).items():
-        if layer.ready():
-            out[f"{name}.indices"] = layer.flat_indices().cpu().contiguous()  # the format's flat int32 form
-            out[f"{name}.delta"] = layer.delta.detach().float().cpu().contiguous()
+        if not layer.ready():
+            continue
+        with each(layer) if each is not None else contextlib.nullcontext():
+            if keep:
+                out[f"{name}.indices"] = layer.flat_indices().cpu().contiguous()  # the format's flat int32 form
+                out[f"{name}.delta"] = layer.delta.detach().float().cpu().contiguous()
     return out
 
 
@@ -170,22 +178,36 @@ def _plan(model_params: dict, tensors: dict, source: str, shapes: dict) -> list:
     return plan
 
 
-def quantized_fingerprint(model: nn.Module, tensors: dict) -> str:
+def base_samples(layer: QSIFTLinear, indices: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """(shape, deq(Q) at evenly spread entries of `indices`): what quantized_fingerprint hashes of a
+    layer (its dense weight transient; under ZeRO-3 read while the layer is gathered)."""
+    at = indices.index_select(0, sample_positions(indices.numel())).long()
+    return list(layer.shape), layer.dense_weight().view(-1).index_select(0, at.to(layer.weight_4bit.device))
+
+
+def quantized_fingerprint(model: nn.Module, tensors: dict, whole=None) -> str:
     """The fingerprint of the 4-bit base deq(Q) at the entries `tensors` name (one layer's dense
-    weight at a time, transient): the training base exactly, so the quantization recipe too."""
-    found = layers(model)
-    return fingerprint_at(tensors, {n: list(layer.shape) for n, layer in found.items()},
-                          lambda name, at: found[name].dense_weight().view(-1).index_select(0, at.to(
-                              found[name].weight_4bit.device)))
+    weight at a time, transient): the training base exactly, so the quantization recipe too.
+    `whole(layer)`: a context in which the layer's parameters are whole (ZeRO-3 gathers them); every
+    rank enters it for each layer that has entries or that `tensors` names, so a rank that keeps no
+    tensors still takes part."""
+    samples = {}
+    for name, layer in layers(model).items():
+        key = f"{name}.indices"
+        if key in tensors or layer.ready():
+            with whole(layer) if whole is not None else contextlib.nullcontext():
+                if key in tensors:
+                    samples[name] = base_samples(layer, tensors[key])
+    return fingerprint(samples)
 
 
 @torch.no_grad()
 def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: str = "<in memory>",
-            force: bool = False) -> None:
+            force: bool = False, whole=None) -> None:
     """Onto a quantized model: set each layer's indices and delta, reproducing the training-time
     effective weights exactly. Refuses a file whose quantization differs from the model's, or whose
     recorded 4-bit base (`quantized_base_fingerprint`) is not this model's (`force`: warns), and
-    validates everything before the first layer changes."""
+    validates everything before the first layer changes. `whole`: as for quantized_fingerprint."""
     found = layers(model)
     if not found:
         raise QuantizedIncrementError(f"{source}: the model has no quantized layers (quantize it first)")
@@ -198,7 +220,7 @@ def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: s
     shapes = json.loads((meta or {}).get("shapes") or "{}")
     plan = _plan({n: tuple(layer.shape) for n, layer in found.items()}, tensors, source, shapes)
     if (meta or {}).get(QUANTIZED_KEY):
-        check_fingerprint(quantized_fingerprint(model, tensors), meta, QUANTIZED_KEY, "4-bit base", source, force)
+        check_fingerprint(quantized_fingerprint(model, tensors, whole), meta, QUANTIZED_KEY, "4-bit base", source, force)
     for name, idx, delta in plan:
         layer = found[name]
         if layer.delta is None or layer.k != idx.numel():
@@ -206,7 +228,7 @@ def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: s
             layer.delta = nn.Parameter(torch.zeros(layer.k, device=layer.weight_4bit.device),
                                        requires_grad=layer.delta is not None and layer.delta.requires_grad)
         layer.select(idx)  # validated above: sorted, unique, in range
-        layer.delta.copy_(delta.to(layer.delta.device))
+        layer.set_delta(delta)
 
 
 @torch.no_grad()
@@ -228,21 +250,24 @@ def apply_onto_full(model: nn.Module, tensors: dict, meta: dict | None = None, s
 
 # ---------------------------------------------------------------- the increment file
 def save_increment(model: nn.Module, path: str, base_model: str = "", rate: float | None = None,
-                   selection: str = "", extra: dict | None = None, base_values=None) -> None:
+                   selection: str = "", extra: dict | None = None, base_values=None, tensors: dict | None = None,
+                   quantized: str | None = None) -> None:
     """Write the quantized layers' increment through sift.increment's one writer (format v2, crash-safe),
     with `quantization` (type, block size, double quantization, dtype) in the metadata and two
     fingerprints of the base at the trained entries: `quantized_base_fingerprint` of deq(Q) (what
     `restore` checks) and, given `base_values(name, flat positions)` reading the full-precision base
     the run loaded (its weights files), `base_fingerprint` (what applying onto that base checks, as
-    for a SIFT increment)."""
+    for a SIFT increment). `tensors` and `quantized`: the layers' increment_tensors and their
+    quantized_fingerprint, when already gathered (ZeRO-3)."""
     from . import increment
 
-    found, tensors = layers(model), increment_tensors(model)
+    found = layers(model)
+    tensors = increment_tensors(model) if tensors is None else tensors
     shapes = {name: list(layer.shape) for name, layer in found.items()}
     dtype = str(next(iter(found.values())).quant_state.dtype).removeprefix("torch.") if found else ""
     meta = {"base_model": base_model, "rate": "" if rate is None else str(rate), "selection": selection,
             "dtype": dtype, "shapes": json.dumps(shapes), "quantization": json.dumps(quantization_info(model)),
-            QUANTIZED_KEY: quantized_fingerprint(model, tensors), **(extra or {})}
+            QUANTIZED_KEY: quantized or quantized_fingerprint(model, tensors), **(extra or {})}
     if base_values is not None:
         meta["base_fingerprint"] = fingerprint_at(tensors, shapes, base_values)
     increment.write_increment(path, tensors, meta)
@@ -264,15 +289,16 @@ def load_increment(path: str) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def apply_increment(model: nn.Module, path: str, scale: float = 1.0, force: bool = False) -> dict:
+def apply_increment(model: nn.Module, path: str, scale: float = 1.0, force: bool = False, whole=None) -> dict:
     """Apply a quantized-base increment file: onto a quantized model (the training-time effective
     weights, exactly) or onto the full-precision base (base + delta), each base checked against the
-    fingerprint the file records for it (`force`: warn and apply). Returns the metadata."""
+    fingerprint the file records for it (`force`: warn and apply; `whole`: as for restore). Returns
+    the metadata."""
     tensors, meta = load_increment(path)
     if is_quantized(model):
         if scale != 1.0:
             raise QuantizedIncrementError(f"{path}: scaling onto a quantized base is not supported")
-        restore(model, tensors, meta, path, force)
+        restore(model, tensors, meta, path, force, whole)
     else:
         apply_onto_full(model, tensors, meta, path, scale, force)
     return meta

@@ -64,7 +64,8 @@ def shape(p: nn.Parameter) -> torch.Size:
 
 def flat_weight(p: nn.Parameter) -> torch.Tensor:
     """The persistent storage of the weight as a flat view: `p.data`, or under ZeRO-3 the parameter's
-    own partition `ds_tensor` (on the host with offload_param; one rank holds every entry)."""
+    own partition `ds_tensor` (on the host with offload_param; one rank holds every entry; with
+    several, the last rank's partition ends in padding: `SparseState.storage()` cuts it off)."""
     if hasattr(p, "ds_tensor"):
         return p.ds_tensor.data.view(-1)[:p.ds_numel]
     return p.data.view(-1)
@@ -269,7 +270,8 @@ class SparseState:
         self.selection = selection
         self.sparse = k is not None
         self.entries = self if self.sparse else holder
-        self.k = k if self.sparse else self.numel
+        self.shard = None  # sift.shard.Shard: the collectives of a slice held by one of several ranks
+        self.k = k if self.sparse else self.hi - self.lo
         self.kp = math.ceil(self.k / BLOCK) * BLOCK
         self.start = 0
         self.bank: Bank | None = None
@@ -324,7 +326,11 @@ class SparseState:
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as the rank holds it, flat (what the magnitude rule reads)."""
-        return flat_weight(self.param)
+        return self.storage()
+
+    def storage(self) -> torch.Tensor:
+        """The persistent storage of this rank's slice [lo, hi), flat (a view)."""
+        return flat_weight(self.param)[:self.hi - self.lo]
 
     # ---------------------------------------------------------------- gather / scatter
     def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):
@@ -340,12 +346,17 @@ class SparseState:
         return vals.to(self.device) if out is None else out.copy_(vals)
 
     def weights(self, idx, out=None) -> torch.Tensor:
-        return self.gather(flat_weight(self.param), idx, out)
+        return self.gather(self.storage(), idx, out)
+
+    def dense_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """A densely trained slot's gradient for this step: the parameter's own (several ranks: summed
+        over them, see sift.shard)."""
+        return self.gather(grad, None)
 
     def write_weights(self, values: torch.Tensor, idx: torch.Tensor | None) -> None:
-        targets = [flat_weight(self.param)]
+        targets = [self.storage()]
         if hasattr(self.param, "ds_tensor") and self.param.data.numel() == self.numel:
-            targets.append(self.param.data.view(-1))  # a ZeRO-3 persistent (or gathered) copy too
+            targets.append(self.param.data.view(-1)[self.lo:self.hi])  # a ZeRO-3 persistent (or gathered) copy too
         for flat in targets:
             vals = values.to(flat.device, flat.dtype)
             if idx is None:
@@ -361,7 +372,7 @@ class SparseState:
             return self._view(self.bank.master).clone()
         w = self.weights(self.indices())
         if kind == "own":
-            return w.clone() if w.data_ptr() == flat_weight(self.param).data_ptr() else w
+            return w.clone() if w.data_ptr() == self.storage().data_ptr() else w
         return decode_master(w, self._view(self.bank.rem), self._view(self.bank.aux))
 
     def set_values(self, values: torch.Tensor) -> None:

@@ -17,7 +17,8 @@ def matches_module(param_name: str, target: str) -> bool:
 
 def find_trainable(model: nn.Module, targets, dense) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """(sparse targets, dense params) in `named_parameters` order; raises listing every problem."""
-    named = list(model.named_parameters())
+    storage = _declared(model, "sift_storage_params")  # never trained: QSIFTLinear's Q and offsets under ZeRO-3
+    named = [(n, p) for n, p in model.named_parameters() if n not in storage]
     # A target module that already is sparse (QSIFTLinear's k-sized delta) is trained densely.
     own_dense = increment_params(model)
     targeted = [(n, p) for n, p in named if any(matches_module(n, t) for t in targets)]

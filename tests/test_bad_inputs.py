@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("OPENAI_API_KEY", None)
 UNRELATED = ("gemm_4bit_forward", "Setting accelerator to CPU")
+LAUNCHED = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # what `deepspeed --num_gpus 2` sets for rank 0
 
 
 def _train(*extra):
@@ -59,6 +60,13 @@ CASES = {
                                      [["--data_path nobody-sift/no-such-data", "HF_HUB_OFFLINE"],
                                       ["--model_name_or_path", "no config.json"],
                                       ["--overwrite_output_dir", "--resume_from_checkpoint", "pass one of them"]], {}),
+    # ZeRO-3 under the launcher's variables: the baselines and an offload_optimizer section refused
+    "zero3_lora_offload_optimizer": (_train("--finetuning_type", "lora", "--deepspeed", "{dir}/zero3_opt.json"), 2,
+                                     [["--deepspeed runs SIFT only", "run the lora baseline without --deepspeed"],
+                                      ["zero3_opt.json: offload_optimizer has nothing to offload", "keep offload_param"]],
+                                     LAUNCHED),
+    "zero3_full": (_train("--finetuning_type", "full", "--deepspeed", "ds_configs/zero3_offload.json"), 2,
+                   [["--deepspeed runs SIFT only", "run the full baseline without --deepspeed"]], LAUNCHED),
     "too_few_samples": (_train("--eval_samples", "100"), 2, [["--eval_samples 100", "lower --eval_samples"]], {}),
     "yaml_syntax": (lambda c: [sys.executable, "train_sft.py", str(c["dir"] / "bad.yaml")], 2,
                     [["bad.yaml: not valid YAML at line", "fix the file"]], {}),
@@ -111,6 +119,7 @@ def _setup(case_dir: Path, alpaca_40: str) -> None:
     (case_dir / "bad.yaml").write_text("learning_rate: 1e-3\nsift_targets: [q_proj, v_proj\n")
     (case_dir / "typo.yaml").write_text("learning_rat: 1e-3\n")
     (case_dir / "list.json").write_text("[1, 2]\n")
+    (case_dir / "zero3_opt.json").write_text('{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}\n')
     (case_dir / "garbage.safetensors").write_bytes(b"not a safetensors file")
     save_file({"model.layers.9.self_attn.q_proj.weight.indices": torch.tensor([0, 1], dtype=torch.int32),
                "model.layers.9.self_attn.q_proj.weight.values": torch.zeros(2)},

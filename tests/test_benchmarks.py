@@ -267,7 +267,9 @@ def test_gpu_check_dry_run_builds_every_part_on_the_cpu_and_each_row_meets_its_p
         assert abs(row["measured_vs_plan"]) <= 0.02, row
     assert [p["optimizer"] for p in result["parity"]] == ["adamw8bit", "adamw"]
     assert result["parity"][0]["max_abs_update"] > 0 and result["kernel_same_inputs"]["max_abs_update"] > 0
-    assert "ds_configs/zero3_offload.json" in result["zero3_offload_smoke"]["command"]
+    commands = result["zero3"]["commands"]
+    assert "ds_configs/zero3_offload.json" in commands["offload"] and "ds_configs/zero3.json" in commands["qsift"]
+    assert commands["sift"][commands["sift"].index("--per_device_train_batch_size") + 1] == "2"
     if not torch.cuda.is_available():  # the real run refuses in one line
         with pytest.raises(SystemExit) as err:
             run.call_stage(exp, log=lambda *_: None)
@@ -313,6 +315,8 @@ PLANNER_IN_PROCESS = {
     "tied_embeddings_on_host": (["--model", "{d}/tied.json", "--embeddings_on_host"],
                                 [["--embeddings_on_host", "ties its input embeddings"]]),
     "json_in_a_missing_directory": (["--json", "{d}/nowhere/plan.json"], [["--json", "nowhere", "no directory"]]),
+    "zero3_bad_ranks_and_config": (["--zero", "3", "--world_size", "0", "--ds_config", "{d}/none.json"],
+                                   [["--world_size 0", ">= 1"], ["--ds_config", "none.json", "zero3 or zero3_offload"]]),
     "seq_not_a_number": (["--seq", "abc"], [["--seq", "invalid int value: 'abc'"]]),
     "unknown_dtype": (["--dtype", "fp8"], [["--dtype", "invalid choice: 'fp8'"]]),
 }
@@ -382,7 +386,8 @@ def test_the_planner_plans_each_sift_row_inside_a_regrow_window_too():
                                                 ("rate", "0.05", "--rate 0.05: must be a number in (0, 1]"),
                                                 ("method", "qlora", "--method qlora: choose one of all, full"),
                                                 ("quantization", "int8", "--quantization int8: choose one of nf4"),
-                                                ("regrow_fraction", 1.5, "--regrow_fraction 1.5: must be a number in (0, 1]")])
+                                                ("regrow_fraction", 1.5, "--regrow_fraction 1.5: must be a number in (0, 1]"),
+                                                ("zero", 2, "--zero 2: the per-rank plan is for ZeRO-3")])
 def test_plan_experiments_get_the_planners_checks(key, value, needle):
     """An experiment's JSON can hold what argparse would refuse; the stage refuses it the same way."""
     with pytest.raises(SystemExit) as err:

@@ -1,4 +1,5 @@
-"""`deepspeed train_sft.py` on CPU ranks (gloo): ZeRO-3 offload and ZeRO-2 data parallel equal plain runs."""
+"""`deepspeed train_sft.py` on one CPU rank (gloo): ZeRO-3 offload equals the plain run; the configs'
+checks. Several ranks: tests/test_zero3.py."""
 import json
 import os
 import socket
@@ -25,9 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(ranks: int, config: str, argv: list[str]) -> None:
-    cmd = [LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train_sft.py", *argv,
-           "--deepspeed", os.path.join("ds_configs", config)]
+def launch_script(ranks: int, *argv: str) -> None:
+    cmd = [LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), *argv]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -51,18 +51,24 @@ def assert_increments_close(a_dir, b_dir, exact=False):
 
 
 def test_zero3_offload_matches_plain_run_resumes_and_saves_merged(tiny_dir, alpaca_40, tmp_path):
+    """One rank (the single-GPU offload route): the run and its resume from checkpoint-2 in one launch."""
     from transformers import AutoModelForCausalLM
 
     from sift import apply_increment
 
     plain, zero3, resumed = (str(tmp_path / n) for n in ("plain", "zero3", "resumed"))
     train_sft.main(train_args(tiny_dir, alpaca_40, plain, "--generate_tokens", "0"))
-    launch(1, "zero3_offload.json", train_args(tiny_dir, alpaca_40, zero3, "--save_steps", "2", "--generate_tokens", "0"))
+    offload = ("--generate_tokens", "0", "--deepspeed", os.path.join("ds_configs", "zero3_offload.json"))
+    plan = [{"train": train_args(tiny_dir, alpaca_40, zero3, "--save_steps", "2", *offload)},
+            {"train": train_args(tiny_dir, alpaca_40, resumed, *offload, "--resume_from_checkpoint",
+                                 os.path.join(zero3, "checkpoint-2"))}]
+    for i, job in enumerate(plan):
+        job["out"] = str(tmp_path / f"job{i}.json")
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    launch_script(1, "tests/ds_runs.py", str(tmp_path / "plan.json"))
+    assert [json.load(open(job["out"]))["code"] for job in plan] == [0, 0]
     assert log(zero3) == pytest.approx(log(plain), rel=1e-5)
     assert_increments_close(plain, zero3)
-
-    launch(1, "zero3_offload.json", train_args(tiny_dir, alpaca_40, resumed, "--generate_tokens", "0",
-                                               "--resume_from_checkpoint", os.path.join(zero3, "checkpoint-2")))
     assert log(resumed) == log(zero3)[2:]
     assert_increments_close(zero3, resumed, exact=True)
 
@@ -71,21 +77,6 @@ def test_zero3_offload_matches_plain_run_resumes_and_saves_merged(tiny_dir, alpa
     apply_increment(base, os.path.join(zero3, "sift_increment.safetensors"))
     for (name, a), b in zip(base.named_parameters(), merged.parameters()):
         assert torch.equal(a, b), name
-
-
-def test_zero2_two_ranks_equal_one_process_with_twice_the_batch(tiny_dir, alpaca_40, tmp_path):
-    single, ranks = str(tmp_path / "single"), str(tmp_path / "ranks")
-    common = ("--generate_tokens", "0", "--sift_dense", "norm")
-    train_sft.main(train_args(tiny_dir, alpaca_40, single, *common, "--per_device_train_batch_size", "2"))
-    launch(2, "zero2.json", train_args(tiny_dir, alpaca_40, ranks, *common, "--per_device_train_batch_size", "1"))
-    assert log(ranks) == pytest.approx(log(single), rel=1e-5)
-    assert_increments_close(single, ranks)
-
-    inc = load_file(os.path.join(ranks, "sift_increment.safetensors"))
-    selected = sum(v.numel() for k, v in inc.items() if k.endswith(".delta") and k.replace("delta", "indices") in inc)
-    dense = sum(v.numel() for k, v in inc.items() if k.endswith(".delta") and k.replace("delta", "indices") not in inc)
-    assert dense == 5 * 32  # 2 layers x 2 norms + the final norm, hidden 32
-    assert log(ranks, "allreduce_bytes_per_step") == [4 * (selected + dense)] * 4
 
 
 def test_unsupported_deepspeed_configs_are_refused(tmp_path):
@@ -99,16 +90,32 @@ def test_unsupported_deepspeed_configs_are_refused(tmp_path):
     for needle in ("train_micro_batch_size_per_gpu is 8 but the arguments say 2", "remove the 'optimizer' section",
                    "remove the 'scheduler' section", "fp16 needs dynamic loss scaling", "offload_optimizer"):
         assert needle in text, needle
-    lora = Arguments(model=fp32, method=MethodArguments(finetuning_type="lora"))
-    cfg, _ = resolve_config(str(path), lora)
-    assert any("runs SIFT only" in p for p in methods.method_class(lora).problems(lora, cfg))
+    for baseline in ("lora", "full"):  # under the ZeRO-3 config
+        args = Arguments(model=fp32, method=MethodArguments(finetuning_type=baseline))
+        cfg, _ = resolve_config(str(path), args)
+        assert any("runs SIFT only" in p for p in methods.method_class(args).problems(args, cfg)), baseline
 
 
 def test_shipped_configs_resolve_from_the_arguments():
-    for name in ("zero2.json", "zero3_offload.json"):
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         args = Arguments(model=ModelArguments(bf16=True),
                          train=TrainArguments(per_device_train_batch_size=3, gradient_accumulation_steps=5))
         cfg, problems = resolve_config(os.path.join(REPO, "ds_configs", name), args)
         assert problems == []
         assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["train_batch_size"] == 15
         assert cfg["bf16"]["enabled"] is True and "auto" not in json.dumps(cfg)
+
+
+def test_regrow_is_refused_under_zero3_on_several_ranks_only(monkeypatch):
+    """A ZeRO-3 rank's slice has a bank sized at selection: regrow there is one line; on one rank, or
+    under ZeRO-2, it runs."""
+    def problems(config, world):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        args = Arguments(model=ModelArguments(bf16=True), method=MethodArguments(sift_regrow_steps=10),
+                         train=TrainArguments(deepspeed=os.path.join(REPO, "ds_configs", config)))
+        cfg, _ = resolve_config(args.train.deepspeed, args)
+        return methods.method_class(args).deepspeed_problems(args, cfg)
+
+    (line,) = problems("zero3.json", 2)
+    assert line.startswith("--sift_regrow_steps 10: drop and regrow is not built for ZeRO-3 on several ranks")
+    assert problems("zero3.json", 1) == [] and problems("zero2.json", 2) == []

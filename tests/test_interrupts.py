@@ -78,3 +78,22 @@ def test_a_second_signal_exits_at_once():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 143 and time.time() - start < 20, done.stderr
     assert "send it again to exit at once" in done.stderr
+
+
+def test_outside_the_step_loop_the_launchers_forward_of_a_signal_is_the_same_request(monkeypatch):
+    """Under the DeepSpeed launcher each rank gets a group's SIGTERM twice within milliseconds: the
+    second must not raise again while the first is being handled (the run.json update, the line)."""
+    from trainer.interrupts import Signalled, raising
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with raising():
+        with pytest.raises(Signalled) as first:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's forward: ignored
+        time.sleep(0.1)
+    assert first.value.signum == signal.SIGTERM
+    monkeypatch.delenv("LOCAL_RANK")
+    with raising(), pytest.raises(Signalled):  # without the launcher each signal stops the process
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)

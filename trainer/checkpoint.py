@@ -111,11 +111,27 @@ def find_checkpoint(output_dir: str, spec: str, run_id: str | None = None) -> st
 def save_checkpoint(output_dir: str, step: int, write_files, state: dict, keep: int, args: dict | None = None) -> str:
     """`write_files(tmp_dir)` writes the payload; then the arguments and the state marker (with the
     payload's file sizes); then rename; then prune."""
-    os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir)
+    tmp = begin_checkpoint(output_dir, step)
     try:
         write_files(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(output_dir, step, tmp, state, keep, args)
+
+
+def begin_checkpoint(output_dir: str, step: int) -> str:
+    """The temp directory a checkpoint's payload is written into (by every rank that holds a part
+    of it: the ranks of a sharded run each write their own file there)."""
+    os.makedirs(output_dir, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output_dir)
+
+
+def finish_checkpoint(output_dir: str, step: int, tmp: str, state: dict, keep: int, args: dict | None = None) -> str:
+    """Complete the payload in `tmp`: the arguments, the state marker (with the payload's file sizes),
+    the rename into checkpoint-<step>, then the pruning; `tmp` is removed if this fails."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    try:
         if args is not None:
             _write_synced(os.path.join(tmp, ARGS), json.dumps(args, indent=1, default=str))
         files = {os.path.relpath(os.path.join(here, n), tmp): os.path.getsize(os.path.join(here, n))

@@ -1,10 +1,13 @@
-"""DeepSpeed for SIFT: ZeRO-2 data parallel and ZeRO-3 CPU param offload, SIFT doing the stepping.
+"""DeepSpeed for SIFT and QSIFT: ZeRO-2 data parallel, ZeRO-3 on the GPUs or with the parameters on the
+host, SIFT doing the stepping.
 
 DeepSpeed launches the ranks, owns the process group, casts and (ZeRO-3) partitions and offloads
 the weights, gathering one layer at a time. It gets no optimizer of its own: SIFT's hooks see each
-target's full gradient, reduce it to the selected entries and update the parameter's own partition
-(`ds_tensor`). DeepSpeed still insists on a ZeRO optimizer, so it is handed a one-entry "anchor"
-parameter (zero learning rate) that lives beside the model (LOMO uses the same route).
+target's full gradient, reduce it to the selected entries (several ZeRO-3 ranks: summed over them at
+each rank's entries, sift.shard) and update the parameter's own partition (`ds_tensor`). DeepSpeed
+still insists on a ZeRO optimizer, so it is handed a one-entry "anchor" parameter (zero learning
+rate) that lives beside the model (LOMO uses the same route); its step comes after SIFT's
+(`finish_step`).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from common.modeling import resolve_model_path
+from sift.qlinear import QSIFTLinear
+from sift.targets import increment_params
 
 from .args import Arguments, default_bf16, world_size
 from .loss import causal_lm_loss
@@ -124,21 +129,66 @@ class Anchored(nn.Module):
 
 
 def initialize(model: nn.Module, cfg: dict):
-    """A DeepSpeed engine around `model` (ZeRO-3 partitions it here); returns the engine."""
+    """A DeepSpeed engine around `model` (ZeRO-3 partitions it here); returns the engine. Under ZeRO-3
+    QSIFT's 4-bit weights and offsets become 16-bit parameters first (QSIFTLinear.partitionable), so
+    they are partitioned too; parameters that are increments (QSIFT's fp32 deltas, zero here) get
+    back the dtype DeepSpeed's bf16 cast took from them."""
     import deepspeed
 
+    if cfg["zero_optimization"].get("stage") == 3:
+        for m in model.modules():
+            if isinstance(m, QSIFTLinear):
+                m.partitionable()
+    increments = {n: p.dtype for n, p in model.named_parameters() if n in increment_params(model)}
     wrapped = Anchored(model)
     anchor_opt = torch.optim.SGD([wrapped.anchor], lr=0.0)
     engine, *_ = deepspeed.initialize(model=wrapped, optimizer=anchor_opt, model_parameters=[wrapped.anchor],
                                       config=cfg)
+    for name, p in model.named_parameters():
+        if name in increments and p.dtype != increments[name]:
+            restore_dtype(p, increments[name])
     return engine
 
 
-def gathered(model: nn.Module):
-    """Context in which every ZeRO-3 parameter holds its full data (for saving); no-op otherwise."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+def restore_dtype(p: nn.Parameter, dtype: torch.dtype) -> None:
+    """Give `p` (its ZeRO-3 partition too) back `dtype`; exact for what DeepSpeed cast down from it
+    at initialize (QSIFT's deltas are zeros then)."""
+    if hasattr(p, "ds_tensor"):
+        part = p.ds_tensor.data.to(dtype)
+        p.ds_tensor.data = part.pin_memory() if p.ds_tensor.is_pinned() else part
+    p.data = p.data.to(dtype)
+
+
+def finish_step(engine) -> None:
+    """DeepSpeed's step at the accumulation boundary, taken after the method's own step (train_window
+    with boundary=False): under ZeRO-3 it releases every gathered weight and gathers the persistent
+    ones again, from partitions that now hold SIFT's update; its anchor optimizer moves nothing."""
+    if engine is not None:
+        engine.step()
+
+
+def gathered_params(params: list):
+    """Context in which these parameters are whole on every rank (ZeRO-3 gathers them; every rank
+    enters it); a no-op for parameters that are not partitioned."""
+    params = [p for p in params if hasattr(p, "ds_tensor")]
     if not params:
         return contextlib.nullcontext()
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def full_state_dict(model: nn.Module, keep: bool) -> dict | None:
+    """ZeRO-3: the model's state dict on the host of the process that `keep`s it, gathered one
+    parameter at a time (every rank calls this; a parameter is whole on each rank's device only
+    while it is copied). None when nothing is partitioned: the model's tensors are whole."""
+    if not any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        return None
+    import deepspeed
+
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        with deepspeed.zero.GatheredParameters([t] if hasattr(t, "ds_tensor") else [], modifier_rank=None):
+            if keep:
+                out[name] = t.detach().to("cpu", copy=True)
+    return out

@@ -7,6 +7,12 @@ a shell reports a process the signal killed. A second signal means "now": exit a
 checkpoint (the last complete one stays; a half-written one is only a temp directory that the next
 start removes). Outside the step loop (`raising`) a signal stops the process where it is, as
 Signalled, which the recipe turns into run.json's "interrupted", a line and 128 + the signal number.
+
+Under the DeepSpeed launcher (LOCAL_RANK set) a signal to the launcher's process group (Ctrl-C, a
+scheduler's SIGTERM) reaches each rank twice: once from the group, once forwarded by
+`deepspeed.launcher.launch` (which SIGKILLs the ranks 30 s later). A second signal within
+LAUNCHER_GRACE seconds of the first is therefore the same request, not "now". The `deepspeed` command
+itself forwards nothing: a SIGTERM to it alone leaves the ranks running.
 """
 from __future__ import annotations
 
@@ -14,15 +20,18 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LAUNCHER_GRACE = 3.0  # seconds: a launcher's forward of the group's signal arrives within milliseconds
 
 
 class Interrupts:
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
+        self._since = 0.0  # when the first signal came (monotonic)
 
     def install(self) -> "Interrupts":
         if threading.current_thread() is not threading.main_thread():
@@ -38,8 +47,10 @@ class Interrupts:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if "LOCAL_RANK" in os.environ and time.monotonic() - self._since < LAUNCHER_GRACE:
+                return  # the launcher forwarding the signal this rank's process group got too
             os._exit(128 + signum)  # the user insists: no cleanup that could hang (e.g. a collective)
-        self.signum = signum
+        self.signum, self._since = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
               "(send it again to exit at once, without one)", file=sys.stderr, flush=True)
 
@@ -75,19 +86,24 @@ class Signalled(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise(signum, frame):
-    raise Signalled(signum)
-
-
 @contextmanager
 def raising():
     """For the block, SIGINT and SIGTERM raise Signalled where the process is (the step loop's
     Interrupts replace this while it runs): without it a SIGTERM would end the process with no word
-    and no status in run.json."""
+    and no status in run.json. Under the launcher a second signal within LAUNCHER_GRACE is the same
+    request (as for Interrupts), not a second Signalled in the middle of handling the first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise) for sig in SIGNALS}
+    first = []  # when the first signal came
+
+    def stop(signum, frame):
+        if first and "LOCAL_RANK" in os.environ and time.monotonic() - first[0] < LAUNCHER_GRACE:
+            return  # the launcher forwarding the signal this rank's process group got too
+        first.append(time.monotonic())
+        raise Signalled(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in SIGNALS}
     try:
         yield
     finally:

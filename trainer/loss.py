@@ -97,13 +97,15 @@ def _liger_applies(head, hidden) -> bool:
             and importlib.util.find_spec("liger_kernel") is not None)
 
 
-def train_window(model, micro_batches, device, engine=None) -> tuple[float, dict]:
+def train_window(model, micro_batches, device, engine=None, boundary: bool = True) -> tuple[float, dict]:
     """Forward/backward over one accumulation window; returns (mean token loss, counts): this rank's
     real `tokens` and padded `grid` (tokens + padding), the window's `label_tokens` on all ranks.
 
     Normalisation: the loss is the sum of token losses over the WHOLE window (of every rank) divided
     by the window's label-token count, so accumulation 4 x batch 1, batch 4, and 2 ranks x batch 2
     all give the same gradient (up to float error), and samples weigh by their tokens.
+    `boundary=False` leaves DeepSpeed's step of the last micro-batch (its accumulation boundary) to
+    the caller, after the method's own step: trainer.ds.finish_step.
     """
     n_labels = torch.tensor(sum(label_tokens(b["labels"]) for b in micro_batches))
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -111,14 +113,15 @@ def train_window(model, micro_batches, device, engine=None) -> tuple[float, dict
         dist.all_reduce(n_labels)
     n_labels = int(n_labels)
     loss_sum, tokens, grid = torch.zeros(()), 0, 0
-    for b in micro_batches:
+    for i, b in enumerate(micro_batches):
         b = {k: v.to(device) for k, v in b.items()}
         loss = engine(b, n_labels) if engine is not None else causal_lm_loss(model, b, n_labels)
         if engine is None:
             loss.backward()
         else:
             engine.backward(loss, scale_wrt_gas=False)  # our normalisation already covers the window
-            engine.step()  # DeepSpeed's micro-step bookkeeping; its anchor optimizer moves nothing
+            if boundary or i + 1 < len(micro_batches):
+                engine.step()  # DeepSpeed's micro-step bookkeeping; its anchor optimizer moves nothing
         loss_sum += loss.detach().float().cpu()  # host sync once per micro-batch, for the log
         tokens += int(b["num_tokens"] if "num_tokens" in b else b["attention_mask"].sum())  # packed rows: no mask
         grid += b["input_ids"].numel()

@@ -8,8 +8,10 @@
     method = build(model, args)          # cls(model, args); method.model may be wrapped (LoRA)
     loss.backward(); method.step()       # clip, step, clear; returns the global grad norm
     method.skipped_steps(), .communicated_bytes(), .memory_report()   # what the loop logs
-    method.save_payload(dir, base) / method.load_payload(dir)         # checkpoint files
-    method.save_final(output_dir, tokenizer, base)                    # what a finished run leaves
+    method.save_payload(dir, base, main) / method.load_payload(dir)   # checkpoint files
+    method.save_final(output_dir, tokenizer, base, main)              # what a finished run leaves
+Every rank calls save_payload / save_final (their gathers of a sharded run are collectives); the
+files are written where `main` (and a sharded run's own state by each rank).
 
 sift: SIFT (clipping inside its step); leaves the increment and merged/.
 full: every weight, torch AdamW or bitsandbytes AdamW8bit / AdamW32bit; leaves merged/.
@@ -67,8 +69,7 @@ class Rules:
     """What a method supports and refuses, declared once per method class."""
     optimizers: tuple[str, ...]                  # the --optim values it takes
     config_fields: tuple[str, ...] = ADAMW_FIELDS  # SIFTConfig fields whose rules apply (in flag names)
-    zero: tuple[tuple[int, int | None], ...] = ()  # (ZeRO stage, most ranks or None: any); (): no DeepSpeed
-    zero_refusal: str = ""                       # the line for a refused stage / rank count ({path}, {world})
+    zero: tuple[int, ...] = ()                   # the ZeRO stages it runs under, on any ranks; (): no DeepSpeed
     step_in_backward: bool = False               # may step inside backward (--step_in_backward)
     refuses: tuple[tuple[str, str], ...] = ()    # (flag, the line printed when that flag is set)
     reads: tuple[str, ...] = ()                  # the method-specific flags it reads (one set for another: a warning)
@@ -170,15 +171,16 @@ class Method:
 
     @classmethod
     def deepspeed_problems(cls, args: Arguments, deepspeed: dict) -> list[str]:
-        """The line for a ZeRO stage or rank count this method does not run under (`rules.zero`); a
-        stage DeepSpeed does not have is trainer.ds's to report."""
-        stage, world, zero = deepspeed["zero_optimization"].get("stage", 0), world_size(), dict(cls.rules.zero)
+        """The line for a ZeRO stage this method does not run under (`rules.zero`); a stage DeepSpeed
+        does not have is trainer.ds's to report."""
+        stage, zero = deepspeed["zero_optimization"].get("stage", 0), cls.rules.zero
         if not zero:
             able = [m.title for m in METHODS.values() if m.rules.zero]
             return [f"--deepspeed runs {' or '.join(able)} only; run the {cls.name} baseline without --deepspeed"]
-        if stage not in ds.STAGES or (stage in zero and (zero[stage] is None or world <= zero[stage])):
+        if stage not in ds.STAGES or stage in zero:
             return []
-        return [cls.rules.zero_refusal.format(path=args.train.deepspeed, world=world)]
+        return [f"--deepspeed {args.train.deepspeed}: {cls.title} runs under ZeRO stages "
+                f"{', '.join(map(str, zero))}, not {stage}"]
 
     @classmethod
     def trained_names(cls, skeleton, args: Arguments) -> set[str]:
@@ -235,8 +237,10 @@ class Method:
         """Detach from the model (hooks)."""
 
     # ---------------------------------------------------------------- files
-    def save_payload(self, directory: str, base_model: str) -> None:
+    def save_payload(self, directory: str, base_model: str, main: bool = True) -> None:
         """Checkpoint files: the optimizer state and the trained tensors."""
+        if not main:
+            return
         torch.save(self.opt.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
         save_file({n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad},
                   os.path.join(directory, TRAINABLE_FILE))
@@ -248,9 +252,13 @@ class Method:
             params[name].copy_(value)
         self.opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
 
-    def save_final(self, output_dir: str, tokenizer, base_model: str) -> list[str]:
+    def save_final(self, output_dir: str, tokenizer, base_model: str, main: bool = True) -> list[str]:
         """What a finished run leaves (the merged model here); returns the paths written."""
-        return [save_merged(self.merged_model(base_model), tokenizer, os.path.join(output_dir, MERGED_DIR))]
+        merged = self.merged_model(base_model)
+        state = ds.full_state_dict(merged, main)  # ZeRO-3: gathered one weight at a time
+        if not main:
+            return []
+        return [save_merged(merged, tokenizer, os.path.join(output_dir, MERGED_DIR), state)]
 
     def merged_model(self, base_model: str):
         """The fine-tuned model as a plain transformers model (SIFT wrote its values in place)."""
@@ -263,9 +271,7 @@ class Sift(Method):
     rules = Rules(optimizers=OPTIMIZERS, step_in_backward=True, reads=SIFT_READS,
                   # --optim is checked against `optimizers` for every method
                   config_fields=tuple(f.name for f in dataclasses.fields(SIFTConfig) if f.name != "optimizer"),
-                  zero=((0, None), (1, None), (2, None), (3, 1)),
-                  zero_refusal="--deepspeed {path}: ZeRO-3 with SIFT runs on one rank (the single-GPU offload "
-                               "route); this launch has {world}: use ds_configs/zero2.json for several ranks")
+                  zero=ds.STAGES)
 
     def __init__(self, model, args):
         super().__init__(model, args)
@@ -278,6 +284,16 @@ class Sift(Method):
         cfg = sift_fields(args)
         sparse, dense = find_trainable(skeleton, cfg["targets"], cfg["dense"])
         return {n for n, _ in sparse + dense}
+
+    @classmethod
+    def deepspeed_problems(cls, args, deepspeed):
+        """Also a regrow under ZeRO-3 on several ranks: a rank's slice has a bank sized at selection."""
+        out = super().deepspeed_problems(args, deepspeed)
+        steps = args.method.sift_regrow_steps
+        if steps and deepspeed["zero_optimization"].get("stage", 0) == 3 and world_size() > 1:
+            out.append(f"--sift_regrow_steps {steps}: drop and regrow is not built for ZeRO-3 on several ranks "
+                       f"(--deepspeed {args.train.deepspeed}); use ds_configs/zero2.json or --sift_regrow_steps 0")
+        return out
 
     @classmethod
     def settle(cls, args):
@@ -332,21 +348,37 @@ class Sift(Method):
     def close(self):
         self.opt.remove_hooks()
 
-    def save_payload(self, directory, base_model):
+    def state_file(self) -> str:
+        """The checkpoint file of this rank's SIFT state: one for every rank, or (ZeRO-3 on several
+        ranks) one per rank, holding its slices."""
+        rank, ranks = self.opt.shards()
+        return OPTIMIZER_FILE if ranks == 1 else f"optimizer.rank{rank}-of-{ranks}.pt"
+
+    def save_payload(self, directory, base_model, main=True):
         # the optimizer state holds the trained values; the increment beside it is for people
-        torch.save(self.opt.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-        self.save_increment(os.path.join(directory, FILENAME), base_model)
+        rank, ranks = self.opt.shards()
+        if main or ranks > 1:
+            torch.save(self.opt.state_dict(), os.path.join(directory, self.state_file()))
+        self.save_increment(os.path.join(directory, FILENAME), base_model, main)
 
     def load_payload(self, directory):
-        self.opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True))
+        path = os.path.join(directory, self.state_file())
+        if not os.path.isfile(path):
+            saved = sorted(n for n in os.listdir(directory) if n.startswith("optimizer"))
+            raise ValueError(f"it holds {', '.join(saved) or 'no SIFT state'}, not {self.state_file()}: it was "
+                             "written under another DeepSpeed layout (ZeRO-3 shards SIFT's state per rank); "
+                             "resume with the launch that wrote it")
+        self.opt.load_state_dict(torch.load(path, weights_only=True))
 
-    def save_final(self, output_dir, tokenizer, base_model):
+    def save_final(self, output_dir, tokenizer, base_model, main=True):
         path = os.path.join(output_dir, FILENAME)
-        self.save_increment(path, base_model)
-        return [path] + super().save_final(output_dir, tokenizer, base_model)  # SIFT wrote its values in place
+        self.save_increment(path, base_model, main)
+        return [path] * main + super().save_final(output_dir, tokenizer, base_model, main)  # values are in place
 
-    def save_increment(self, path: str, base_model: str) -> None:
-        save_increment(self.opt, path, base_model=base_model)
+    def save_increment(self, path: str, base_model: str, main: bool = True) -> None:
+        whole = self.opt.gathered(keep=main)  # sharded: every rank's slices, into the one-rank file
+        if main:
+            save_increment(whole, path, base_model=base_model)
 
 
 class QSift(Sift):
@@ -354,8 +386,7 @@ class QSift(Sift):
     (QSIFTLinear), which SIFT trains as dense fp32 parameters."""
     title = "QSIFT"
     rules = dataclasses.replace(
-        Sift.rules, zero=((0, None), (1, None), (2, None)), reads=SIFT_READS + FOUR_BIT_READS,
-        zero_refusal="--quantization with ZeRO-3: 4-bit weights are not partitioned; use ZeRO-2 or one device",
+        Sift.rules, reads=SIFT_READS + FOUR_BIT_READS,
         refuses=(("sift_dense", "--sift_dense is not supported with --quantization (only the target linears' "
                                 "deltas train)"),))
 
@@ -369,11 +400,19 @@ class QSift(Sift):
         quantized.load_payload(directory, self.model, FILENAME)  # the indices are module buffers: restored first
         super().load_payload(directory)
 
-    def save_increment(self, path, base_model):
-        quantized.save_increment(self.model, path, self.args.method, base_model)
+    def save_increment(self, path, base_model, main=True):
+        gathered = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+        if main:
+            quantized.save_increment(self.model, path, self.args.method, base_model, gathered)
 
-    def merged_model(self, base_model):
-        return quantized.merged_qsift(self.model, base_model)
+    def save_final(self, output_dir, tokenizer, base_model, main=True):
+        gathered = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+        if not main:
+            return []
+        path = os.path.join(output_dir, FILENAME)
+        quantized.save_increment(self.model, path, self.args.method, base_model, gathered)
+        merged = quantized.merged_qsift(self.model, base_model, gathered[0])  # the full-precision base + the deltas
+        return [path, save_merged(merged, tokenizer, os.path.join(output_dir, MERGED_DIR))]
 
 
 class Full(Method):
@@ -424,12 +463,12 @@ class Lora(Method):
         find_trainable(skeleton, split_list(args.method.sift_targets), ())  # the adapted modules exist
         return set()  # the adapters are new parameters; every weight of the model stays frozen
 
-    def save_final(self, output_dir, tokenizer, base_model):
+    def save_final(self, output_dir, tokenizer, base_model, main=True):
         adapter = os.path.join(output_dir, ADAPTER_DIR)
         self.model.peft_config["default"].base_model_name_or_path = base_model  # the id, not this machine's cache path
         with atomic_dir(adapter, prefix=".adapter-") as tmp:  # before merging: merge_and_unload folds it in
             self.model.save_pretrained(tmp, save_embedding_layers=False)  # the vocabulary never changes: no hub check
-        return [adapter] + super().save_final(output_dir, tokenizer, base_model)
+        return [adapter] + super().save_final(output_dir, tokenizer, base_model, main)
 
     def merged_model(self, base_model):
         return self.model.merge_and_unload()
@@ -493,9 +532,10 @@ def _adamw(name: str, params: list, train: TrainArguments) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
-def save_merged(model, tokenizer, target: str) -> str:
-    """save_pretrained + tokenizer into a temp directory, then renamed into place (0644 files)."""
+def save_merged(model, tokenizer, target: str, state: dict | None = None) -> str:
+    """save_pretrained (of `state` when given: a ZeRO-3 model's gathered tensors) + tokenizer into a
+    temp directory, then renamed into place (0644 files)."""
     with atomic_dir(target, prefix=".merged-") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
     return target

@@ -17,6 +17,7 @@ from common.inputs import model_location
 from common.modeling import resolve_model_path
 from sift import quantize as q
 
+from . import ds
 from .args import Arguments, MethodArguments, ModelArguments, split_list
 
 
@@ -37,13 +38,29 @@ def attach_deltas(model, args: Arguments) -> None:
     q.attach(model, args.method.sift_rate, args.method.sift_selection, args.train.seed)
 
 
-def save_increment(model, path: str, method: MethodArguments, base_model: str) -> None:
+def whole_layer(layer):
+    """A context in which a QSIFTLinear's parameters (Q, its absmax, the offsets, delta) are whole:
+    ZeRO-3 gathers them (every rank enters it); otherwise nothing to do."""
+    return ds.gathered_params(list(layer.parameters()))
+
+
+def increment_tensors(model, keep: bool = True) -> tuple[dict, str]:
+    """QSIFT's indices and deltas, whole, and their quantized base fingerprint (ZeRO-3: gathered one
+    layer at a time, the deltas and offsets, then each whole layer for deq(Q); every rank calls this,
+    only where `keep` are the tensors copied to the host and fingerprinted)."""
+    tensors = q.increment_tensors(model, lambda layer: ds.gathered_params([layer.offsets, layer.delta]), keep)
+    return tensors, q.quantized_fingerprint(model, tensors, whole_layer)
+
+
+def save_increment(model, path: str, method: MethodArguments, base_model: str, gathered: tuple | None = None) -> None:
     """QSIFT's increment (checkpoint or final): its indices and deltas live in the modules, not in SIFT's
-    state; its base fingerprint is read from the full-precision base's weights files (a few values per
-    tensor), as the model never holds those values."""
+    state (`gathered`: increment_tensors' answer, when already taken); its base fingerprint is read
+    from the full-precision base's weights files (a few values per tensor), as the model never holds
+    those values."""
+    tensors, quantized = gathered if gathered is not None else (None, None)
     files = base_files(base_model)
     save = functools.partial(q.save_increment, model, path, base_model=base_model, rate=method.sift_rate,
-                             selection=method.sift_selection)
+                             selection=method.sift_selection, tensors=tensors, quantized=quantized)
     try:
         save(base_values=files.read if files else None)
     except KeyError as e:  # a weight the files name otherwise: the file is still right, only less checkable
@@ -63,7 +80,7 @@ def base_files(base_model: str) -> WeightFiles | None:
 
 
 def load_payload(directory: str, model, filename: str) -> None:
-    q.apply_increment(model, os.path.join(directory, filename))  # indices + deltas, before SIFT's state
+    q.apply_increment(model, os.path.join(directory, filename), whole=whole_layer)  # indices + deltas, before SIFT's state
 
 
 def _full_base(model, base_model: str):
@@ -75,10 +92,12 @@ def _full_base(model, base_model: str):
 
 
 @torch.no_grad()
-def merged_qsift(model, base_model: str):
-    """merged/ of QSIFT: the full-precision base + the trained deltas, never the 4-bit weights."""
+def merged_qsift(model, base_model: str, tensors: dict | None = None):
+    """merged/ of QSIFT: the full-precision base + the trained deltas (`tensors`, when already
+    gathered), never the 4-bit weights."""
     full = _full_base(model, base_model)
-    q.apply_onto_full(full, q.increment_tensors(model), source="the trained 4-bit model")
+    q.apply_onto_full(full, q.increment_tensors(model) if tensors is None else tensors,
+                      source="the trained 4-bit model")
     return full
 
 

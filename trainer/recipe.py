@@ -36,7 +36,7 @@ from common.modeling import load_tokenizer
 
 from . import ds, offload, rundir
 from .args import Arguments, record, run_name, total_steps, warmup_steps
-from .checkpoint import load_args, load_state, resume_candidates, save_checkpoint
+from .checkpoint import begin_checkpoint, finish_checkpoint, load_args, load_state, resume_candidates
 from .data import batches_for_window, build_datasets, micro_batches_per_epoch
 from .interrupts import Interrupts, Signalled, raising
 from .loss import heldout_loss, train_window, unwrap
@@ -272,8 +272,9 @@ class Recipe:
                                    train.gradient_accumulation_steps, train.seed, self.pad_id, self.rank, self.world,
                                    packed=self.args.data.packing)
         self.lr = self.method.opt.param_groups[0]["lr"]  # this step's rate; scheduler.step() sets the next one
-        loss, seen = train_window(self.model, micro, self.device, self.engine)
+        loss, seen = train_window(self.model, micro, self.device, self.engine, boundary=False)
         self.grad_norm = self.method.step()
+        ds.finish_step(self.engine)  # after the method's step: ZeRO-3's gathered weights then hold it
         self.scheduler.step()
         self.last_loss = loss
         self.meter.add(loss, seen, self.world)
@@ -341,16 +342,30 @@ class Recipe:
         return bool(every) and done % every == 0 or done == self.total_steps
 
     def checkpoint(self, done: int) -> str:
-        """checkpoint-<done>: the method's payload, the schedule, the RNG and the "before" figures
-        (written by the main process: the method's state is replicated)."""
+        """checkpoint-<done>: the method's payload, the schedule, the RNG and the "before" figures.
+        Every rank takes part (a sharded run's state is written by each rank into the main process's
+        temp directory); the main process completes it. A failed write leaves the previous checkpoints
+        as they were and no temp directory."""
         output = self.args.output
         path = os.path.join(output.output_dir, f"checkpoint-{done}")
-        if self.main_process:
-            state = {"step": done, "run_id": self.run_id, "scheduler": self.scheduler.state_dict(),
-                     "rng": torch.get_rng_state().tolist(), "before": self.before}
-            with writing(f"checkpoint-{done}"):  # a full disk: the previous checkpoints stay as they were
-                path = save_checkpoint(output.output_dir, done, lambda tmp: self.method.save_payload(
-                    tmp, self.base_model), state, output.save_total_limit, args=self.run_args)
+        with writing(f"checkpoint-{done}"):
+            tmp = begin_checkpoint(output.output_dir, done) if self.main_process else None
+            if self.distributed:
+                shared = [tmp]
+                dist.broadcast_object_list(shared)  # one file system: every rank writes into the same directory
+                tmp = shared[0]
+            try:
+                self.method.save_payload(tmp, self.base_model, self.main_process)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if self.distributed:
+                dist.barrier()
+            if self.main_process:
+                state = {"step": done, "run_id": self.run_id, "scheduler": self.scheduler.state_dict(),
+                         "rng": torch.get_rng_state().tolist(), "before": self.before}
+                path = finish_checkpoint(output.output_dir, done, tmp, state, output.save_total_limit,
+                                         args=self.run_args)
         if self.distributed:
             dist.barrier()
         return path
@@ -385,25 +400,23 @@ class Recipe:
         if not (math.isfinite(held) and (last is None or math.isfinite(last))):
             self.stop("failed", self.total_steps, f"train_sft.py: the loss is not finite at the end (held-out "
                       f"{held}, last step {last}): the run diverged (lower --learning_rate?); no merged model written", 1)
-        with ds.gathered(self.model):  # ZeRO-3: every rank takes part in the gather
+        output_dir = self.args.output.output_dir
+        if self.main_process:
+            print(f"after: {json.dumps(self.after, ensure_ascii=False)}")
+        with writing("the final files"):  # every rank takes part in the method's gathers (ZeRO-3)
+            self.method.save_final(output_dir, self.tokenizer, self.base_model, self.main_process)
             if self.main_process:
-                self.write_outputs()
+                write_json_atomic(os.path.join(output_dir, "results.json"),
+                                  {"before": self.before, "after": self.after, "steps": self.total_steps})
+                plot_loss(output_dir)
+        if self.main_process:
+            report = self.method.memory_report()
+            if report:
+                print(f"memory: {json.dumps(report)}")
+            rundir.set_status(output_dir, self.run_id, "finished", self.total_steps)  # last: the completion marker
+            print(f"saved to {output_dir}")
         if self.distributed:
             dist.barrier()
-
-    def write_outputs(self) -> None:
-        output_dir = self.args.output.output_dir
-        print(f"after: {json.dumps(self.after, ensure_ascii=False)}")
-        with writing("the final files"):
-            self.method.save_final(output_dir, self.tokenizer, self.base_model)
-            write_json_atomic(os.path.join(output_dir, "results.json"),
-                              {"before": self.before, "after": self.after, "steps": self.total_steps})
-            plot_loss(output_dir)
-        report = self.method.memory_report()
-        if report:
-            print(f"memory: {json.dumps(report)}")
-        rundir.set_status(output_dir, self.run_id, "finished", self.total_steps)  # last: the completion marker
-        print(f"saved to {output_dir}")
 
 
 def continue_schedule(scheduler) -> None:
