@@ -33,6 +33,7 @@ import sys
 import warnings
 
 import torch
+from bitsandbytes import functional as bnbf
 
 from . import memory_speed
 from .memtrack import MemoryTracker
@@ -54,9 +55,9 @@ class MetaTracker(MemoryTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def build(config, device: str, dtype: torch.dtype, gradient_checkpointing: bool):
-    """The model a training step runs on: meta with the fused attention, or real with sdpa."""
-    model = build_model(config, device, dtype, FUSED_SDPA if device == "meta" else "sdpa")
+def build(config, device: str, dtype: torch.dtype, gradient_checkpointing: bool, attention: str = FUSED_SDPA):
+    """The model a training step runs on: meta with the fused attention (or `attention`), or real with sdpa."""
+    model = build_model(config, device, dtype, attention if device == "meta" else "sdpa")
     model.config.use_cache = False  # a training forward keeps no KV cache
     if gradient_checkpointing:
         enable_checkpointing(model)
@@ -65,15 +66,22 @@ def build(config, device: str, dtype: torch.dtype, gradient_checkpointing: bool)
 
 
 def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-         gradient_checkpointing: bool = False, steps: int = 3, accumulation: int = 1) -> dict:
+         gradient_checkpointing: bool = False, steps: int = 3, accumulation: int = 1,
+         attention: str = FUSED_SDPA, tracker=MetaTracker, on_model=None) -> dict:
     """Peak bytes of `method`'s steady-state step (the last of `steps`, each of `accumulation`
-    micro-batches) and what made it up."""
-    model = build(config, "meta", dtype, gradient_checkpointing)
+    micro-batches) and what made it up. `tracker` makes the byte counter, `on_model(model)` sees the
+    model before the method is built on it (benchmarks.longest uses both)."""
+    model = build(config, "meta", dtype, gradient_checkpointing, attention)
+    # bitsandbytes caches its 8-bit map on the device of the first tensor it quantizes blockwise: made
+    # on meta here, it would break every later real quantization in this process (and add 1 KiB to this plan)
+    bnbf.name2qmap.setdefault("dynamic", bnbf.create_dynamic_map())
+    if on_model is not None:
+        on_model(model)
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     batches = [{"input_ids": ids, "labels": ids}]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SIFT's non-finite warning (see the module doc), peft's notes
-        trainee, out, after = memory_speed.track_steps(method, model, batches, steps, tracker=MetaTracker,
+        trainee, out, after = memory_speed.track_steps(method, model, batches, steps, tracker=tracker,
                                                        accumulation=accumulation)
     trainee.close()
     host = out[-1]["breakdown"]["host"]  # fixed after the first step, so it shifts the peak only
