@@ -308,11 +308,10 @@ def row_method(spec: str, offload_activations: bool, embeddings_on_host: bool, s
 
 
 def search_rows(config, methods, cards_gib, context_gib: float, log=print, **plan_kw) -> list[dict]:
-    """For each method and card: the longest sequence and its plan. Larger cards start their
-    search from the previous card's answer."""
-    rows = []
+    """For each method and card: the longest sequence and its plan (each search starts from the
+    previous answer)."""
+    rows, start = [], 8192
     for method in methods:
-        start = 8192
         for card in cards_gib:
             found = longest(config, method, (card - context_gib) * GIB, start=start, **plan_kw)
             start = max(found["seq"], 8192)
@@ -343,6 +342,13 @@ def render(rows: list[dict], header: bool = True) -> str:
 
 
 def add_arguments(ap: argparse.ArgumentParser):
+    """The search's options, for this module's CLI and benchmarks.memory_plan's."""
+    ap.add_argument("--tile_tokens", type=int, default=None,
+                    help="chunk in tokens of the tiled decoder layers (trainer.tiled_decoder): 0 its chunk_tokens "
+                         "rule, -1 untiled (the default of benchmarks.memory_plan; benchmarks.longest tiles)")
+    ap.add_argument("--max_seq", action="store_true",
+                    help="print the longest sequence (batch 1) that fits each --gpu_gib card instead: for the "
+                         "sift rows (QSIFT ones with --quantization), see benchmarks.longest")
     ap.add_argument("--gpu_gib", default="24", help="card memory in GiB, comma-separated for several cards")
     ap.add_argument("--context_gib", type=float, default=0.5, help="CUDA context taken from each card")
     ap.add_argument("--granularity", type=int, default=256, help="the answer's resolution in tokens")
@@ -358,6 +364,25 @@ def cards(args) -> list[float]:
     return out
 
 
+def report(config, methods: list[Method], args) -> int:
+    """benchmarks.memory_plan --max_seq: the search for its sift rows (those on the --quantization base)."""
+    rows = [m for m in methods if m.kind == "sift" and m.quantization == args.quantization]
+    chunk = _chunk(config, rows[0].tile_tokens)
+    print(f"Longest sequence (batch 1) per card: {args.model}, {args.dtype}, gradient checkpointing, "
+          f"tiled layers {f'in chunks of {chunk} tokens' if chunk else 'off (--tile_tokens 0 tiles them)'}\n")
+    print(render([]))
+    found = search_rows(config, rows, cards(args), args.context_gib, granularity=args.granularity,
+                        dtype=memory_plan.DTYPES[args.dtype])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "setting": vars(args), "rows": found}, f, indent=1, default=str)
+    return 0
+
+
+def _chunk(config, tile_tokens: int | None) -> int | None:
+    return None if tile_tokens is None else tile_tokens or tiled_decoder.chunk_tokens(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.longest", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -366,10 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offload_activations", action="store_true", help="saved activations in host memory")
     ap.add_argument("--embeddings_on_host", action="store_true", help="the frozen input embeddings in host memory")
     ap.add_argument("--step_in_backward", action="store_true", help="SIFT's in-backward step for every row")
-    ap.add_argument("--tile_tokens", type=int, default=0,
-                    help="chunk of the tiled decoder layers (0: trainer.tiled_decoder.chunk_tokens; -1: untiled)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     add_arguments(ap)
+    ap.set_defaults(tile_tokens=0)
     args = ap.parse_args(argv)
     try:
         methods = [row_method(s, args.offload_activations, args.embeddings_on_host, args.step_in_backward,
@@ -377,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     config = load_config(args.model)
-    chunk = None if args.tile_tokens < 0 else args.tile_tokens or tiled_decoder.chunk_tokens(config)
+    chunk = _chunk(config, None if args.tile_tokens < 0 else args.tile_tokens)
     print(f"Longest sequence per card: {args.model}, batch 1, bf16, gradient checkpointing, tiled layers "
           f"{f'in chunks of {chunk} tokens' if chunk else 'off'}, offload_activations "
           f"{'on' if args.offload_activations else 'off'}, embeddings_on_host {'on' if args.embeddings_on_host else 'off'}\n")

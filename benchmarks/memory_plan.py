@@ -170,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embeddings_on_host", action="store_true",
                     help="plan the (frozen) input embedding table in host memory (not for full fine-tuning)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    from . import longest  # imported here: benchmarks.longest plans through this module
+    longest.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.gradient_accumulation_steps < 1:
         ap.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be >= 1")
+    if args.max_seq and (args.batch != 1 or not args.gradient_checkpointing or args.gradient_accumulation_steps != 1):
+        ap.error("--max_seq searches batch 1, --gradient_checkpointing, one micro-batch per step")
 
     config = load_config(args.model)
     dtype = DTYPES[args.dtype]
@@ -184,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.embeddings_on_host:
         methods = [dataclasses.replace(m, name=f"{m.name} + host embeddings", embeddings_on_host=True)
                    for m in methods if m.kind != "full"]
+    if args.tile_tokens is not None and args.tile_tokens >= 0:
+        methods = [dataclasses.replace(m, tile_tokens=args.tile_tokens) for m in methods]
+    if args.max_seq:
+        return longest.report(config, methods, args)
     accumulation = args.gradient_accumulation_steps
     for method in (m for m in methods if accumulation == 1 or not m.step_in_backward):
         rows.append(plan(config, method, args.batch, args.seq, dtype, args.gradient_checkpointing,

@@ -200,3 +200,19 @@ def test_enable_refuses_what_it_cannot_tile_and_disable_restores_the_classes():
     model.model.layers[0].mlp.dropout = torch.nn.Dropout(0.1)  # inside a layer: the recompute would redraw it
     with pytest.raises(ValueError, match="dropout"):
         tiled_decoder.enable(model, CHUNK)
+
+
+def test_lora_adapters_get_the_same_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # B != 0: A's gradient too
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model, tiled = pair(get_peft_model(tiny_llama(layers=2), cfg))  # enable() through the PEFT wrapper
+    b = long_batch(7)
+    causal_lm_loss(model, b).backward()
+    causal_lm_loss(tiled, b).backward()
+    ref = dict(model.named_parameters())
+    trained = [(n, p) for n, p in tiled.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n, _ in trained)
+    for name, p in trained:
+        assert_close(p.grad, ref[name].grad, 1e-6, name)

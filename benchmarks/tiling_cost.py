@@ -1,0 +1,91 @@
+"""What tiled decoder layers (trainer.tiled_decoder) cost in step time and save in memory.
+
+    python -m benchmarks.tiling_cost --out benchmarks/results/tiling_cost.json
+
+1. Step time, measured on this machine: SIFT on a small random Llama (CPU, fp32, gradient
+   checkpointing) at one sequence length, untiled and tiled in 4 chunks, steps interleaved
+   (benchmarks.memory_speed.run): the tiled layers' forward runs once more per step (in the
+   chunks' backward), so their share of the step grows by about a quarter.
+2. Planned peak (meta device, benchmarks.longest.scaled_plan with FlashAttention-2's buffers) of
+   Llama-3.1-8B, QSIFT 1 %, offloaded activations, batch 1, untiled and tiled, at a few lengths:
+   where tiling starts to pay and the cost per 1,000 tokens of each.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig
+
+from trainer import tiled_decoder
+
+from . import longest, memory_speed
+from .methods import Method
+from .models import build_model, load_config
+
+GIB = 2**30
+SMALL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+def step_times(seq: int, chunks: int = 4, steps: int = 3) -> list[dict]:
+    """Median step time and peak of the floor, SIFT 5 % untiled and SIFT 5 % tiled, interleaved."""
+    model = build_model(LlamaConfig(**SMALL), "cpu", torch.float32, "sdpa")
+    model.config.use_cache = False
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": ids, "labels": ids}
+               for ids in (torch.randint(0, SMALL["vocab_size"], (1, seq), generator=g) for _ in range(2))]
+    sift = Method("SIFT 5% untiled", "sift", rate=0.05)
+    methods = [Method("floor", "floor"), sift,
+               dataclasses.replace(sift, name=f"SIFT 5% tiled ({chunks} chunks)", tile_tokens=-(-seq // chunks))]
+    rows = memory_speed.run(model, batches, methods, tracked_steps=2, timed_steps=steps, gradient_checkpointing=True)
+    return [{"name": r["name"], "median_step_s": r["median_step_s"], "peak_mib": r["memory"]["peak"] / 2**20,
+             "time_vs_untiled": r["median_step_s"] / rows[1]["median_step_s"]} for r in rows]
+
+
+def planned(model: str, seqs: list[int]) -> list[dict]:
+    """Planned peaks of QSIFT 1 % with offloaded activations, untiled and tiled, at `seqs` tokens."""
+    config = load_config(model)
+    base = Method("QSIFT 1%", "sift", rate=0.01, quantization="nf4", offload_activations=True)
+    rows = []
+    for seq in seqs:
+        row = {"seq": seq}
+        for name, method in (("untiled", base), ("tiled", dataclasses.replace(base, tile_tokens=0))):
+            plan = longest.scaled_plan(config, method, seq)
+            row[f"{name}_gib"] = longest.needed(plan) / GIB
+        rows.append(row)
+    for a, b in zip(rows, rows[1:]):  # the slope between consecutive lengths
+        for name in ("untiled", "tiled"):
+            b[f"{name}_gib_per_1k_tokens"] = (b[f"{name}_gib"] - a[f"{name}_gib"]) / (b["seq"] - a["seq"]) * 1000
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq", type=int, default=2048, help="tokens of the timed CPU steps")
+    ap.add_argument("--plan_model", default="llama3.1-8b")
+    ap.add_argument("--plan_seqs", default="2048,4096,8192,16384,32768")
+    ap.add_argument("--out", default=None, help="write the results to this JSON file")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    result = {"command": "python -m benchmarks.tiling_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+              "device": "cpu", "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+              "chunk_tokens_rule": {m: tiled_decoder.chunk_tokens(load_config(m)) for m in ("smollm2-135m", "llama3.1-8b")},
+              "step_times": step_times(args.seq),
+              "planned": planned(args.plan_model, [int(s) for s in args.plan_seqs.split(",")])}
+    result["seconds"] = time.time() - t0
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
