@@ -5,6 +5,8 @@ the model's depth, and a search.
         --rows qsift:0.01,qsift:0.05,sift:0.05 --offload_activations --embeddings_on_host
     python -m benchmarks.memory_plan --model llama3.1-8b --quantization nf4 --rate 0.01 \\
         --gradient_checkpointing --offload_activations --tile_tokens 0 --max_seq --gpu_gib 24
+    python -m benchmarks.longest --device_step 32768 --rows qsift:0.01 --offload_activations \\
+        --embeddings_on_host --json long_step.json     # on a GPU: measured peaks beside the plan
 
 Scaling. A decoder's layers are identical, so within each window of a step (forward, the loss's
 backward, each layer's backward from its recompute to the next layer's, the optimizer step) the
@@ -29,6 +31,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import subprocess
 import sys
 import time
 
@@ -247,8 +251,8 @@ def _next(lo: int, hi: int | None, seen: dict, budget: float, g: int, limit: int
         (x1, y1), (x2, y2) = sorted(seen.items())[-2:] if len(seen) > 1 else ((0, 0.0), (lo, seen[lo]))
         guess = x2 + (budget - y2) * (x2 - x1) / (y2 - y1) if y2 > y1 else 2 * x2
         return min(down(max(guess, x2 + g)), limit)
-    if lo == 0:  # nothing fits yet
-        return None if hi <= g else down(hi / 2)
+    if lo == 0:  # nothing fits yet: try the shortest length, then search between
+        return None if hi <= g or g in seen else g
     if hi - lo <= g:
         return None
     if len(seen) >= 6:
@@ -310,8 +314,9 @@ def row_method(spec: str, offload_activations: bool, embeddings_on_host: bool, s
 def search_rows(config, methods, cards_gib, context_gib: float, log=print, **plan_kw) -> list[dict]:
     """For each method and card: the longest sequence and its plan (each search starts from the
     previous answer)."""
-    rows, start = [], 8192
+    rows = []
     for method in methods:
+        start = 8192
         for card in cards_gib:
             found = longest(config, method, (card - context_gib) * GIB, start=start, **plan_kw)
             start = max(found["seq"], 8192)
@@ -373,10 +378,19 @@ def report(config, methods: list[Method], args) -> int:
     print(render([]))
     found = search_rows(config, rows, cards(args), args.context_gib, granularity=args.granularity,
                         dtype=memory_plan.DTYPES[args.dtype])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "setting": vars(args), "rows": found}, f, indent=1, default=str)
+    _write(args, found)
     return 0
+
+
+def _write(args, rows):
+    """--json: the rows, stamped with the command, commit and date that made them."""
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")
+        stamp = {"command": " ".join(["python -m", module] + sys.argv[1:]),
+                 "commit": commit, "date": time.strftime("%Y-%m-%d"), "device": "meta (planned)"}
+        with open(args.json, "w") as f:
+            json.dump({**stamp, "setting": vars(args), "rows": rows}, f, indent=1, default=str)
 
 
 def _chunk(config, tile_tokens: int | None) -> int | None:
@@ -392,24 +406,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embeddings_on_host", action="store_true", help="the frozen input embeddings in host memory")
     ap.add_argument("--step_in_backward", action="store_true", help="SIFT's in-backward step for every row")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--device_step", type=int, default=None, metavar="SEQ",
+                    help="instead of searching: one run of SEQ tokens per row on --device, its peaks beside the plan")
+    ap.add_argument("--device", default="cuda", help="for --device_step: cuda, or cpu for a dry run")
     add_arguments(ap)
     ap.set_defaults(tile_tokens=0)
     args = ap.parse_args(argv)
+    if args.device_step is not None and args.device_step < 1:
+        ap.error(f"--device_step {args.device_step}: a positive number of tokens")
+    if args.device_step and args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device_step on cuda: no CUDA device here (--device cpu runs the dry run)")
     try:
         methods = [row_method(s, args.offload_activations, args.embeddings_on_host, args.step_in_backward,
                               None if args.tile_tokens < 0 else args.tile_tokens) for s in args.rows.split(",")]
     except ValueError as e:
         ap.error(str(e))
     config = load_config(args.model)
+    if args.device_step:
+        rows = [long_step(config, m, args.device_step, args.device) for m in methods]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        _write(args, rows)
+        return 0
     chunk = _chunk(config, None if args.tile_tokens < 0 else args.tile_tokens)
     print(f"Longest sequence per card: {args.model}, batch 1, bf16, gradient checkpointing, tiled layers "
           f"{f'in chunks of {chunk} tokens' if chunk else 'off'}, offload_activations "
           f"{'on' if args.offload_activations else 'off'}, embeddings_on_host {'on' if args.embeddings_on_host else 'off'}\n")
     print(render([], header=True))
-    rows = search_rows(config, methods, cards(args), args.context_gib, granularity=args.granularity)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "setting": vars(args), "rows": rows}, f, indent=1, default=str)
+    _write(args, search_rows(config, methods, cards(args), args.context_gib, granularity=args.granularity))
     return 0
 
 

@@ -97,3 +97,7 @@ def test_rows_and_cards_refuse_bad_input(capsys):
     with pytest.raises(SystemExit) as e:
         longest.main(["--gpu_gib", "0.4"])
     assert "--gpu_gib 0.4" in str(e.value.code)
+    for argv, message in ((["--device_step", "0"], "--device_step 0"), (["--device_step", "64"], "no CUDA device")):
+        with pytest.raises(SystemExit) as e:
+            longest.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -24,11 +24,13 @@ def long_batch(seed: int, size: int = 2, length: int = LENGTH, vocab: int = 64):
 
 
 def pair(model, checkpointing=True):
-    """(the model, a tiled deep copy), both in training mode, checkpointed or not."""
+    """(the model, a tiled deep copy), both in training mode, checkpointed (True, or "reentrant") or not."""
     tiled = copy.deepcopy(model)
     for m in (model, tiled):
         m.config.use_cache = False
-        if checkpointing:
+        if checkpointing == "reentrant":
+            m.activation_checkpointing_enable({"use_reentrant": True})
+        elif checkpointing:
             enable_checkpointing(m)
         m.train()
     tiled_decoder.enable(tiled, CHUNK)
@@ -41,7 +43,7 @@ def assert_close(got, want, rel, what):
     assert err <= rel, f"{what}: relative error {err:.2e} > {rel:.0e}"
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "reentrant"])
 def test_forward_and_every_gradient_match_the_untiled_layers(checkpointing):
     model, tiled = pair(tiny_llama(layers=2), checkpointing)
     for m in (model, tiled):

@@ -312,8 +312,9 @@ def _problems(decoder) -> list[str]:
 
 def enable(model, chunk: int | None = None) -> int:
     """Tile every decoder layer and the final norm of a loaded (HF or PEFT-wrapped) Llama model in
-    chunks of `chunk` tokens (default: `chunk_tokens(config)`); returns the chunk. ValueError names
-    what does not fit. Idempotent; `disable` restores the model's own classes."""
+    chunks of `chunk` tokens (default: `chunk_tokens(config)`); returns the chunk. Call it after
+    activation checkpointing is enabled (it then drops transformers' input-require-grads hook, see
+    below). ValueError names what does not fit. Idempotent; `disable` restores the model's own classes."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = lm.model
     problems = _problems(decoder)
