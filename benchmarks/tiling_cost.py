@@ -4,8 +4,9 @@
 
 1. Step time, measured on this machine: SIFT on a small random Llama (CPU, fp32, gradient
    checkpointing) at one sequence length, untiled and tiled in 4 chunks, steps interleaved
-   (benchmarks.memory_speed.run): the tiled layers' forward runs once more per step (in the
-   chunks' backward), so their share of the step grows by about a quarter.
+   (benchmarks.memory_speed.run), beside the matmul work the tiled layers add (`matmul_work`: the
+   block before attention runs once more per step). On this shared 2-core machine the timings of
+   small chunked kernels move with the load; the work ratio is what a GPU's matmuls follow.
 2. Planned peak (meta device, benchmarks.longest.scaled_plan with FlashAttention-2's buffers) of
    Llama-3.1-8B, QSIFT 1 %, offloaded activations, batch 1, untiled and tiled, at a few lengths:
    where tiling starts to pay and the cost per 1,000 tokens of each.
@@ -33,8 +34,18 @@ SMALL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidde
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False)
 
 
-def step_times(seq: int, chunks: int = 4, steps: int = 3) -> list[dict]:
-    """Median step time and peak of the floor, SIFT 5 % untiled and SIFT 5 % tiled, interleaved."""
+def matmul_work(config) -> float:
+    """Matmul work of a checkpointed tiled layer over an untiled one (forward 1, recompute 1, backward 2
+    untiled; tiled: the recompute makes only the block before attention, whose share is `pre`)."""
+    h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    pre = h * h + 2 * h * kv
+    total = pre + h * h + 3 * h * config.intermediate_size
+    return (4 + pre / total) / 4
+
+
+def step_times(seq: int, chunks: int = 4, steps: int = 5) -> list[dict]:
+    """Median step time (wall and CPU) and peak of the floor, SIFT 5 % untiled and SIFT 5 % tiled,
+    steps interleaved."""
     model = build_model(LlamaConfig(**SMALL), "cpu", torch.float32, "sdpa")
     model.config.use_cache = False
     g = torch.Generator().manual_seed(0)
@@ -44,8 +55,9 @@ def step_times(seq: int, chunks: int = 4, steps: int = 3) -> list[dict]:
     methods = [Method("floor", "floor"), sift,
                dataclasses.replace(sift, name=f"SIFT 5% tiled ({chunks} chunks)", tile_tokens=-(-seq // chunks))]
     rows = memory_speed.run(model, batches, methods, tracked_steps=2, timed_steps=steps, gradient_checkpointing=True)
-    return [{"name": r["name"], "median_step_s": r["median_step_s"], "peak_mib": r["memory"]["peak"] / 2**20,
-             "time_vs_untiled": r["median_step_s"] / rows[1]["median_step_s"]} for r in rows]
+    return [{"name": r["name"], "median_step_s": r["median_step_s"], "median_step_cpu_s": r["median_step_cpu_s"],
+             "peak_mib": r["memory"]["peak"] / 2**20, "time_vs_untiled": r["median_step_s"] / rows[1]["median_step_s"],
+             "cpu_time_vs_untiled": r["median_step_cpu_s"] / rows[1]["median_step_cpu_s"]} for r in rows]
 
 
 def planned(model: str, seqs: list[int]) -> list[dict]:
@@ -77,6 +89,8 @@ def main(argv=None) -> int:
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
               "device": "cpu", "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
               "chunk_tokens_rule": {m: tiled_decoder.chunk_tokens(load_config(m)) for m in ("smollm2-135m", "llama3.1-8b")},
+              "matmul_work_tiled_vs_untiled": {"small (timed here)": matmul_work(LlamaConfig(**SMALL)),
+                                               args.plan_model: matmul_work(load_config(args.plan_model))},
               "step_times": step_times(args.seq),
               "planned": planned(args.plan_model, [int(s) for s in args.plan_seqs.split(",")])}
     result["seconds"] = time.time() - t0
