@@ -46,6 +46,17 @@ def matmul_work(config) -> float:
 def step_times(seq: int, chunks: int = 4, steps: int = 5) -> list[dict]:
     """Median step time (wall and CPU) and peak of the floor, SIFT 5 % untiled and SIFT 5 % tiled,
     steps interleaved."""
+    # one thread: on 2 shared cores the OpenMP split of the chunks' smaller kernels measured the other
+    # processes (2.2x one run, 0.45x another) rather than the work
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _step_times(seq, chunks, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _step_times(seq: int, chunks: int, steps: int) -> list[dict]:
     model = build_model(LlamaConfig(**SMALL), "cpu", torch.float32, "sdpa")
     model.config.use_cache = False
     g = torch.Generator().manual_seed(0)
@@ -87,7 +98,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     result = {"command": "python -m benchmarks.tiling_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-              "device": "cpu", "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+              "device": "cpu", "torch_threads_timed": 1, "date": time.strftime("%Y-%m-%d"),
               "chunk_tokens_rule": {m: tiled_decoder.chunk_tokens(load_config(m)) for m in ("smollm2-135m", "llama3.1-8b")},
               "matmul_work_tiled_vs_untiled": {"small (timed here)": matmul_work(LlamaConfig(**SMALL)),
                                                args.plan_model: matmul_work(load_config(args.plan_model))},
