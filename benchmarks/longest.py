@@ -360,13 +360,28 @@ def add_arguments(ap: argparse.ArgumentParser):
 
 
 def cards(args) -> list[float]:
+    """--gpu_gib as numbers; ValueError names the option."""
     try:
         out = [float(c) for c in str(args.gpu_gib).split(",")]
     except ValueError:
         out = []
     if not out or any(c <= args.context_gib for c in out):
-        raise SystemExit(f"--gpu_gib {args.gpu_gib}: card sizes in GiB above --context_gib {args.context_gib}")
+        raise ValueError(f"--gpu_gib {args.gpu_gib}: card sizes in GiB above --context_gib {args.context_gib}")
     return out
+
+
+def check(ap: argparse.ArgumentParser, args):
+    """benchmarks.memory_plan's --max_seq options: one line and exit status 2 for each misuse."""
+    if not args.max_seq:
+        return
+    if args.batch != 1 or not args.gradient_checkpointing or args.gradient_accumulation_steps != 1:
+        ap.error("--max_seq searches batch 1, --gradient_checkpointing, one micro-batch per step")
+    if args.method not in ("all", "sift") and not args.quantization:
+        ap.error(f"--max_seq searches the sift rows: --method {args.method} has none")
+    try:
+        cards(args)
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def report(config, methods: list[Method], args) -> int:
@@ -412,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(ap)
     ap.set_defaults(tile_tokens=0)
     args = ap.parse_args(argv)
+    try:
+        cards(args)
+    except ValueError as e:
+        ap.error(str(e))
     if args.device_step is not None and args.device_step < 1:
         ap.error(f"--device_step {args.device_step}: a positive number of tokens")
     if args.device_step and args.device.startswith("cuda") and not torch.cuda.is_available():

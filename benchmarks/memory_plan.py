@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.gradient_accumulation_steps < 1:
         ap.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be >= 1")
-    if args.max_seq and (args.batch != 1 or not args.gradient_checkpointing or args.gradient_accumulation_steps != 1):
-        ap.error("--max_seq searches batch 1, --gradient_checkpointing, one micro-batch per step")
+    longest.check(ap, args)  # --max_seq's options, before anything is planned
 
     config = load_config(args.model)
     dtype = DTYPES[args.dtype]

@@ -96,7 +96,13 @@ def test_rows_and_cards_refuse_bad_input(capsys):
     assert e.value.code == 2 and "--rows 'lora:0.1'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         longest.main(["--gpu_gib", "0.4"])
-    assert "--gpu_gib 0.4" in str(e.value.code)
+    assert e.value.code == 2 and "--gpu_gib 0.4" in capsys.readouterr().err
+    for argv, message in ((["--max_seq"], "--gradient_checkpointing"),
+                          (["--max_seq", "--gradient_checkpointing", "--method", "lora"], "has none"),
+                          (["--max_seq", "--gradient_checkpointing", "--gpu_gib", "24,x"], "--gpu_gib 24,x")):
+        with pytest.raises(SystemExit) as e:
+            memory_plan.main(["--model", "llama3.1-8b", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
     for argv, message in ((["--device_step", "0"], "--device_step 0"), (["--device_step", "64"], "no CUDA device")):
         with pytest.raises(SystemExit) as e:
             longest.main(argv)
