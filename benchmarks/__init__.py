@@ -1,5 +1,6 @@
-"""Memory, speed, quality and gradient-sparsity benchmarks of SIFT against its baselines (issue 6).
+"""Memory, speed, quality and gradient-sparsity benchmarks of SIFT against its baselines.
 
-Entry points: `python -m benchmarks.run [--quick]`, `python -m benchmarks.memory_plan ...`,
-`python -m benchmarks.report`. Results and how to read them: benchmarks/README.md.
+Entry points: `python -m benchmarks.run [EXPERIMENT ...]` (the driver: experiments/ -> results/,
+plots/, README tables) and `python -m benchmarks.memory_plan ...` (the memory planner). How to read
+the results: benchmarks/README.md.
 """

@@ -32,22 +32,24 @@ import argparse
 import copy
 import json
 import os
-import subprocess
+import shlex
 import sys
 import time
 
 import torch
 from torch.utils._pytree import tree_leaves
 
+from common.atomic import atomic_write
+from common.cli import UsageError, problems_error
 from trainer import tiled_decoder
 
-from . import memory_plan
+from . import memory_plan, stamp
+from .constants import DTYPES, GIB
 from .flash2 import FLASH2
 from .memtrack import PHASE_CATEGORY, MemoryTracker
 from .methods import Method, Trainee
 from .models import FUSED_SDPA, SHAPES, load_config
 
-GIB = 2**30
 PROBES = (3, 4)  # layer counts planned: a top, a middle and a bottom layer in each
 
 
@@ -346,11 +348,11 @@ def render(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
+SEARCH = ("max_seq", "gpu_gib", "context_gib", "granularity")  # benchmarks.memory_plan's options of the search
+
+
 def add_arguments(ap: argparse.ArgumentParser):
     """The search's options, for this module's CLI and benchmarks.memory_plan's."""
-    ap.add_argument("--tile_tokens", type=int, default=None,
-                    help="chunk in tokens of the tiled decoder layers (trainer.tiled_decoder): 0 its chunk_tokens "
-                         "rule, -1 untiled (the default of benchmarks.memory_plan; benchmarks.longest tiles)")
     ap.add_argument("--max_seq", action="store_true",
                     help="print the longest sequence (batch 1) that fits each --gpu_gib card instead: for the "
                          "sift rows (QSIFT ones with --quantization), see benchmarks.longest")
@@ -359,100 +361,127 @@ def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--granularity", type=int, default=256, help="the answer's resolution in tokens")
 
 
-def cards(args) -> list[float]:
+def cards(gpu_gib, context_gib: float) -> list[float]:
     """--gpu_gib as numbers; ValueError names the option."""
     try:
-        out = [float(c) for c in str(args.gpu_gib).split(",")]
+        out = [float(c) for c in str(gpu_gib).split(",")]
     except ValueError:
         out = []
-    if not out or any(c <= args.context_gib for c in out):
-        raise ValueError(f"--gpu_gib {args.gpu_gib}: card sizes in GiB above --context_gib {args.context_gib}")
+    if not out or any(not c > context_gib for c in out):
+        raise ValueError(f"--gpu_gib {gpu_gib}: card sizes in GiB above --context_gib {context_gib}")
     return out
 
 
-def check(ap: argparse.ArgumentParser, args):
-    """benchmarks.memory_plan's --max_seq options: one line and exit status 2 for each misuse."""
-    if not args.max_seq:
-        return
-    if args.batch != 1 or not args.gradient_checkpointing or args.gradient_accumulation_steps != 1:
-        ap.error("--max_seq searches batch 1, --gradient_checkpointing, one micro-batch per step")
-    if args.method not in ("all", "sift") and not args.quantization:
-        ap.error(f"--max_seq searches the sift rows: --method {args.method} has none")
+def search_problems(setting: dict, search: dict) -> list[str]:
+    """benchmarks.memory_plan --max_seq's misuses (each one line), before anything is planned."""
+    out = []
+    if setting["batch"] != 1 or not setting["gradient_checkpointing"] or setting["gradient_accumulation_steps"] != 1:
+        out.append("--max_seq searches batch 1, --gradient_checkpointing, one micro-batch per step")
+    if setting["method"] not in ("all", "sift") and not setting["quantization"]:
+        out.append(f"--max_seq searches the sift rows: --method {setting['method']} has none")
+    if search["granularity"] < 1:
+        out.append(f"--granularity {search['granularity']}: must be >= 1 token")
     try:
-        cards(args)
+        cards(search["gpu_gib"], search["context_gib"])
     except ValueError as e:
-        ap.error(str(e))
+        out.append(str(e))
+    return out
 
 
-def report(config, methods: list[Method], args) -> int:
+def report(setting: dict, search: dict, out: str | None) -> int:
     """benchmarks.memory_plan --max_seq: the search for its sift rows (those on the --quantization base)."""
-    rows = [m for m in methods if m.kind == "sift" and m.quantization == args.quantization]
+    problems = search_problems(setting, search)
+    if problems:
+        raise problems_error(memory_plan.PROG, problems)
+    config, methods = memory_plan.setting_methods(setting)
+    rows = [m for m in methods if m.kind == "sift" and m.quantization == setting["quantization"]]
     chunk = _chunk(config, rows[0].tile_tokens)
-    print(f"Longest sequence (batch 1) per card: {args.model}, {args.dtype}, gradient checkpointing, "
+    print(f"Longest sequence (batch 1) per card: {setting['model']}, {setting['dtype']}, gradient checkpointing, "
           f"tiled layers {f'in chunks of {chunk} tokens' if chunk else 'off (--tile_tokens 0 tiles them)'}\n")
     print(render([]))
-    found = search_rows(config, rows, cards(args), args.context_gib, granularity=args.granularity,
-                        dtype=memory_plan.DTYPES[args.dtype])
-    _write(args, found)
+    found = search_rows(config, rows, cards(search["gpu_gib"], search["context_gib"]), search["context_gib"],
+                        granularity=search["granularity"], dtype=DTYPES[setting["dtype"]])
+    _write(out, {**setting, **search}, found)
     return 0
 
 
-def _write(args, rows):
-    """--json: the rows, stamped with the command, commit and date that made them."""
-    if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+def _write(path: str | None, setting: dict, rows: list[dict]):
+    """--json: the rows, stamped with the command, commit, device and date that made them."""
+    if path:
         module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")
-        stamp = {"command": " ".join(["python -m", module] + sys.argv[1:]),
-                 "commit": commit, "date": time.strftime("%Y-%m-%d"), "device": "meta (planned)"}
-        with open(args.json, "w") as f:
-            json.dump({**stamp, "setting": vars(args), "rows": rows}, f, indent=1, default=str)
+        commit, dirty = stamp.git_state()
+        doc = {"stamp": {"command": shlex.join(["python", "-m", module, *sys.argv[1:]]), "commit": commit,
+                         "dirty": bool(dirty), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "device": "meta (planned)", "host": stamp.device()},
+               "setting": setting, "rows": rows}
+        atomic_write(path, [json.dumps(doc, indent=1, default=str)])
 
 
 def _chunk(config, tile_tokens: int | None) -> int | None:
     return None if tile_tokens is None else tile_tokens or tiled_decoder.chunk_tokens(config)
 
 
+def stage(model: str = "llama3.1-8b", rows: tuple = ("qsift:0.01",), gpu_gib: tuple = (8, 12, 16, 24),
+          context_gib: float = 0.5, offload_activations: bool = True, embeddings_on_host: bool = True,
+          step_in_backward: bool = False, tile_tokens: int | None = 0, granularity: int = 256,
+          device_step: int | None = None, device: str = "cuda", log=print) -> dict:
+    """The longest sequence per card of each row (`python -m benchmarks.run longest/NAME`), or with
+    `device_step` one run of that many tokens per row on `device`, its peaks beside the plan."""
+    try:
+        methods = [row_method(r, offload_activations, embeddings_on_host, step_in_backward, tile_tokens) for r in rows]
+        budgets = cards(",".join(str(c) for c in gpu_gib), context_gib)
+    except ValueError as e:
+        raise UsageError(f"longest: {e}") from None
+    problems = [f"{k} {v}: must be >= 1" for k, v in (("granularity", granularity), ("device_step", device_step))
+                if v is not None and v < 1]
+    if tile_tokens is not None and tile_tokens < 0:
+        problems.append(f"tile_tokens {tile_tokens}: 0 (the chunk_tokens rule), a chunk in tokens, or null (untiled)")
+    if device_step and device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append("device_step on cuda: no CUDA device here (device cpu runs the dry run)")
+    if problems:
+        raise UsageError("longest: " + "; ".join(problems))
+    config = load_config(model)
+    if device_step:
+        return {"rows": [long_step(config, m, device_step, device) for m in methods]}
+    chunk = _chunk(config, tile_tokens)
+    log(f"Longest sequence per card: {model}, batch 1, bf16, gradient checkpointing, tiled layers "
+        f"{f'in chunks of {chunk} tokens' if chunk else 'off'}, offload_activations "
+        f"{'on' if offload_activations else 'off'}, embeddings_on_host {'on' if embeddings_on_host else 'off'}\n")
+    log(render([], header=True))
+    return {"model": model, "chunk_tokens": chunk,
+            "rows": search_rows(config, methods, budgets, context_gib, log=log, granularity=granularity)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.longest", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--model", default="llama3.1-8b", help=f"{', '.join(SHAPES)}, a config.json or a HF model dir / id")
     ap.add_argument("--rows", default="qsift:0.01", help="comma-separated kind:rate (kind sift or qsift)")
     ap.add_argument("--offload_activations", action="store_true", help="saved activations in host memory")
     ap.add_argument("--embeddings_on_host", action="store_true", help="the frozen input embeddings in host memory")
     ap.add_argument("--step_in_backward", action="store_true", help="SIFT's in-backward step for every row")
+    ap.add_argument("--tile_tokens", type=int, default=0,
+                    help="chunk in tokens of the tiled decoder layers (trainer.tiled_decoder): 0 its chunk_tokens "
+                         "rule (the default), -1 untiled")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--device_step", type=int, default=None, metavar="SEQ",
                     help="instead of searching: one run of SEQ tokens per row on --device, its peaks beside the plan")
     ap.add_argument("--device", default="cuda", help="for --device_step: cuda, or cpu for a dry run")
     add_arguments(ap)
-    ap.set_defaults(tile_tokens=0)
     args = ap.parse_args(argv)
     try:
-        cards(args)
-    except ValueError as e:
-        ap.error(str(e))
-    if args.device_step is not None and args.device_step < 1:
-        ap.error(f"--device_step {args.device_step}: a positive number of tokens")
-    if args.device_step and args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device_step on cuda: no CUDA device here (--device cpu runs the dry run)")
-    try:
-        methods = [row_method(s, args.offload_activations, args.embeddings_on_host, args.step_in_backward,
-                              None if args.tile_tokens < 0 else args.tile_tokens) for s in args.rows.split(",")]
-    except ValueError as e:
-        ap.error(str(e))
-    config = load_config(args.model)
-    if args.device_step:
-        rows = [long_step(config, m, args.device_step, args.device) for m in methods]
-        for row in rows:
-            print(json.dumps(row), flush=True)
-        _write(args, rows)
-        return 0
-    chunk = _chunk(config, None if args.tile_tokens < 0 else args.tile_tokens)
-    print(f"Longest sequence per card: {args.model}, batch 1, bf16, gradient checkpointing, tiled layers "
-          f"{f'in chunks of {chunk} tokens' if chunk else 'off'}, offload_activations "
-          f"{'on' if args.offload_activations else 'off'}, embeddings_on_host {'on' if args.embeddings_on_host else 'off'}\n")
-    print(render([], header=True))
-    _write(args, search_rows(config, methods, cards(args), args.context_gib, granularity=args.granularity))
+        gpu_gib = tuple(cards(args.gpu_gib, args.context_gib))
+        problem = args.json and memory_plan.json_problem(args.json)
+        if problem:
+            raise UsageError(problem)
+        result = stage(args.model, tuple(args.rows.split(",")), gpu_gib, args.context_gib, args.offload_activations,
+                       args.embeddings_on_host, args.step_in_backward, None if args.tile_tokens == -1 else args.tile_tokens,
+                       args.granularity, args.device_step, args.device)
+    except (UsageError, ValueError) as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
+    for row in result["rows"] if args.device_step else []:
+        print(json.dumps(row), flush=True)
+    _write(args.json, vars(args), result["rows"])
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Item 2: the peak GPU memory of a training step, planned on meta tensors (no weights, no GPU).
+"""The peak GPU memory of a training step, planned on meta tensors (no weights, no GPU).
 
     python -m benchmarks.memory_plan --model llama-7b --seq 2048 --batch 1 \\
         --gradient_checkpointing --method sift --rate 0.05
@@ -7,8 +7,8 @@
 
 How: the model is built on the meta device (shapes and dtypes, no storage), and the *real*
 training step of each method (benchmarks.methods: the method built by trainer.methods, the
-trainer's chunked loss (trainer.loss), autograd backward, SIFT's hooks, the optimizer's step) runs on it inside the same byte counter that measures the CPU
-runs (benchmarks.memtrack). Meta kernels allocate outputs of the true shapes and dtypes, so the
+trainer's chunked loss (trainer.loss), autograd backward, SIFT's hooks, the optimizer's step)
+runs on it inside the same byte counter that measures the CPU runs (benchmarks.memtrack). Meta kernels allocate outputs of the true shapes and dtypes, so the
 count is what the step allocates, op for op. Two things differ from a plain run:
 
 - attention goes through the fused SDPA kernel (benchmarks.models.FUSED_SDPA): what the CPU run
@@ -28,22 +28,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import os
 import sys
 import warnings
 
-import torch
-from bitsandbytes import functional as bnbf
+from common.quiet import silence_unrelated_warnings
 
-from . import memory_speed
-from .memtrack import MemoryTracker
-from .methods import Method, lora_rank_for_rate
-from .models import FUSED_SDPA, SHAPES, SMOLLM2, build_model, count_params, enable_checkpointing, load_config
+if __name__ == "__main__":  # it runs no 4-bit CPU kernel and no DeepSpeed: their start-up notices concern no plan
+    silence_unrelated_warnings([])
 
-GIB = 2**30
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Song et al. 2024, LLaMA-7B, seq 2048, batch 1, gradient checkpointing
-PAPER_7B = {"full": 76.12, "sift 5%": 16.50}
+import torch  # noqa: E402
+from bitsandbytes import functional as bnbf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common.atomic import atomic_write  # noqa: E402
+from common.cli import UsageError, problems_error  # noqa: E402
+from sift.config import LLAMA_LINEARS  # noqa: E402
+from sift.targets import matches_module  # noqa: E402
+
+from . import memory_speed  # noqa: E402
+from .constants import DTYPES, GIB, PAPER_7B  # noqa: E402
+from .memtrack import MemoryTracker  # noqa: E402
+from .methods import Method, lora_rank_for_rate  # noqa: E402
+from .models import (FUSED_SDPA, SHAPES, SMOLLM2, ConfigError, build_model, count_params,  # noqa: E402
+                     enable_checkpointing, load_config)
+
+PROG = "python -m benchmarks.memory_plan"
+FAMILIES = ("all", "full", "lora", "original", "sift")
+QUANTIZATIONS = ("nf4", "fp4")
 
 
 class MetaTracker(MemoryTracker):
@@ -147,67 +161,178 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.memory_plan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-7b",
-                    help=f"{', '.join(SHAPES)}, {SMOLLM2}, a config.json or a HF model dir / id")
-    ap.add_argument("--seq", type=int, default=2048, help="sequence length (tokens per row)")
-    ap.add_argument("--batch", type=int, default=1, help="rows per micro-batch")
-    ap.add_argument("--gradient_checkpointing", action="store_true", help="recompute each layer in backward")
-    ap.add_argument("--method", default="all", choices=["all", "full", "lora", "original", "sift"],
-                    help="which methods to plan; the floor, full fine-tuning and LoRA are always planned, "
-                         "as in the paper's Table 1")
-    ap.add_argument("--rate", type=float, default=0.05, help="SIFT rate; LoRA's rank is matched to it")
-    ap.add_argument("--lora_rank", type=int, default=None, help="override the matched LoRA rank")
-    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="weight / activation dtype")
-    ap.add_argument("--quantization", default=None, choices=["nf4", "fp4"],
-                    help="plan QSIFT / QLoRA on a 4-bit base of the targets (double quantization) instead")
-    ap.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                    help="micro-batches per optimizer step (the in-backward rows need 1 and are left out)")
-    ap.add_argument("--offload_activations", action="store_true",
-                    help="plan every row with the saved activations in host memory (trainer.offload)")
-    ap.add_argument("--embeddings_on_host", action="store_true",
-                    help="plan the (frozen) input embedding table in host memory (not for full fine-tuning)")
-    ap.add_argument("--json", default=None, help="also write the rows to this file")
-    from . import longest  # imported here: benchmarks.longest plans through this module
-    longest.add_arguments(ap)
-    args = ap.parse_args(argv)
-    if args.gradient_accumulation_steps < 1:
-        ap.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: must be >= 1")
-    longest.check(ap, args)  # --max_seq's options, before anything is planned
+def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradient_checkpointing: bool = False,
+                 method: str = "all", rate: float = 0.05, lora_rank: int | None = None, dtype: str = "bf16",
+                 quantization: str | None = None, gradient_accumulation_steps: int = 1,
+                 offload_activations: bool = False, embeddings_on_host: bool = False,
+                 tile_tokens: int | None = None, dry_run: bool = False) -> dict:
+    """The planned rows of one setting (the options of `python -m benchmarks.memory_plan`, which see).
+    Every bad option and an unusable model are refused together, before any row is planned; a dry
+    run stops there and names the rows it would plan."""
+    setting = {k: v for k, v in locals().items() if k != "dry_run"}
+    config, methods = setting_methods(setting)
+    if dry_run:
+        return {"setting": setting, "rows": [m.name for m in methods]}
+    rows = [plan(config, m, batch, seq, DTYPES[dtype], gradient_checkpointing, accumulation=gradient_accumulation_steps)
+            for m in tqdm(methods, desc=f"planning {model}", unit="row", leave=False, disable=None)]
+    return {"setting": setting, "params": rows[0]["params"], "rows": rows}
 
-    config = load_config(args.model)
-    dtype = DTYPES[args.dtype]
-    rows = []
-    methods = quantized_methods(config, args.rate, args.quantization, args.lora_rank) if args.quantization \
-        else table1_methods(config, args.rate, args.lora_rank, args.method)
-    if args.offload_activations:
+
+def setting_methods(setting: dict) -> tuple:
+    """(config, the benchmarks Methods a setting plans), or UsageError with every problem of it."""
+    problems = option_problems(setting)
+    config = None
+    if not problems:  # a model check on top of bad numbers would only add noise
+        config, problem = checked_config(setting["model"], setting["embeddings_on_host"])
+        problems += [problem] if problem else []
+    if problems:
+        raise problems_error(PROG, problems)
+    rate, rank = setting["rate"], setting["lora_rank"]
+    methods = quantized_methods(config, rate, setting["quantization"], rank) if setting["quantization"] \
+        else table1_methods(config, rate, rank, setting["method"])
+    if setting["offload_activations"]:
         methods = [dataclasses.replace(m, name=f"{m.name} + offload", offload_activations=True) for m in methods]
-    if args.embeddings_on_host:
+    if setting["embeddings_on_host"]:
         methods = [dataclasses.replace(m, name=f"{m.name} + host embeddings", embeddings_on_host=True)
                    for m in methods if m.kind != "full"]
-    if args.tile_tokens is not None and args.tile_tokens >= 0:
-        methods = [dataclasses.replace(m, tile_tokens=args.tile_tokens) for m in methods]
-    if args.max_seq:
-        return longest.report(config, methods, args)
-    accumulation = args.gradient_accumulation_steps
-    for method in (m for m in methods if accumulation == 1 or not m.step_in_backward):
-        rows.append(plan(config, method, args.batch, args.seq, dtype, args.gradient_checkpointing,
-                         accumulation=accumulation))
-    setting = (f"{args.model}, {rows[0]['params'] / 1e9:.2f} B params, {args.dtype}, seq {args.seq}, "
-               f"batch {args.batch}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
-               + (f", {accumulation} micro-batches per step" if accumulation > 1 else ""))
-    print(f"Planned peak tensor memory (GiB) of one steady-state training step: {setting}\n")
-    print(render_table(rows))
-    if args.model == "llama-7b" and args.seq == 2048 and args.batch == 1 and args.gradient_checkpointing \
-            and accumulation == 1:
+    if setting["tile_tokens"] is not None:
+        methods = [dataclasses.replace(m, tile_tokens=setting["tile_tokens"]) for m in methods]
+    accumulation = setting["gradient_accumulation_steps"]
+    return config, [m for m in methods if accumulation == 1 or not m.step_in_backward]  # in-backward needs 1
+
+
+DEFAULTS = {k: p.default for k, p in inspect.signature(plan_setting).parameters.items() if k != "dry_run"}
+
+
+def option_problems(setting: dict) -> list[str]:
+    """What is wrong with the numbers and names of a setting (nothing is built to tell)."""
+    out = []
+    for key in ("seq", "batch", "gradient_accumulation_steps", "lora_rank", "tile_tokens"):
+        value, least = setting[key], 0 if key == "tile_tokens" else 1
+        if value is None and key in ("lora_rank", "tile_tokens"):
+            continue
+        if type(value) is not int:
+            out.append(f"--{key} {value!r}: must be an integer")
+        elif value < least:
+            out.append(f"--{key} {value}: must be >= {least}")
+    rate = setting["rate"]
+    if type(rate) not in (int, float) or not (0 < rate <= 1):  # NaN fails the comparison too
+        out.append(f"--rate {rate}: must be a number in (0, 1] (the share of each target's entries trained)")
+    for key, choices in (("method", FAMILIES), ("dtype", tuple(DTYPES)), ("quantization", (None, *QUANTIZATIONS))):
+        if setting[key] not in choices:
+            out.append(f"--{key} {setting[key]}: choose one of {', '.join(str(c) for c in choices if c)}")
+    if not isinstance(setting["model"], str) or not setting["model"]:
+        out.append(f"--model {setting['model']!r}: name a shape, a config.json or a model directory")
+    return out
+
+
+def checked_config(model: str, embeddings_on_host: bool):
+    """(config, None), or (None, why the planner cannot plan `model`): its config is read, and a
+    weightless meta skeleton of it shows whether it has the LLaMA linears every method trains (the
+    check train_sft.py makes before it loads weights)."""
+    try:
+        config = load_config(model)
+    except ConfigError as e:
+        return None, f"--model {e}"
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return None, f"--model {model}: transformers has no causal LM for model_type {config.model_type!r}"
+    try:
+        skeleton = build(config, "meta", torch.bfloat16, False)
+    except Exception as e:  # noqa: BLE001  whatever transformers raises for fields it cannot build from
+        return None, f"--model {model}: transformers cannot build it: {type(e).__name__}: {str(e).splitlines()[0]}"
+    names = [n for n, _ in skeleton.named_parameters()]
+    missing = [t for t in LLAMA_LINEARS if not any(matches_module(n, t) for n in names)]
+    if missing:
+        have = sorted({n.split(".")[-2] for n in names if "." in n})[:12]
+        return None, (f"--model {model}: {type(skeleton).__name__} lacks the LLaMA linears every method trains "
+                      f"({', '.join(missing)}); its modules include {', '.join(have)}")
+    head = skeleton.get_output_embeddings()
+    if embeddings_on_host and head is not None and head.weight is skeleton.get_input_embeddings().weight:
+        return None, (f"--embeddings_on_host: {model} ties its input embeddings to the output head, "
+                      "which needs them on the device")
+    return config, None
+
+
+def json_problem(path: str) -> str | None:
+    """Why `--json PATH` could not be written, checked before the minutes of planning."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--json {path}: is a directory: name a file"
+    if not os.path.isdir(parent):
+        return f"--json {path}: no directory {parent}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--json {path}: the directory {parent} is not writable"
+    return None
+
+
+def parser() -> argparse.ArgumentParser:
+    """The planner's options; an option left out takes plan_setting's default (shown in --help)."""
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 argument_default=argparse.SUPPRESS)
+
+    def opt(name, help, **kw):
+        default = "" if kw.get("action") or DEFAULTS[name] is None else f" (default {DEFAULTS[name]})"
+        ap.add_argument(f"--{name}", help=help + default, **kw)
+
+    opt("model", f"{', '.join(SHAPES)}, {SMOLLM2}, a config.json or a HF model dir / id")
+    opt("seq", "sequence length (tokens per row)", type=int)
+    opt("batch", "rows per micro-batch", type=int)
+    opt("gradient_checkpointing", "recompute each layer in backward", action="store_true")
+    opt("method", "which methods to plan; the floor, full fine-tuning and LoRA are always planned, as in the "
+                  "paper's Table 1", choices=FAMILIES)
+    opt("rate", "SIFT rate in (0, 1]; LoRA's rank is matched to it", type=float)
+    opt("lora_rank", "the LoRA rank (default: matched to --rate)", type=int)
+    opt("dtype", "weight / activation dtype", choices=list(DTYPES))
+    opt("quantization", "plan QSIFT / QLoRA on a 4-bit base of the targets (double quantization) instead",
+        choices=QUANTIZATIONS)
+    opt("gradient_accumulation_steps", "micro-batches per optimizer step (the in-backward rows need 1 and are "
+                                       "left out)", type=int)
+    opt("offload_activations", "plan every row with the saved activations in host memory (trainer.offload)",
+        action="store_true")
+    opt("embeddings_on_host", "plan the (frozen) input embedding table in host memory (not for full "
+                              "fine-tuning)", action="store_true")
+    opt("tile_tokens", "tile the decoder layers in chunks of this many tokens (trainer.tiled_decoder; 0: its "
+                       "chunk_tokens rule; default untiled)", type=int)
+    ap.add_argument("--json", help="also write the rows to this file")
+    from . import longest  # imported here: benchmarks.longest plans through this module
+
+    longest.add_arguments(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    options = vars(ap.parse_args(argv))
+    out = options.pop("json", None)
+    from . import longest
+
+    search = {k: options.pop(k) for k in longest.SEARCH if k in options}
+    try:
+        problem = out and json_problem(out)
+        if problem:
+            raise problems_error(PROG, [problem])
+        if search.get("max_seq"):
+            return longest.report({**DEFAULTS, **options}, search, out)
+        result = plan_setting(**options)
+    except UsageError as e:
+        ap.exit(2, f"{e}\n")
+    s = result["setting"]
+    print(f"Planned peak tensor memory (GiB) of one steady-state training step: {s['model']}, "
+          f"{result['params'] / 1e9:.2f} B params, {s['dtype']}, seq {s['seq']}, batch {s['batch']}, gradient "
+          f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+          + (f", {s['gradient_accumulation_steps']} micro-batches per step"
+             if s["gradient_accumulation_steps"] > 1 else "") + "\n")
+    print(render_table(result["rows"]))
+    if (s["model"], s["seq"], s["batch"], s["gradient_checkpointing"], s["gradient_accumulation_steps"]) \
+            == ("llama-7b", 2048, 1, True, 1):
         print(f"\nPaper (Song et al. 2024, same setting): full fine-tuning {PAPER_7B['full']} GB, "
               f"SIFT 5% {PAPER_7B['sift 5%']} GB.")
     print("\nTensor bytes only (torch.cuda.max_memory_allocated); add the CUDA context and allocator slack.")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"setting": vars(args), "rows": rows}, f, indent=1)
+    if out:
+        atomic_write(out, [json.dumps(result, indent=1)])
     return 0
 
 

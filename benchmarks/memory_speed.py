@@ -1,4 +1,4 @@
-"""Item 1: peak tensor memory and step time of every method, as ratios to the floor, in one process.
+"""Peak tensor memory and step time of every method, as ratios to the floor, in one process.
 
 Per method, on a fresh copy of the same weights and the same batches:
   1. `tracked_steps` steps inside a MemoryTracker (step 1 includes SIFT's selection and every
@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .constants import MIB
 from .memtrack import MemoryTracker
 from .methods import Method, Trainee
 from .models import enable_checkpointing
@@ -61,8 +62,8 @@ def run(pristine: torch.nn.Module, batches: list[dict], methods: list[Method], t
                              "max_peak": max(s["peak"] for s in steps), "after_step": after},
                   "sift": trainee.sift_report(),
                   "step_times": [], "step_cpu_times": [], "phase_times": []}
-        log(f"  {method.name:34s} peak {steps[-1]['peak'] / 2**20:9.1f} MiB "
-            f"(first step {steps[0]['peak'] / 2**20:9.1f})")
+        log(f"  {method.name:34s} peak {steps[-1]['peak'] / MIB:9.1f} MiB "
+            f"(first step {steps[0]['peak'] / MIB:9.1f})")
         results.append(result)
         if interleave:
             alive.append((trainee, result))
@@ -99,7 +100,8 @@ def _time(trainee: Trainee, result: dict, batches: list[dict], first: int, steps
 
 
 def add_ratios(results: list[dict]):
-    """Ratios to the floor (results[0]) and, for SIFT, the three goals of issue 6."""
+    """Ratios to the floor (results[0]) and, for SIFT, its goals: step time <= 1.05 x the floor, peak
+    <= the floor + its sparse state, <= 10 B of state per trained entry."""
     floor = results[0]
     fpeak, ftime = floor["memory"]["peak"], floor["median_step_s"]
     for r in results:

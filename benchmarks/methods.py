@@ -93,10 +93,10 @@ def sift_rate_for_rank(model: nn.Module, rank: int) -> float:
     return rank * sides / numel
 
 
-def item1_methods(model: nn.Module, rates=(0.01, 0.05), lora_rate: float = 0.05,
-                  original_rate: float = 0.05) -> list[Method]:
-    """Item 1 of issue 6: floor, full AdamW / AdamW8bit, LoRA (rank matched to SIFT at
-    `lora_rate`), the original SIFT profile, and SIFT at each rate in both step modes."""
+def compared_methods(model: nn.Module, rates=(0.01, 0.05), lora_rate: float = 0.05,
+                     original_rate: float = 0.05) -> list[Method]:
+    """The CPU memory / speed comparison: floor, full AdamW / AdamW8bit, LoRA (rank matched to SIFT
+    at `lora_rate`), the original SIFT profile, and SIFT at each rate in both step modes."""
     rank = lora_rank_for_rate(model, lora_rate)
     methods = [Method("floor", "floor"),
                Method("full AdamW", "full"),

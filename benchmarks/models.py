@@ -47,6 +47,14 @@ SHAPES = {
     "llama-wide-4l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                           num_attention_heads=32, num_key_value_heads=4, vocab_size=8192,
                           max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # the core-speed model: ~30 M parameters, 8 layers 512 wide, where a CPU step takes under a second
+    "llama-30m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=8192, max_position_embeddings=256,
+                      tie_word_embeddings=False),
+    # two layers 64 wide: a step in milliseconds, for tests and the GPU check's CPU dry run
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                       tie_word_embeddings=False),
 }
 SMOLLM2 = "smollm2-135m"
 
@@ -64,20 +72,51 @@ AttentionInterface.register(FUSED_SDPA, _fused_sdpa)
 AttentionMaskInterface.register(FUSED_SDPA, sdpa_mask)  # lets is_causal stand in for a mask
 
 
+class ConfigError(ValueError):
+    """A model name or config file the benchmarks cannot use; the message names it and says why."""
+
+
 def load_config(model: str):
-    """A HF config from a SHAPES name, "smollm2-135m", a config.json path, or a model directory / id."""
+    """A HF config from a SHAPES name, "smollm2-135m", a config.json, a model directory or a hub id."""
     if model in SHAPES:
         return LlamaConfig(**SHAPES[model])
     if model == SMOLLM2:
         from common.modeling import resolve_model_path
         return AutoConfig.from_pretrained(resolve_model_path(None))
     path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{model}: no config.json in this directory: pass a Hugging Face model directory")
+        return config_from_file(path / "config.json")
     if path.is_file():
-        data = json.loads(path.read_text())
-        if "model_type" not in data:
-            raise ValueError(f"{path}: a HF config.json needs a model_type field")
-        return AutoConfig.for_model(**data)
+        return config_from_file(path)
+    from common.hub import hub_problem, looks_like_hub_id
+
+    if not looks_like_hub_id(model):
+        raise ConfigError(f"{model}: no such file or directory, and not a shape name ({', '.join(SHAPES)}, "
+                          f"{SMOLLM2}) nor a hub id owner/name")
+    problem = hub_problem(model, "model")
+    if problem:
+        raise ConfigError(f"{model}: {problem}")
     return AutoConfig.from_pretrained(model)
+
+
+def config_from_file(path: Path):
+    """The config a Hugging Face config.json describes; every way it can be unusable is a ConfigError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object (a Hugging Face config.json)")
+    if "model_type" not in data:
+        raise ConfigError(f"{path}: no model_type field (a Hugging Face config.json names one, e.g. \"llama\")")
+    try:
+        return AutoConfig.for_model(**data)
+    except (ValueError, TypeError, KeyError) as e:  # an unknown model_type, a field of the wrong type
+        raise ConfigError(f"{path}: transformers cannot read it: {str(e).splitlines()[0]}") from None
 
 
 def build_model(config, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -91,10 +130,25 @@ def build_model(config, device: str = "cpu", dtype: torch.dtype = torch.float32,
 
 def enable_checkpointing(model):
     """Non-reentrant activation checkpointing of every decoder layer (recomputed in backward)."""
-    # transformers before 5.23 (as on the GPU machine: 5.17) names it gradient_checkpointing_enable
+    # transformers older than 5.23 names it gradient_checkpointing_enable
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
 
 
 def count_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def load_pristine(model_name: str):
+    """(model, tokenizer) in fp32 on the CPU: the embedded SmolLM2 weights, or a random-init shape
+    (SmolLM2's tokenizer encodes the data; callers fold ids into the shape's vocabulary)."""
+    from common.modeling import load_model_and_tokenizer, load_tokenizer
+
+    if model_name == SMOLLM2:
+        model, tok = load_model_and_tokenizer(None)
+    else:
+        tok = load_tokenizer(None)
+        model = build_model(load_config(model_name), "cpu", torch.float32, "sdpa")
+    model.config.use_cache = False  # a training forward keeps no KV cache
+    model.train()
+    return model, tok

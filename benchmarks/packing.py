@@ -1,14 +1,12 @@
 """--packing on the default run: the embedded SmolLM2-135M on the bundled Alpaca, with and without
 packing, in one process one after the other (same machine state, same held-out samples).
 
-    python -m benchmarks.packing [--max_steps N] [--model_max_length L] [--json benchmarks/results/packing.json]
-    python -m benchmarks.packing --pipeline [--lengths 256,512,1024]   # counts only, no training
-
-`--pipeline` counts, from train_sft.py's own data pipeline (trainer.data, trainer.packing) and
-without a forward pass, the label tokens and grid tokens (tokens + padding) per optimizer step of
-one epoch of the padded and the packed loader at each --model_max_length, and the matmul FLOPs of
-those grids: what the label tokens per second of packing can reach where a step costs its grid
-tokens, or its FLOPs (attention's [width x width] scores grow with the packed rows' width).
+`compare` trains both. `pipeline_counts` counts, from train_sft.py's own data pipeline (trainer.data,
+trainer.packing) and without a forward pass, the label tokens and grid tokens (tokens + padding) per
+optimizer step of one epoch of the padded and the packed loader at a --model_max_length, and the
+matmul FLOPs of those grids: what the label tokens per second of packing can reach where a step
+costs its grid tokens, or its FLOPs (attention's [width x width] scores grow with the packed rows'
+width).
 
 Reports per run: trained label tokens per second (label tokens of all logged windows / their
 seconds, evaluation and saving left out; also per CPU second of the process, steadier than wall
@@ -17,14 +15,9 @@ before and after, and the wall time of `train_sft.main`.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 import time
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train_sft.py, before torch loads
 
 
 def run_one(output_dir: str, packing: bool, extra: list[str]) -> dict:
@@ -91,77 +84,16 @@ def _flops_per_row(cfg):
     return lambda width: width * per_token + cfg.num_hidden_layers * 4 * width * width * heads * head_dim
 
 
-def _labels_per(counts: dict, key: str) -> float:
-    """Label tokens per step / grid token / FLOP of a `pipeline_counts` row."""
-    return counts["label_tokens"] / counts[key]
-
-
-def pipeline_table(lengths=(256, 512, 1024), **kw) -> tuple[str, list[dict]]:
-    """The markdown table of `pipeline_counts`, padded and packed at each length, and its rows."""
-    lines = ["| --model_max_length | loader | steps / epoch | label tokens / step | grid tokens / step "
-             "| padding share | label tokens / grid token | packed / padded: label tokens per step | "
-             "per grid token | per FLOP |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    rows = []
-    for length in lengths:
-        padded, packed = (pipeline_counts(length, p, **kw) for p in (False, True))
-        rows += [padded, packed]
-        ratios = [f"{_labels_per(packed, key) / _labels_per(padded, key):.2f} ×"
-                  for key in ("steps", "grid_tokens", "flops")]
-        for r in (padded, packed):
-            cells = [str(length), "packed" if r["packing"] else "padded", str(r["steps"]),
-                     f"{_labels_per(r, 'steps'):,.0f}", f"{r['grid_tokens'] / r['steps']:,.0f}",
-                     f"{1 - r['real_tokens'] / r['grid_tokens']:.1%}", f"{_labels_per(r, 'grid_tokens'):.3f}",
-                     *(ratios if r is packed else ["", "", ""])]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines), rows
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--max_steps", type=int, default=None, help="shorten the runs (default: the demo's 20 steps)")
-    ap.add_argument("--model_max_length", type=int, default=None,
-                    help="both runs at this length (default: the demo's, 512); with --pipeline see --lengths")
-    ap.add_argument("--json", default=None, help="write the rows here")
-    ap.add_argument("--packed_first", action="store_true",
-                    help="run the packed one first (a second run in the other order shows how much the "
-                         "machine's load moved between the two)")
-    ap.add_argument("--pipeline", action="store_true",
-                    help="print the label / grid tokens per step of both loaders from the data pipeline, no training")
-    ap.add_argument("--lengths", default="256,512,1024", help="with --pipeline: the --model_max_length values")
-    args = ap.parse_args(argv)
-    if args.pipeline:
-        table, rows = pipeline_table(tuple(int(x) for x in args.lengths.split(",")))
-        print(table)
-        if args.json:
-            from common.atomic import atomic_write
-
-            atomic_write(args.json, [json.dumps({"rows": rows}, indent=1)])
-        return 0
-    extra = ["--max_steps", str(args.max_steps)] if args.max_steps else []
-    extra += ["--model_max_length", str(args.model_max_length)] if args.model_max_length else []
+def compare(max_steps: int | None, model_max_length: int | None, packed_first: bool, log=print) -> dict:
+    """The default run padded and packed (or packed first), and the ratio of their label tokens per
+    second (wall and CPU time); None keeps train_sft.py's default."""
+    extra = ["--max_steps", str(max_steps)] if max_steps else []
+    extra += ["--model_max_length", str(model_max_length)] if model_max_length else []
     rows = []
     with tempfile.TemporaryDirectory(prefix="packing-bench-") as tmp:
-        for packing in ((True, False) if args.packed_first else (False, True)):
+        for packing in ((True, False) if packed_first else (False, True)):
+            log(f"  train_sft.py {'--packing ' if packing else ''}{' '.join(extra)}")
             rows.append(run_one(os.path.join(tmp, "packed" if packing else "padded"), packing, extra))
     plain, packed = sorted(rows, key=lambda r: r["packing"])
-    speedup = packed["label_tokens_per_s"] / plain["label_tokens_per_s"]
-    cpu_speedup = packed["label_tokens_per_cpu_s"] / plain["label_tokens_per_cpu_s"]
-    print("\n| run | steps | label tokens | label tokens / s | per CPU s | padding share | held-out loss before -> after "
-          "| wall |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {'--packing' if r['packing'] else 'padded'} | {r['steps']} | {r['label_tokens']:,} | "
-              f"{r['label_tokens_per_s']:.1f} | {r['label_tokens_per_cpu_s']:.1f} | {r['padding_share']:.1%} | "
-              f"{r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f} | {r['wall_s']:.0f} s |")
-    print(f"\npacking: {speedup:.2f} x the trained label tokens per second ({cpu_speedup:.2f} x per CPU second)")
-    if args.json:
-        from common.atomic import atomic_write
-
-        atomic_write(args.json, [json.dumps({"rows": rows, "label_tokens_per_s_ratio": speedup,
-                                             "label_tokens_per_cpu_s_ratio": cpu_speedup}, indent=1)])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"rows": rows, "label_tokens_per_s_ratio": packed["label_tokens_per_s"] / plain["label_tokens_per_s"],
+            "label_tokens_per_cpu_s_ratio": packed["label_tokens_per_cpu_s"] / plain["label_tokens_per_cpu_s"]}

@@ -1,54 +1,63 @@
-"""PNG figures of a results directory (matplotlib, no display needed)."""
+"""Figures of the result files (matplotlib, no display needed). FIGURES maps a stage to its figure
+functions, each taking a result document (results/STAGE--NAME.json) and returning a Figure or None;
+benchmarks.report saves them as plots/STAGE--NAME<suffix>.png."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
-MIB, GIB = 2**20, 2**30
+from .constants import GIB, MIB, PAPER_7B  # noqa: E402
+from .core_speed import GOAL_BYTES  # noqa: E402
+
 PARTS = (("params", "weights"), ("grads", "grads"), ("optimizer", "optimizer state"), ("host", "host-side state"),
          ("activations", "activations"), ("backward", "backward temporaries"), ("step", "step temporaries"),
          ("other", "other"))
 
 
-def _save(fig, path: Path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def stacked_peaks(ax, rows, unit, unit_name, floor_peak=None):
+    """One bar per row: the peak's parts stacked (host-side state hatched: it is not device memory),
+    the device peak written at the bar's end, the legend outside the axes."""
     names = [r["name"] for r in rows]
     left = [0.0] * len(rows)
-    for key, label in PARTS:
+    for i, (key, label) in enumerate(PARTS):
         vals = [r["peak_breakdown"][key] / unit for r in rows]
         if any(vals):
-            ax.barh(names, vals, left=left, label=label)
+            ax.barh(names, vals, left=left, label=label, color=f"C{i}", hatch="//" if key == "host" else None,
+                    alpha=0.5 if key == "host" else 1.0)
             left = [a + b for a, b in zip(left, vals)]
+    for i, r in enumerate(rows):
+        peak = sum(v for k, v in r["peak_breakdown"].items() if k != "host")
+        ax.text(left[i], i, f" {peak / unit:,.2f}", va="center", fontsize=7)
     if floor_peak:
         ax.axvline(floor_peak / unit, color="k", lw=0.8, ls="--", label="floor peak")
+    ax.set_xlim(0, max(left) * 1.15)
     ax.invert_yaxis()
-    ax.set_xlabel(f"peak tensor memory ({unit_name})")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel(f"peak tensor memory ({unit_name}); the number: device memory, host-side state left out")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
 
 
-def memory_figure(memory: dict, path: Path):
+def memory_figure(doc: dict):
+    memory = doc["result"]
     rows = [dict(r, peak_breakdown=r["memory"]["peak_breakdown"]) for r in memory["results"]]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(10, 4.5))
     stacked_peaks(ax, rows, MIB, "MiB", rows[0]["memory"]["peak"])
     ax.set_title(f"{memory['model']}: batch {memory['batch']} x {memory['seq']} tokens, fp32, CPU "
                  f"(checkpointing {'on' if memory['gradient_checkpointing'] else 'off'})", fontsize=9)
-    _save(fig, path)
+    return fig
 
 
-def speed_figure(memory: dict, path: Path):
+def speed_figure(doc: dict):
     """Median seconds per phase (stacked), with the floor's step time and 1.05 x that."""
+    memory = doc["result"]
     rows = [r for r in memory["results"] if r["median_phase_s"]]
+    if not rows:
+        return None
     names = [r["name"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(8, 4.5))
     left = [0.0] * len(rows)
     for phase in ("forward", "backward", "step"):
         vals = [r["median_phase_s"][phase] for r in rows]
@@ -60,26 +69,38 @@ def speed_figure(memory: dict, path: Path):
     for i, r in enumerate(rows):
         ax.text(left[i], i, f" {r['time_vs_floor']:.2f}x", va="center", fontsize=7)
     ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.12)
     ax.set_xlabel("seconds per step (SIFT in-backward updates inside backward)")
+    ax.tick_params(axis="y", labelsize=8)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"{memory['model']}: batch {memory['batch']} x {memory['seq']} tokens, "
                  f"median of {memory['timed_steps']} interleaved steps", fontsize=9)
-    _save(fig, path)
+    return fig
 
 
-def plan_figure(plan: dict, path: Path):
-    rows = plan["llama-7b"]["rows"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+def plan_figure(doc: dict):
+    s, rows = doc["result"]["setting"], doc["result"]["rows"]
+    fig, ax = plt.subplots(layout="constrained", figsize=(10, 1.2 + 0.42 * len(rows)))
     stacked_peaks(ax, rows, GIB, "GiB", rows[0]["peak"])
-    for label, gb in plan["paper_llama7b_gb"].items():
-        ax.axvline(gb, color="gray", lw=0.8, ls=":")
-        ax.text(gb, len(rows) - 0.5, f" paper {label}: {gb}", fontsize=7, rotation=90, va="bottom")
-    ax.set_title("LLaMA-7B planned peak: seq 2048, batch 1, checkpointing, bf16 (meta tensors)", fontsize=9)
-    _save(fig, path)
+    if (s["model"], s["seq"], s["batch"], s["gradient_checkpointing"], s["quantization"]) \
+            == ("llama-7b", 2048, 1, True, None):
+        for label, gb in PAPER_7B.items():
+            if gb < ax.get_xlim()[1]:
+                ax.axvline(gb, color="gray", lw=0.8, ls=":")
+                ax.text(gb, 0.99, f"paper, {label} ", transform=ax.get_xaxis_transform(), fontsize=7,
+                        rotation=90, va="top", ha="right")
+    extras = [f for f, on in (("offload", s["offload_activations"]), ("host embeddings", s["embeddings_on_host"]),
+                              (f"{s['gradient_accumulation_steps']} micro-batches",
+                               s["gradient_accumulation_steps"] > 1)) if on]
+    ax.set_title(f"{s['model']} planned peak: seq {s['seq']}, batch {s['batch']}, checkpointing "
+                 f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['dtype']}"
+                 + "".join(f", {e}" for e in extras) + " (meta tensors)", fontsize=9)
+    return fig
 
 
-def quality_figure(q: dict, path: Path):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def quality_figure(doc: dict):
+    q = doc["result"]
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 4.5))
     styles = {("lora", "grad"): ("LoRA", "o-"), ("sift", "grad"): ("SIFT, gradient selection", "s-"),
               ("sift", "random"): ("SIFT, random selection", "^-")}
     for (kind, sel), (label, fmt) in styles.items():
@@ -100,11 +121,12 @@ def quality_figure(q: dict, path: Path):
     ax.set_title(f"SmolLM2-135M on Alpaca: {c['steps']} steps x {c['batch_size']} conversations, "
                  f"mean ± std over {len(c['seeds'])} seeds", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    return fig
 
 
-def sparsity_figure(sp: dict, path: Path):
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+def sparsity_figure(doc: dict):
+    sp = doc["result"]
+    fig, (a, b) = plt.subplots(1, 2, layout="constrained", figsize=(11, 4.2))
     mods = list(sp["by_module"])
     x = range(len(mods))
     series = [("top0.01_share", "top 1 %"), ("top0.05_share", "top 5 %"),
@@ -132,4 +154,139 @@ def sparsity_figure(sp: dict, path: Path):
     b.set_ylim(0, 1.2)
     b.set_title(f"by depth ({sp['n_batches']} batches; chance overlap = rate)", fontsize=9)
     b.legend(fontsize=6, ncol=2, loc="upper center")
-    _save(fig, path)
+    return fig
+
+
+def qsift_quality_figure(doc: dict):
+    """Held-out loss per method and budget (one dot per seed), the bases as lines; training curves
+    (a colour per method, a line style per seed). Legends sit outside the axes, clear of the data."""
+    results = doc["result"]
+    runs = results["runs"]
+    names = list(dict.fromkeys(r["method"] for r in runs))
+    seeds = list(dict.fromkeys(r["seed"] for r in runs))
+    fig, (a, b) = plt.subplots(1, 2, layout="constrained", figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    for i, name in enumerate(names):
+        ys = [r["heldout_loss"] for r in runs if r["method"] == name]
+        a.plot([i] * len(ys), ys, "o", color="C0" if "Q" in name[:2] else "C1")
+    a.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    a.axhline(results["base_heldout_loss"], color="gray", ls=":", label="fp32 base,\nbefore training")
+    a.axhline(results["quantized_base_heldout_loss"], color="C0", ls="--", lw=0.8,
+              label=f"{results['setting']['quantization']} base,\nbefore training")
+    a.set_ylabel("held-out loss (assistant tokens)")
+    a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    a.set_title("4-bit base (blue) vs full-precision base (orange)", fontsize=9)
+    window = 10
+    colors = {name: f"C{i}" for i, name in enumerate(names)}  # <= 10 methods: one colour each
+    styles = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(seeds)}
+    for r in runs:
+        loss = r["train_losses"]
+        smooth = [sum(loss[max(0, j - window + 1):j + 1]) / len(loss[max(0, j - window + 1):j + 1])
+                  for j in range(len(loss))]
+        b.plot(smooth, lw=0.9, color=colors[r["method"]], ls=styles[r["seed"]])
+    b.set_xlabel("step")
+    b.set_ylabel(f"training loss ({window}-step mean)")
+    handles = [Line2D([], [], color=c, lw=1.5, label=n) for n, c in colors.items()]
+    handles += [Line2D([], [], color="black", lw=0.9, ls=ls, label=f"seed {seed}") for seed, ls in styles.items()]
+    b.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    st = results["setting"]
+    fig.suptitle(f"SmolLM2-135M on Alpaca: {st['steps']} steps x {st['batch_size']} conversation(s) of <= "
+                 f"{st['max_length']} tokens", fontsize=9)
+    return fig
+
+
+def ratio_bars(ax, labels: list[str], values: list[float], goal: float | None, xlabel: str):
+    """Horizontal bars of ratios with their values written at the ends, and a goal line."""
+    ax.barh(labels, values, color="C0")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
+    ax.axvline(1.0, color="k", lw=0.8)
+    if goal:
+        ax.axvline(goal, color="r", lw=0.8, ls="--", label=f"goal: {goal} x")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlim(0, max(values + [goal or 0]) * 1.15)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.tick_params(axis="y", labelsize=8)
+
+
+def core_speed_figure(doc: dict):
+    rows = doc["result"]["rows"]
+    fig, (a, b) = plt.subplots(1, 2, layout="constrained", figsize=(11, 3.4))
+    sift = [r for r in rows if r["entries"]]
+    labels = [f"{r['dtype']} {r['name']}" for r in sift]
+    ratio_bars(a, labels, [r["time_vs_floor"] for r in sift], 1.05, "median step / floor's (wall)")
+    a.set_title(f"step time, {doc['params']['model']}, batch 4 x 128", fontsize=9)
+    b.barh(labels, [r["extra_peak_bytes_per_entry"] for r in sift], color="C2")
+    for i, r in enumerate(sift):
+        b.text(r["extra_peak_bytes_per_entry"] - 0.1, i, f"{r['extra_peak_bytes_per_entry']:.2f}", va="center",
+               ha="right", color="white", fontsize=8)
+        b.plot([GOAL_BYTES[r["dtype"]]], [i], "r|", ms=22, label="goal" if i == 0 else None)
+    b.invert_yaxis()
+    b.set_yticks([])
+    b.set_xlim(0, 8)
+    b.legend(fontsize=7, loc="upper right")
+    b.set_xlabel("extra peak bytes per trained entry")
+    b.set_title("memory above the floor", fontsize=9)
+    return fig
+
+
+def packing_figure(doc: dict):
+    rows = doc["result"]["rows"]
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 2.6))
+    labels = ["--packing" if r["packing"] else "padded" for r in rows]
+    for i, (key, name) in enumerate((("label_tokens_per_s", "per wall second"),
+                                     ("label_tokens_per_cpu_s", "per CPU second"))):
+        ax.barh([j + 0.4 * i for j in range(len(rows))], [r[key] for r in rows], height=0.38, label=name)
+    ax.set_yticks([j + 0.2 for j in range(len(rows))], labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("trained label tokens per second")
+    ax.legend(fontsize=7, loc="lower right")
+    p = doc["params"]
+    ax.set_title(f"train_sft.py default run, {rows[0]['steps']} steps, --model_max_length "
+                 f"{p.get('model_max_length') or 'default'}: packing {doc['result']['label_tokens_per_s_ratio']:.2f}x "
+                 "per second", fontsize=9)
+    return fig
+
+
+def packing_counts_figure(doc: dict):
+    """Packed over padded label tokens per step, per grid token and per FLOP, at each length."""
+    rows = doc["result"]["rows"]
+    pairs = list(zip(rows[::2], rows[1::2]))
+    fig, ax = plt.subplots(layout="constrained", figsize=(7, 3.2))
+    width = 0.27
+    for i, (key, name) in enumerate((("steps", "per step"), ("grid_tokens", "per grid token"), ("flops", "per FLOP"))):
+        ratios = [(pk["label_tokens"] / pk[key]) / (pd["label_tokens"] / pd[key]) for pd, pk in pairs]
+        xs = [j + (i - 1) * width for j in range(len(pairs))]
+        ax.bar(xs, ratios, width=width, label=name)
+        for x, r in zip(xs, ratios):
+            ax.text(x, r, f"{r:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.5, color="r", lw=0.8, ls="--", label="goal: 1.5 x")
+    ax.set_xticks(range(len(pairs)), [f"{pd['model_max_length']} tokens" for pd, _ in pairs])
+    ax.set_ylabel("packed / padded label tokens")
+    ax.set_title("one epoch of train_sft.py's loaders, counted (no training)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def gpu_figure(doc: dict):
+    rows = [r for r in doc["result"].get("rows", []) if r.get("planned_peak_gib")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(layout="constrained", figsize=(8, 0.9 + 0.45 * len(rows)))
+    labels = [f"{r['model']} {r['method']}" for r in rows]
+    ratio_bars(ax, labels, [r["peak_later_steps_gib"] / r["planned_peak_gib"] for r in rows], None,
+               "measured peak / planned peak")
+    ax.set_title(f"{doc['result']['device']}: torch.cuda.max_memory_allocated against the plan", fontsize=9)
+    return fig
+
+
+FIGURES = {"memory": {"": memory_figure, "-speed": speed_figure}, "plan": {"": plan_figure},
+           "quality": {"": quality_figure}, "sparsity": {"": sparsity_figure},
+           "qsift_quality": {"": qsift_quality_figure}, "core_speed": {"": core_speed_figure},
+           "packing": {"": packing_figure}, "packing_counts": {"": packing_counts_figure},
+           "gpu": {"": gpu_figure}}
+
+
+def save(fig, path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends outside the axes stay in the image
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Item 3: held-out loss at equal trainable-parameter counts (the paper's SIFT >= LoRA >> random).
+"""Held-out loss at equal trainable-parameter counts (the paper's SIFT >= LoRA >> random).
 
 SmolLM2-135M-Instruct on the bundled Alpaca sample (chat template, loss on assistant tokens), a
 fixed held-out split, and per seed: full fine-tuning, LoRA at each rank, SIFT with gradient
@@ -12,27 +12,27 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 from .data import encoded_alpaca, padded_batches, split
 from .methods import Method, Trainee, sift_rate_for_rank
 
 
-@dataclass
+@dataclass(frozen=True)
 class QualityConfig:
-    steps: int = field(default=8, metadata={"help": "optimizer steps per run"})
-    batch_size: int = field(default=4, metadata={"help": "conversations per step"})
-    max_length: int = field(default=96, metadata={"help": "tokens per conversation (later ones cut)"})
-    n_heldout: int = field(default=32, metadata={"help": "held-out conversations scored after training"})
-    n_val: int = field(default=16, metadata={"help": "validation conversations for the learning-rate probe"})
-    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "data order / init seeds"})
-    ranks: tuple[int, ...] = field(default=(4, 16), metadata={"help": "LoRA ranks = trainable budgets"})
-    lr_grid: dict = field(default_factory=lambda: {"full": (2e-5, 6e-5, 2e-4), "lora": (1e-4, 3e-4, 1e-3),
-                                                   "sift": (1e-4, 3e-4, 1e-3)},
-                          metadata={"help": "learning rates probed per family (seed 0, largest rank)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "global clipping for every method"})
+    """One study's setting; its defaults are the `quality` stage's (benchmarks/stages.py)."""
+    steps: int               # optimizer steps per run
+    batch_size: int          # conversations per step
+    max_length: int          # tokens per conversation (later ones cut)
+    n_heldout: int           # held-out conversations scored after training
+    n_val: int               # validation conversations for the learning-rate probe
+    seeds: tuple[int, ...]   # data order / init seeds
+    ranks: tuple[int, ...]   # LoRA ranks = trainable budgets
+    lr_grid: dict            # {family: learning rates probed (seed 0, largest rank)}
+    max_grad_norm: float     # global clipping for every method
 
 
 def family_method(model, family: str, rank: int, lr: float, selection: str = "grad") -> Method:
@@ -70,10 +70,10 @@ def heldout_loss(model, batches: list[dict]) -> float:
 
 
 def train_and_score(pristine, method: Method, seed: int, batches: list[dict], scored: list[dict],
-                    cfg: QualityConfig) -> dict:
+                    max_grad_norm: float) -> dict:
     model = copy.deepcopy(pristine)
     model.train()
-    trainee = Trainee(method, model, seed=seed, max_grad_norm=cfg.max_grad_norm)
+    trainee = Trainee(method, model, seed=seed, max_grad_norm=max_grad_norm)
     t0 = time.perf_counter()
     losses = [trainee.train_step(b).item() for b in batches]
     loss = heldout_loss(trainee.model, scored)
@@ -103,7 +103,7 @@ def run(pristine, tokenizer, cfg: QualityConfig, log=print) -> dict:
     for family, grid in cfg.lr_grid.items():
         for lr in grid:
             method = family_method(pristine, family, rank, lr)
-            r = train_and_score(pristine, method, 0, batches_for(0), val_batches, cfg)
+            r = train_and_score(pristine, method, 0, batches_for(0), val_batches, cfg.max_grad_norm)
             probe.append(r)
             log(f"  lr probe {method.name:22s} lr {lr:.0e}: validation loss {r['heldout_loss']:.4f}")
         lrs[family] = min((r for r in probe if r["kind"] == family), key=lambda r: r["heldout_loss"])["lr"]
@@ -111,13 +111,12 @@ def run(pristine, tokenizer, cfg: QualityConfig, log=print) -> dict:
 
     # 2. every method, every seed, scored on the held-out split
     runs = []
-    for seed in cfg.seeds:
-        batches = batches_for(seed)
-        for method in methods_for(pristine, cfg, lrs):
-            runs.append(train_and_score(pristine, method, seed, batches, held_batches, cfg))
-            r = runs[-1]
-            log(f"  seed {seed} {method.name:22s} {r['trainable_entries'] / 1e6:6.2f} M trainable  "
-                f"held-out {r['heldout_loss']:.4f}  ({r['seconds']:.0f} s)")
+    jobs = [(seed, method) for seed in cfg.seeds for method in methods_for(pristine, cfg, lrs)]
+    for seed, method in tqdm(jobs, desc="quality runs", unit="run", leave=False, disable=None):
+        runs.append(train_and_score(pristine, method, seed, batches_for(seed), held_batches, cfg.max_grad_norm))
+        r = runs[-1]
+        log(f"  seed {seed} {method.name:22s} {r['trainable_entries'] / 1e6:6.2f} M trainable  "
+            f"held-out {r['heldout_loss']:.4f}  ({r['seconds']:.0f} s)")
     return {"config": asdict(cfg), "base_heldout_loss": base, "n_train": len(train), "n_val": len(val),
             "n_heldout": len(held), "lr_probe": probe, "lrs": lrs, "runs": runs, "summary": summarize(runs)}
 

@@ -1,34 +1,39 @@
-"""Tables (markdown) and plots (PNG) of a results directory; refreshes benchmarks/README.md.
-
-    python -m benchmarks.report [RESULTS_DIR]      # default benchmarks/results
-
-README.md sections between `<!-- BEGIN name -->` and `<!-- END name -->` are replaced by the
-table `name` below; the prose around them is written by hand.
-"""
+"""README tables and plots of result files. TABLES maps a stage to a function of its result
+document returning {section: markdown}; section "" is the main one, written between
+`<!-- BEGIN STAGE--NAME -->` and `<!-- END STAGE--NAME -->` in benchmarks/README.md, headed by the
+command and stamp that made it, followed by the experiment's plots. Other sections go between
+`<!-- BEGIN STAGE--NAME SECTION -->` markers. The prose around the markers is written by hand."""
 from __future__ import annotations
 
 import json
 import re
 import statistics
-import sys
 from pathlib import Path
 
 from . import plots
-
-HERE = Path(__file__).resolve().parent
-MIB, GIB = 2**20, 2**30
-
-
-def _load(d: Path, name: str):
-    p = d / f"{name}.json"
-    return json.loads(p.read_text()) if p.exists() else None
+from .constants import MIB
+from .memory_plan import render_table
 
 
 def _f(x, fmt):
     return "–" if x is None else format(x, fmt)
 
 
-def memory_table(m: dict) -> str:
+def source_line(doc: dict) -> str:
+    """Which command made this result, at which commit, on what, when (and what the stamp notes)."""
+    st = doc["stamp"]
+    dev = st.get("device", {})
+    where = dev.get("gpu") or f"{dev.get('cpu', '?')}, {dev.get('cores', '?')} cores"
+    parts = [f"`{st['command']}`", f"commit {str(st.get('commit'))[:7]}" + (" + uncommitted changes"
+                                                                            if st.get("dirty") else ""),
+             where, f"torch {dev['torch']}" if dev.get("torch") else None, st.get("date", "")[:10],
+             f"{st['seconds'] / 60:.1f} min" if st.get("seconds") else None]
+    line = "Made by " + " · ".join(p for p in parts if p)
+    return line + (f". *{st['note']}*" if st.get("note") else "")
+
+
+def memory_sections(doc: dict) -> dict[str, str]:
+    m = doc["result"]
     timed = m["timed_steps"] > 0
     head = "| method | trainable | peak MiB | peak / floor | state B/entry | planner error |"
     sep = "|---|---:|---:|---:|---:|---:|"
@@ -44,7 +49,10 @@ def memory_table(m: dict) -> str:
             line += (f" {r['median_step_s']:.2f} | {r['time_vs_floor']:.3f} | {r['cpu_time_vs_floor']:.3f} | "
                      f"{min(r['step_times']) / floor_min:.3f} | {r['tokens_per_s']:.1f} |")
         lines.append(line)
-    return "\n".join(lines)
+    out = {"": "\n".join(lines), "breakdown": breakdown_table(m)}
+    if timed:
+        out["goals"] = goals_table(m)
+    return out
 
 
 def breakdown_table(m: dict) -> str:
@@ -73,12 +81,8 @@ def goals_table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_table(plan: dict, model: str) -> str:
-    from .memory_plan import render_table
-    return render_table(plan[model]["rows"])
-
-
-def sparsity_table(sp: dict) -> str:
+def sparsity_sections(doc: dict) -> dict[str, str]:
+    sp = doc["result"]
     lines = ["| module | tensors | top 1 % share | top 5 % share | batch-1 top 1 % on later batches | "
              "batch-1 top 5 % on later batches | top 1 % overlap | top 5 % overlap |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -88,12 +92,13 @@ def sparsity_table(sp: dict) -> str:
                      f"{s['first_batch_top0.01_share']:.3f} | {s['first_batch_top0.05_share']:.3f} | "
                      f"{s['top0.01_overlap']:.3f} | {s['top0.05_overlap']:.3f} |")
     lines.append("| *uniform / chance* |  | 0.010 | 0.050 | 0.010 | 0.050 | 0.010 | 0.050 |")
-    return "\n".join(lines)
+    return {"": "\n".join(lines)}
 
 
-def quality_table(q: dict) -> str:
+def quality_sections(doc: dict) -> dict[str, str]:
     """Mean ± std over seeds, and for SIFT the paired difference to LoRA at the same count
     (same seed = same batches in the same order), which removes the data-order variance."""
+    q = doc["result"]
     runs = {(r["method"], r["seed"]): r["heldout_loss"] for r in q["runs"]}
     loras = [s for s in q["summary"] if s["kind"] == "lora"]
     lines = ["| method | trainable | held-out loss (mean ± std) | Δ vs before | paired Δ vs LoRA (mean ± std) "
@@ -109,92 +114,141 @@ def quality_table(q: dict) -> str:
             paired = f"{statistics.fmean(d):+.4f} ± {sd:.4f} ({lora['method']})"
         lines.append(f"| {s['method']} | {s['trainable_entries'] / 1e6:,.2f} M | {s['mean']:.4f} ± {s['std']:.4f} | "
                      f"{s['mean'] - base:+.4f} | {paired} | {', '.join(f'{x:.4f}' for x in s['losses'])} |")
-    return "\n".join(lines)
-
-
-def lr_probe_table(q: dict) -> str:
-    lines = ["| family (probed at the largest budget, seed 0) | learning rate | validation loss | chosen |",
+    probe = ["| family (probed at the largest budget, seed 0) | learning rate | validation loss | chosen |",
              "|---|---:|---:|:-:|"]
     for r in q["lr_probe"]:
         chosen = "✓" if q["lrs"][r["kind"]] == r["lr"] else ""
-        lines.append(f"| {r['method']} | {r['lr']:.0e} | {r['heldout_loss']:.4f} | {chosen} |")
+        probe.append(f"| {r['method']} | {r['lr']:.0e} | {r['heldout_loss']:.4f} | {chosen} |")
+    return {"": "\n".join(lines), "lr_probe": "\n".join(probe)}
+
+
+def qsift_quality_sections(doc: dict) -> dict[str, str]:
+    """One row per method: held-out loss per seed and the mean."""
+    results = doc["result"]
+    lines = ["| method | trainable | lr | held-out loss per seed | mean |", "|---|---:|---:|---|---:|"]
+    for s in results["summary"]:
+        rs = [r for r in results["runs"] if r["method"] == s["method"]]
+        per_seed = ", ".join(f"{r['heldout_loss']:.4f} (seed {r['seed']})" for r in rs)
+        lines.append(f"| {s['method']} | {s['trainable_entries'] / 1e6:.2f} M | {rs[0]['lr']:g} | {per_seed} | "
+                     f"**{s['mean']:.4f}** |")
+    return {"": "\n".join(lines)}
+
+
+def core_speed_sections(doc: dict) -> dict[str, str]:
+    lines = ["| weights | method | median step (s) | x floor (wall) | x floor (CPU time) | bitsandbytes update "
+             "alone / floor | peak (MiB) | extra peak B / entry | state B / entry |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["result"]["rows"]:
+        extra = f"{r['extra_peak_bytes_per_entry']:.2f}" if r["entries"] else ""
+        state = f"{r['state_bytes_per_entry']:.2f}" if r["state_bytes_per_entry"] else ""
+        bnb = f"{r['bnb_update_vs_floor']:.3f}" if r["bnb_update_vs_floor"] else ""
+        lines.append(f"| {r['dtype']} | {r['name']} | {r['median_step_s']:.3f} | {r['time_vs_floor']:.3f} | "
+                     f"{r['cpu_time_vs_floor']:.3f} | {bnb} | {r['peak_bytes'] / MIB:.1f} | {extra} | {state} |")
+    return {"": "\n".join(lines)}
+
+
+def packing_sections(doc: dict) -> dict[str, str]:
+    res = doc["result"]
+    lines = ["| run | steps | label tokens | label tokens / s | per CPU s | padding share | held-out loss before → "
+             "after | wall |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {'`--packing`' if r['packing'] else 'padded'} | {r['steps']} | {r['label_tokens']:,} | "
+                     f"{r['label_tokens_per_s']:.1f} | {r['label_tokens_per_cpu_s']:.1f} | {r['padding_share']:.1%} | "
+                     f"{r['heldout_loss_before']:.4f} → {r['heldout_loss_after']:.4f} | {r['wall_s']:.0f} s |")
+    plain, packed = sorted(res["rows"], key=lambda r: r["packing"])
+    lines.append(f"| **ratio** | | {packed['label_tokens'] / plain['label_tokens']:.2f} × | "
+                 f"**{res['label_tokens_per_s_ratio']:.2f} ×** | {res['label_tokens_per_cpu_s_ratio']:.2f} × | | | |")
+    return {"": "\n".join(lines)}
+
+
+def packing_counts_sections(doc: dict) -> dict[str, str]:
+    def per(r, key):
+        return r["label_tokens"] / r[key]
+
+    lines = ["| --model_max_length | loader | steps / epoch | label tokens / step | grid tokens / step "
+             "| padding share | label tokens / grid token | packed / padded: label tokens per step | "
+             "per grid token | per FLOP |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = doc["result"]["rows"]
+    for padded, packed in zip(rows[::2], rows[1::2]):
+        ratios = [f"{per(packed, key) / per(padded, key):.2f} ×" for key in ("steps", "grid_tokens", "flops")]
+        for r in (padded, packed):
+            cells = [str(r["model_max_length"]), "packed" if r["packing"] else "padded", str(r["steps"]),
+                     f"{per(r, 'steps'):,.0f}", f"{r['grid_tokens'] / r['steps']:,.0f}",
+                     f"{1 - r['real_tokens'] / r['grid_tokens']:.1%}", f"{per(r, 'grid_tokens'):.3f}",
+                     *(ratios if r is packed else ["", "", ""])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return {"": "\n".join(lines)}
+
+
+def gpu_sections(doc: dict) -> dict[str, str]:
+    res = doc["result"]
+    lines = ["| model | method | planned (GiB) | measured, later steps (GiB) | first step (GiB) | measured − planned "
+             "| step (s) | kernels / step |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res.get("rows", []):
+        vs = r.get("measured_vs_plan")
+        lines.append(f"| {r.get('model', 'llama-7b')} | {r['method']} | {_f(r.get('planned_peak_gib'), '.2f')} | "
+                     f"{r['peak_later_steps_gib']:.2f} | {r['peak_first_step_gib']:.2f} | "
+                     f"{'–' if vs is None else f'{vs:+.1%}'} | {r['step_s']:.3f} | "
+                     f"{_f(r.get('kernel_launches_per_step'), ',')} |")
+    return {"": "\n".join(lines)}
+
+
+def plan_sections(doc: dict) -> dict[str, str]:
+    return {"": render_table(doc["result"]["rows"])}
+
+
+TABLES = {"memory": memory_sections, "plan": plan_sections, "sparsity": sparsity_sections,
+          "quality": quality_sections, "qsift_quality": qsift_quality_sections, "core_speed": core_speed_sections,
+          "packing": packing_sections, "packing_counts": packing_counts_sections, "gpu": gpu_sections}
+
+
+def render(doc: dict, plots_dir: Path) -> dict[str, str]:
+    """Draw the document's figures into `plots_dir`; its README sections, keyed by marker name."""
+    slug = doc["experiment"].replace("/", "--")
+    images = []
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for suffix, figure in plots.FIGURES.get(doc["stage"], {}).items():
+        fig = figure(doc)
+        if fig is not None:
+            plots.save(fig, plots_dir / f"{slug}{suffix}.png")
+            images.append(f"![{slug}{suffix}](plots/{slug}{suffix}.png)")
+    sections = TABLES[doc["stage"]](doc) if doc["stage"] in TABLES else {"": ""}
+    main = [source_line(doc), sections.pop("")] + images
+    return {slug: "\n\n".join(p for p in main if p),
+            **{f"{slug} {name}": body for name, body in sections.items()}}
+
+
+def index(results_dir: Path) -> str:
+    """Every result: what made it, when, and its wall time; and the total a full regeneration takes."""
+    lines = ["| result | command | commit | date | wall time | how it was made |", "|---|---|---|---|---:|---|"]
+    total, unknown = 0.0, 0
+    for path in sorted(results_dir.glob("*.json")):
+        st = json.loads(path.read_text()).get("stamp", {"command": "(no stamp)"})
+        seconds = st.get("seconds")
+        total += seconds or 0
+        unknown += seconds is None
+        how = "kept from before the driver" if st.get("note") else "rerun by the driver"
+        lines.append(f"| `results/{path.name}` | `{st['command']}` | {str(st.get('commit'))[:7]} | "
+                     f"{st.get('date', '')[:10]} | {_minutes(seconds)} | {how} |")
+    lines.append(f"| **all** | `python -m benchmarks.run '*'` | | | **{total / 3600:.1f} h** | "
+                 f"+ {unknown} without a recorded wall time |")
     return "\n".join(lines)
 
 
-def tables(d: Path) -> dict[str, str]:
-    out = {}
-    for stage in ("memory", "memory_ckpt", "memory_wide"):
-        m = _load(d, stage)
-        if m:
-            out[stage] = memory_table(m)
-            out[stage + "_breakdown"] = breakdown_table(m)
-            if stage == "memory":
-                out["goals"] = goals_table(m)
-    plan = _load(d, "plan")
-    if plan:
-        out["plan_7b"] = plan_table(plan, "llama-7b")
-        out["plan_13b"] = plan_table(plan, "llama-13b")
-    sp = _load(d, "sparsity")
-    if sp:
-        out["sparsity"] = sparsity_table(sp)
-    q = _load(d, "quality")
-    if q:
-        out["quality"] = quality_table(q)
-        out["lr_probe"] = lr_probe_table(q)
-    run = _load(d, "run")
-    if run:
-        mc = run["machine_start"]
-        stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in run["stages"].items())
-        out["machine"] = (f"{mc['cpu']}, {mc['cores']} cores ({mc['torch_threads']} torch threads), "
-                          f"{mc['ram_bytes'] / GIB:.0f} GiB RAM, torch {mc['torch']}, Python {mc['python']}; "
-                          f"load average at start {mc['loadavg'][0]:.1f}, "
-                          f"at end {run['machine_end']['loadavg'][0]:.1f}. "
-                          f"Wall time {run['seconds'] / 60:.1f} min ({stages}).")
-    return out
+def _minutes(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds / 60:.1f} min"
 
 
-def figures(d: Path, outdir: Path):
-    outdir.mkdir(exist_ok=True)
-    m = _load(d, "memory")
-    if m:
-        plots.memory_figure(m, outdir / "memory_smollm2.png")
-        if m["timed_steps"]:
-            plots.speed_figure(m, outdir / "speed_smollm2.png")
-    for stage in ("memory_ckpt", "memory_wide"):
-        mm = _load(d, stage)
-        if mm:
-            plots.memory_figure(mm, outdir / f"{stage}.png")
-    plan = _load(d, "plan")
-    if plan:
-        plots.plan_figure(plan, outdir / "plan_llama7b.png")
-    q = _load(d, "quality")
-    if q:
-        plots.quality_figure(q, outdir / "quality.png")
-    sp = _load(d, "sparsity")
-    if sp:
-        plots.sparsity_figure(sp, outdir / "sparsity.png")
-
-
-def refresh_readme(readme: Path, sections: dict[str, str]):
+def refresh_readme(readme: Path, sections: dict[str, str]) -> list[str]:
+    """Replace each section's marked block in `readme`; the names that have no markers there."""
     text = readme.read_text()
+    missing = []
     for name, body in sections.items():
         pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(<!-- END {re.escape(name)} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-    readme.write_text(text)
+        text, n = pattern.subn(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        if not n:
+            missing.append(name)
+    from common.atomic import atomic_write
 
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    d = Path(argv[0]) if argv else HERE / "results"
-    figures(d, HERE / "plots")
-    sections = tables(d)
-    readme = HERE / "README.md"
-    if readme.exists():
-        refresh_readme(readme, sections)
-    else:
-        print("\n\n".join(f"## {k}\n\n{v}" for k, v in sections.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    atomic_write(readme, [text])
+    return missing

@@ -1,4 +1,4 @@
-"""Item 4: gradient quasi-sparsity, the paper's motivating observation, on the real model and data.
+"""Gradient quasi-sparsity, the paper's motivating observation, on the real model and data.
 
 For each target weight and each of `n_batches` batches of the bundled Alpaca sample (labels on the
 assistant tokens), the dense gradient is examined inside its post-accumulate-grad hook and freed

@@ -2,6 +2,7 @@
 what to do, exit status 2 (the usage-error convention of argparse and the shells), no traceback."""
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
@@ -23,6 +24,12 @@ def problems_error(prog: str, problems: list[str]) -> UsageError:
     if len(problems) == 1:
         return UsageError(f"{prog}: {problems[0]}")
     return UsageError(f"{prog}: invalid options:\n  - " + "\n  - ".join(problems))
+
+
+def did_you_mean(word: str, choices) -> str | None:
+    """The one of `choices` closest to a misspelled `word` (difflib's ratio >= 0.6), or None."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
 
 
 def run(main, *args, errors: tuple = (), prog: str = "") -> int:

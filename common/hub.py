@@ -1,6 +1,7 @@
-"""Is a model or dataset that is named by a hub id at hand? Asked before anything loads: the local
-cache first (`local_files_only`), then, only when the hub may be used, one short request, so an
-offline machine is told so in a second instead of a traceback after transformers' 30 s of retries."""
+"""Is a model or dataset named by a hub id at hand? Asked before anything loads (common.inputs'
+model and data checks call it): the local cache first (`local_files_only`), then, only when the hub
+may be used, one short request, so an offline machine is told so in a second instead of a traceback
+after transformers' 30 s of retries."""
 from __future__ import annotations
 
 import os

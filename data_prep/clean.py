@@ -47,11 +47,13 @@ def html_to_markdown(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def deduplicate(items: list[tuple[str, dict]], report: Report) -> list[tuple[str, dict]]:
+def deduplicate(items: list[tuple[str, dict]], report: Report,
+                seen_content: dict[str, str] | None = None) -> list[tuple[str, dict]]:
     """First occurrence of each id and of each message list among (where, conversation) pairs;
-    later ones are dropped and counted."""
+    later ones are dropped and counted. `seen_content` ({message list key: where}, updated): the
+    conversations of earlier sources, whose repeats are dropped too (ids are each source's own)."""
     seen_ids: set[str] = set()
-    seen_content: dict[str, str] = {}
+    seen_content = {} if seen_content is None else seen_content
     kept = []
     for where, conv in items:
         key = json.dumps(conv["messages"], sort_keys=True, ensure_ascii=False)

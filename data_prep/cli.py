@@ -81,8 +81,11 @@ def convert(args: argparse.Namespace, fmt: str, role_map: dict[str, str] | None 
 def output_problem(inputs: list[str], output: Path) -> str | None:
     """Refuse an output (or its summary) that is one of the inputs: the atomic rename would replace
     the data with its own conversion."""
-    if output.is_dir():
-        return f"-o {output}: is a directory: name the JSONL file to write"
+    from common.inputs import output_problem as writable_problem
+
+    problem = writable_problem("-o", output, "file")
+    if problem:
+        return problem
     targets = {output.resolve(), summary_path(output).resolve()}
     for source in inputs:
         if Path(source).exists() and Path(source).resolve() in targets:

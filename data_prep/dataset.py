@@ -30,16 +30,18 @@ BUNDLED_ALPACA = Path(__file__).resolve().parent / "samples" / "alpaca_en_demo.j
 
 def load_dataset_for_training(path: str | Path | Sequence[str | Path], tokenizer, template: str = "auto",
                               max_length: int | None = 2048, strict: bool = False, fmt: str = "auto",
-                              split: str = "train", dedupe: bool = True) -> tuple[list[dict], Report]:
+                              split: str = "train", dedupe: bool = True, seen: dict | None = None,
+                              verbose: bool = False) -> tuple[list[dict], Report]:
     """Encoded samples of every usable conversation in `path` and the report of what was dropped.
     With `dedupe`, repeated ids and repeated conversations are dropped (a duplicate would otherwise
-    land on both sides of a train / held-out split)."""
+    land on both sides of a train / held-out split); `seen` (updated) carries the conversations of
+    sources loaded before, whose repeats here are dropped too. `verbose`: log every skipped record."""
     template = resolve_template(tokenizer, template)
-    report = Report(strict=strict)
+    report = Report(strict=strict, verbose=verbose)
     samples = []
     conversations = list(iter_conversations(path, report, fmt=fmt, split=split))
     if dedupe:
-        conversations = deduplicate(conversations, report)
+        conversations = deduplicate(conversations, report, seen)
     for where, conv in conversations:
         try:
             sample, status = encode_with_status(conv["messages"], tokenizer, template, max_length)
@@ -55,7 +57,7 @@ def load_dataset_for_training(path: str | Path | Sequence[str | Path], tokenizer
         samples.append(sample)
     report.kept = len(samples)
     if not samples:
-        raise ValueError(f"no usable training samples in {path}:\n{report.summary()}")
+        raise ValueError(f"no usable samples in {path}:\n{report.summary()}")
     return samples, report
 
 

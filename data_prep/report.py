@@ -6,8 +6,8 @@ Lines, `file.json:12 (record 3)` for a JSON array, `owner/name[train][41]` for a
 the field (`messages[1].role`) and what is wrong with it.
 
 A `Report` collects them. With `strict=True` the first one is raised; otherwise it is counted under
-its reason, the first few messages per reason are kept for the summary (and logged), and the
-record is skipped. Cleaning steps that keep a record but change it (merged turns, removed empty
+its reason, the first few messages per reason are kept for the summary (with `verbose=True` every
+one is logged as it comes), and the record is skipped. Cleaning steps that keep a record but change it (merged turns, removed empty
 turns, truncation) are counted in `notes`, so nothing changes silently either.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Report:
     """Counts of a data pass. `read` records came in, `kept` went out, the rest are in `dropped`."""
 
     strict: bool = False
+    verbose: bool = False  # log every skipped record ("skipped <where>: <detail>")
     read: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -51,6 +52,7 @@ class Report:
         seen = self.examples.setdefault(err.reason, [])
         if len(seen) < EXAMPLES_PER_REASON:
             seen.append(str(err))
+        if self.verbose:
             logger.warning("skipped %s", err)
 
     def note(self, what: str, count: int = 1) -> None:
@@ -61,12 +63,13 @@ class Report:
         return {"read": self.read, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
                 "notes": dict(sorted(self.notes.items())), "examples": self.examples}
 
-    def summary(self) -> str:
-        """A few human-readable lines: totals, then one line per drop reason and per note."""
+    def summary(self, examples: bool = True) -> str:
+        """A few human-readable lines: totals, then one line per drop reason and per note (and with
+        `examples`, the first record dropped for each reason)."""
         lines = [f"read {self.read}, kept {self.kept}, dropped {sum(self.dropped.values())}"]
         lines += [f"  dropped {n:>6}  {reason}" for reason, n in sorted(self.dropped.items())]
         lines += [f"  note    {n:>6}  {what}" for what, n in sorted(self.notes.items())]
-        for reason, messages in sorted(self.examples.items()):
+        for reason, messages in sorted(self.examples.items()) if examples else ():
             lines += [f"  e.g. [{reason}] {m}" for m in messages[:1]]
         return "\n".join(lines)
 

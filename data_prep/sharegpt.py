@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         role_map[name] = role
     if args.max_tokens is not None and args.max_tokens < 1:
         problems.append(f"--max_tokens must be positive, got {args.max_tokens}")
+    if args.max_tokens is not None:  # the tokenizer is read only to count: checked before any data is
+        from common.inputs import model_problem
+
+        problem = model_problem("--model_name_or_path", args.model_name_or_path, tokenizer_only=True)
+        if problem:
+            problems.append(problem)
     if problems:
         parser.error("; ".join(problems))
 

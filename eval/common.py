@@ -29,28 +29,25 @@ class ModelArgs:
     dtype: str = field(default="auto", metadata={
         "help": "auto (bf16 on CUDA, fp32 on CPU) | " + " | ".join(DTYPES[1:])})
     quantization: str = field(default="none", metadata={
-        "help": "none | nf4 | fp4: load --model's linears in 4 bits (a QSIFT increment then gives "
-                "exactly its training-time weights; onto the full-precision base it gives base + delta)"})
+        "help": "none, or a bitsandbytes 4-bit type (sift.quantize.QUANT_TYPES: nf4, fp4): load --model's "
+                "linears in 4 bits (a QSIFT increment then gives exactly its training-time weights; onto the "
+                "full-precision base it gives base + delta)"})
 
     def model_problems(self) -> list[str]:
+        from common.inputs import device_problem, file_problem, model_problem
+
         problems = []
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.increment is not None and not Path(self.increment).is_file():
-            problems.append(f"--increment {self.increment}: no such file")
-        if self.model and not Path(self.model).is_dir():
-            from common.hub import hub_problem, looks_like_hub_id
-            from common.modeling import EMBEDDED
+        if self.quantization != "none":  # the 4-bit types are sift's (their module loads torch: only asked here)
+            from sift.quantize import QUANT_TYPES
 
-            if self.model == EMBEDDED:
-                pass
-            elif not looks_like_hub_id(self.model):
-                problems.append(f"--model {self.model}: no such directory (a hub id is written owner/name)")
-            elif problem := hub_problem(self.model):
-                problems.append(f"--model {self.model}: no such directory, and as a hub id: {problem}")
-        if self.quantization not in ("none", "nf4", "fp4"):
-            problems.append(f"--quantization must be one of none, nf4, fp4, got {self.quantization!r}")
-        return problems
+            if self.quantization not in QUANT_TYPES:
+                problems.append(f"--quantization must be one of {', '.join(('none', *QUANT_TYPES))}, "
+                                f"got {self.quantization!r}")
+        return problems + [p for p in (self.increment is not None and file_problem("--increment", self.increment),
+                                       model_problem("--model", self.model),
+                                       device_problem("--device", self.device)) if p]
 
 
 def resolve_device(device: str) -> str:
@@ -100,7 +97,7 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
 
         try:
             if quantize.is_quantized_increment(increment) or quantize.is_quantized(net):
-                quantize.apply_increment(net, increment)  # QSIFT: onto the 4-bit base, or base + delta
+                quantize.apply_increment(net, increment, force=force)  # QSIFT: onto the 4-bit base, or base + delta
             else:
                 apply_increment(net, (increment, *loaded), force=force)
         except IncrementError as e:
@@ -110,16 +107,11 @@ def load_eval_model(model: str | None, increment: str | None = None, device: str
 
 
 def _load_quantized(model: str | None, quantization: str, dtype, device: str):
-    from transformers import AutoTokenizer
-
-    from common.modeling import resolve_model_path
+    from common.modeling import load_tokenizer, resolve_model_path
     from sift.quantize import load_quantized
 
     path = resolve_model_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return load_quantized(path, quantization, dtype=dtype, device=device), tokenizer
+    return load_quantized(path, quantization, dtype=dtype, device=device), load_tokenizer(path)
 
 
 def default_model_id(model: str | None, increment: str | None = None) -> str:

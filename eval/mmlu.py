@@ -24,6 +24,7 @@ from common.quiet import silence_unrelated_warnings  # noqa: E402
 
 silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
 
+from common.inputs import dir_problem, output_problem  # noqa: E402
 from eval.common import ModelArgs, atomic_write_text, context_length, load_eval_model, raise_if_problems  # noqa: E402
 from eval.mmlu_data import CHOICES, DEFAULT_DATA_DIR, Subject, load_hub, load_local  # noqa: E402
 from eval.mmlu_forward import next_token_logits  # noqa: E402
@@ -66,8 +67,14 @@ class MMLUArgs(ModelArgs):
         if self.max_batch_tokens < 1 or self.max_batch_size < 1:
             problems.append("--max_batch_tokens and --max_batch_size must be >= 1")
         if self.hf_dataset is None and not Path(self.data_dir, "test").is_dir():
-            problems.append(f"--data_dir {self.data_dir}: no test/ subdirectory")
-        raise_if_problems(problems, "invalid MMLU arguments")
+            problems.append(dir_problem("--data_dir", self.data_dir) or f"--data_dir {self.data_dir}: no test/ subdirectory")
+        if self.hf_dataset and not Path(self.hf_dataset).exists():
+            from common.hub import hub_problem
+
+            hub = hub_problem(self.hf_dataset, "dataset")
+            problems += [f"--hf_dataset {self.hf_dataset}: {hub}"] if hub else []
+        problem = output_problem("--output_dir", self.output_dir)  # found now, not after the whole evaluation
+        raise_if_problems(problems + [problem] if problem else problems, "invalid MMLU arguments")
 
 
 def fit_prompts(tokenizer, subject: Subject, ntrain: int, chat: bool, max_length: int):

@@ -27,6 +27,8 @@ from common.quiet import silence_unrelated_warnings  # noqa: E402
 silence_unrelated_warnings(sys.argv[1:])  # before bitsandbytes / DeepSpeed load and log
 
 from common import cli  # noqa: E402
+from common.inputs import file_problem, output_problem  # noqa: E402
+from data_prep.templates import TEMPLATES  # noqa: E402
 from eval.common import ModelArgs, atomic_write_json, raise_if_problems  # noqa: E402
 from eval.judge_client import JudgeAPIError, JudgeConfigError, key_problem  # noqa: E402
 from eval.mt_bench_data import (DEFAULT_JUDGE_FILE, DEFAULT_QUESTION_FILE, DEFAULT_REF_ANSWER_FILE,  # noqa: E402
@@ -45,8 +47,21 @@ class QuestionRange:
     question_begin: int | None = field(default=None, metadata={"help": "debug: first question index"})
     question_end: int | None = field(default=None, metadata={"help": "debug: one past the last question index"})
 
+    def range_problems(self) -> list[str]:
+        out = [f"--{name} must be >= 0, got {getattr(self, name)}" for name in ("question_begin", "question_end")
+               if getattr(self, name) is not None and getattr(self, name) < 0]
+        if not out and None not in (self.question_begin, self.question_end) and self.question_begin >= self.question_end:
+            out.append(f"--question_begin {self.question_begin} is not below --question_end {self.question_end}: "
+                       "that selects no question")
+        return out
+
     def questions(self, question_file: str) -> list[dict]:
-        return load_questions(question_file)[self.question_begin: self.question_end]
+        questions = load_questions(question_file)
+        chosen = questions[self.question_begin: self.question_end]
+        if not chosen:
+            raise ValueError(f"--question_begin {self.question_begin} / --question_end {self.question_end}: select none "
+                             f"of the {len(questions)} questions in {question_file}")
+        return chosen
 
 
 @dataclass
@@ -64,13 +79,13 @@ class GenArgs(ModelArgs, QuestionRange):
                 "Stanford Alpaca prompt, for tuned base models) | auto (chat if the tokenizer has one)"})
 
     def __post_init__(self):
-        problems = self.model_problems()
+        problems = self.model_problems() + self.range_problems()
         if self.max_new_tokens < 1 or self.batch_size < 1:
             problems.append("--max_new_tokens and --batch_size must be >= 1")
-        if self.template not in ("auto", "chat", "alpaca"):
-            problems.append(f"--template must be auto, chat or alpaca, got {self.template!r}")
-        if not Path(self.question_file).is_file():
-            problems.append(f"--question_file {self.question_file}: no such file")
+        if self.template not in TEMPLATES:
+            problems.append(f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
+        problems += [p for p in (file_problem("--question_file", self.question_file),
+                                 output_problem("--output_dir", self.output_dir)) if p]
         raise_if_problems(problems, "invalid gen arguments")
 
 
@@ -94,19 +109,22 @@ class JudgeArgs(QuestionRange):
     retry_base_delay: float = field(default=2.0, metadata={"help": "first backoff in seconds, doubled per retry"})
     retry_max_delay: float = field(default=60.0, metadata={"help": "longest backoff in seconds"})
     timeout: float = field(default=120.0, metadata={"help": "seconds per HTTP request"})
+    max_consecutive_failures: int = field(default=5, metadata={
+        "help": "stop after this many judgments in a row failed (after their retries), e.g. a judge that is down "
+                "or answers garbage; 0 = never stop. Each failure is said on stderr as it happens"})
 
     def __post_init__(self):
         self.judge_base_url = self.judge_base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        problems = []
-        if self.parallel < 1 or self.max_tokens < 1 or self.max_retries < 0:
-            problems.append("--parallel and --max_tokens must be >= 1, --max_retries >= 0")
+        problems = self.range_problems()
+        if self.parallel < 1 or self.max_tokens < 1 or self.max_retries < 0 or self.max_consecutive_failures < 0:
+            problems.append("--parallel and --max_tokens must be >= 1, --max_retries and --max_consecutive_failures >= 0")
         if not self.judge_base_url.startswith(("http://", "https://")):
             problems.append(f"--judge_base_url must be an http(s) URL, got {self.judge_base_url!r}")
-        for name in ("question_file", "judge_file", "ref_answer_file"):
-            if not Path(getattr(self, name)).is_file():
-                problems.append(f"--{name} {getattr(self, name)}: no such file")
+        problems += [p for p in (file_problem(f"--{name}", getattr(self, name))
+                                 for name in ("question_file", "judge_file", "ref_answer_file")) if p]
         if not Path(self.output_dir, "model_answer").is_dir():
-            problems.append(f"--output_dir {self.output_dir}: no model_answer/ (run `gen` first)")
+            problems.append(output_problem("--output_dir", self.output_dir)
+                            or f"--output_dir {self.output_dir}: no model_answer/ (run `gen` first)")
         key = key_problem(os.environ.get(self.judge_api_key_env))
         if key:  # before any request: http.client would put the key, in clear, into its error message
             problems.append(f"${self.judge_api_key_env}: the API key {key}")
@@ -121,6 +139,12 @@ class ShowArgs(QuestionRange):
     model_list: list[str] | None = field(default=None, metadata={"help": "models to show; default: all judged"})
     question_file: str = field(default=str(DEFAULT_QUESTION_FILE), metadata={"help": "for the categories"})
     plot: bool = field(default=True, metadata={"help": "write the radar and bar PNGs (--no_plot to skip)"})
+
+    def __post_init__(self):
+        problems = self.range_problems() + [p for p in (
+            file_problem("--question_file", self.question_file), output_problem("--output_dir", self.output_dir),
+            self.input_file and file_problem("--input_file", self.input_file)) if p]
+        raise_if_problems(problems, "invalid show arguments")
 
 
 def run_gen(args: GenArgs) -> int:
@@ -152,7 +176,7 @@ def run_judge(args: JudgeArgs) -> int:
 
     from eval.judge_client import ChatClient
     from eval.mt_bench_data import check_answers, load_answer_file, load_judge_prompts, load_model_answers
-    from eval.mt_bench_judge import make_matches, run_judging
+    from eval.mt_bench_judge import make_matches, run_judging, say
 
     questions = args.questions(args.question_file)
     answers = load_model_answers(f"{args.output_dir}/model_answer", args.model_list)
@@ -165,14 +189,15 @@ def run_judge(args: JudgeArgs) -> int:
     matches = make_matches(questions, answers, prompts, refs)
     client = ChatClient(args.judge_base_url, args.judge_model, os.environ.get(args.judge_api_key_env) or None,
                         timeout=args.timeout, max_retries=args.max_retries, base_delay=args.retry_base_delay,
-                        max_delay=args.retry_max_delay)
+                        max_delay=args.retry_max_delay, warn=lambda m: say(f"judge: {m}"))
     if client.api_key is None:
         print(f"note: ${args.judge_api_key_env} is not set; sending requests without an API key")
     output_file = _judgment_file(args.output_dir, args.judge_model)
     print(f"judge {args.judge_model} at {args.judge_base_url}: models {list(answers)}, "
           f"{len(questions)} questions, {len(matches)} judgments -> {output_file}")
     with tqdm(total=len(matches), unit="judgment", dynamic_ncols=True) as progress:
-        rows = run_judging(client, matches, output_file, args.parallel, args.max_tokens, progress)
+        rows = run_judging(client, matches, output_file, args.parallel, args.max_tokens, progress,
+                           args.max_consecutive_failures)
     wanted = {(m.question["question_id"], m.model, m.turn) for m in matches}
     mine = [r for r in rows.values() if (r["question_id"], r["model"], r["turn"]) in wanted]
     api_errors = sum(r.get("error") is not None for r in mine)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.common import atomic_write_jsonl, read_jsonl
-from eval.judge_client import ChatClient, JudgeAPIError
+from eval.judge_client import ChatClient, JudgeAPIError, redact_all
 from eval.mt_bench_data import API_ERROR_OUTPUT, NEED_REF_CATS, SINGLE_JUDGES, answer_turns
 
 # fastchat/llm_judge/common.py
@@ -92,9 +93,9 @@ def judge_one(client: ChatClient, match: Match, max_tokens: int) -> dict:
         judgment = client.complete(messages, temperature=0.0, max_tokens=max_tokens)
         row.update(judgment=judgment, score=parse_rating(judgment))
     except JudgeAPIError as e:       # recorded like FastChat ($ERROR$, -1) with the cause; redone on resume
-        row.update(judgment=API_ERROR_OUTPUT, score=-1, error=client.redact(str(e)))  # whatever raised it
+        row.update(judgment=API_ERROR_OUTPUT, score=-1, error=str(e))
     row.update(turn=match.turn, tstamp=time.time())
-    return row
+    return redact_all(row, client.api_key)  # every field, whatever put the key there
 
 
 def load_judgments(path: str | Path) -> dict[tuple, dict]:
@@ -110,9 +111,19 @@ def load_judgments(path: str | Path) -> dict[tuple, dict]:
     return rows
 
 
+def say(message: str) -> None:
+    """A line on stderr that does not tear a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 def run_judging(client: ChatClient, matches: list[Match], output_file: str | Path, parallel: int = 4,
-                max_tokens: int = 2048, progress=None) -> dict[tuple, dict]:
-    """Judge the matches not already in `output_file` (API failures there are redone); returns all rows."""
+                max_tokens: int = 2048, progress=None, stop_after: int = 5) -> dict[tuple, dict]:
+    """Judge the matches not already in `output_file` (API failures there are redone); returns all rows.
+    Each failed judgment is said on stderr as it lands; `stop_after` failures in a row (0: never)
+    stop the run with a JudgeAPIError, keeping what is done: a judge that is down or answers garbage
+    is not asked about every question."""
     done = load_judgments(output_file)
 
     def pending(m: Match) -> bool:
@@ -123,9 +134,11 @@ def run_judging(client: ChatClient, matches: list[Match], output_file: str | Pat
     print(f"{len(matches)} judgments wanted, {len(matches) - len(todo)} already in {output_file}, "
           f"{len(todo)} to run with {parallel} in parallel")
     _write_canonical(output_file, done)  # drops a torn last line before anything is appended after it
-    lock = threading.Lock()
+    lock, failures, stopped = threading.Lock(), [0], threading.Event()  # failures in a row, as they land
 
     def work(match: Match) -> None:
+        if stopped.is_set():         # a worker that started before the stop asks nothing more
+            return
         row = judge_one(client, match, max_tokens)
         with lock:                   # one write of one whole line: a crash tears at most the last line
             with open(output_file, "a", encoding="utf-8") as f:
@@ -133,6 +146,15 @@ def run_judging(client: ChatClient, matches: list[Match], output_file: str | Pat
             done[judgment_key(row["question_id"], row["model"], row["turn"], row["judge"])] = row
             if progress is not None:
                 progress.update(1)
+            failures[0] = failures[0] + 1 if row.get("error") else 0
+            if row.get("error"):
+                say(f"judge failed on model {row['model']}, question {row['question_id']}, turn {row['turn']}: "
+                    f"{row['error']}")
+            if stop_after and failures[0] >= stop_after and not stopped.is_set():
+                stopped.set()
+                raise JudgeAPIError(f"{failures[0]} judgments in a row failed, stopping (the last: {row['error']}): "
+                                    "check --judge_base_url, --judge_model and the endpoint, then rerun; finished "
+                                    "judgments are kept")
 
     pool = ThreadPoolExecutor(max_workers=parallel)
     futures = [pool.submit(work, m) for m in todo]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .selection import SELECTIONS
+from .selection import RULES
 
 OPTIMIZERS = ("adamw8bit", "adamw")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -15,7 +15,7 @@ class SIFTConfig:
     rate: float = field(default=0.05, metadata={"help": "fraction of each target tensor's entries trained, 0 < rate <= 1"})
     targets: tuple[str, ...] = field(default=LLAMA_LINEARS, metadata={"help": "module names (dotted path components) whose weights are trained sparsely"})
     dense: tuple[str, ...] = field(default=(), metadata={"help": "parameter-name substrings trained densely (e.g. 'norm')"})
-    selection: str = field(default="grad", metadata={"help": "grad (top-|grad| of the first micro-batch, the paper) | random | magnitude"})
+    selection: str = field(default="grad", metadata={"help": "a rule of sift.selection.RULES: grad (top-|grad| of the first micro-batch, the paper) | random | magnitude"})
     optimizer: str = field(default="adamw8bit", metadata={"help": "adamw8bit (8-bit blockwise moments) | adamw (fp32 moments)"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (param_groups[0]['lr'], so schedulers work)"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
@@ -38,8 +38,8 @@ class SIFTConfig:
         out = []
         if not 0.0 < self.rate <= 1.0:
             out.append(("rate", "must be in (0, 1], e.g. 0.05 for 5 % of each target's entries"))
-        if self.selection not in SELECTIONS:
-            out.append(("selection", f"choose one of {', '.join(SELECTIONS)}"))
+        if self.selection not in RULES:
+            out.append(("selection", f"choose one of {', '.join(RULES)}"))
         if self.optimizer not in OPTIMIZERS:
             out.append(("optimizer", f"choose one of {', '.join(OPTIMIZERS)}"))
         if not self.targets and not self.dense:

@@ -15,7 +15,6 @@ safetensors only: no pickle.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,10 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_path
+from common.fingerprint import fingerprint, sample_positions
 
 FORMAT, VERSION, READS = "sift-increment", "2", ("1", "2")
 FILENAME = "sift_increment.safetensors"
-_SAMPLES = 16  # base entries per trained tensor in the fingerprint: a few hundred reads at 7B
 _NUDGES = 3    # nextafter steps tried before an entry is declared unreachable by any fp32 delta
 
 
@@ -71,38 +70,37 @@ def exact_deltas(trained: torch.Tensor, base: torch.Tensor,
 
 
 # ------------------------------------------------------------------ fingerprint
-def _sample_positions(k: int) -> torch.Tensor:
-    """Deterministic, evenly spread positions among a tensor's k trained entries."""
-    return torch.linspace(0, k - 1, min(k, _SAMPLES)).round().long().unique()
-
-
-def fingerprint(samples: dict[str, tuple[list[int], torch.Tensor]]) -> str:
-    """sha256 of each trained tensor's name, shape and a few base values at trained entries.
-
-    Values are hashed after rounding to bf16, so the same base loaded in fp32 or bf16 agrees (a
-    bf16 checkpoint upcasts exactly; an fp32 one rounds the same way training in bf16 did), while
-    another model with the same shapes differs.
-    """
-    h = hashlib.sha256()
-    for name in sorted(samples):
-        shape, values = samples[name]
-        h.update(f"{name}:{list(shape)};".encode())
-        h.update(_bits(values.detach().to("cpu", torch.bfloat16).contiguous()).numpy().tobytes())
-    return h.hexdigest()[:32]
+def fingerprint_at(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]], read) -> str:
+    """The fingerprint (common.fingerprint: names, shapes, bf16-rounded values) of the base values at
+    evenly spread trained entries of each tensor an increment's `tensors` name; `read(name, flat
+    int64 positions)` gives the base's values there (a model's weights, its files, a 4-bit deq(Q))."""
+    samples = {}
+    for name in tensor_names(tensors):
+        indices = tensors.get(f"{name}.indices")
+        k = int(torch.Size(shapes[name]).numel()) if indices is None else indices.numel()
+        pos = sample_positions(k)
+        samples[name] = (list(shapes[name]), read(name, pos if indices is None else indices.index_select(0, pos).long()))
+    return fingerprint(samples)
 
 
 def model_fingerprint(model: nn.Module, tensors: dict[str, torch.Tensor]) -> str:
     """The fingerprint of `model` at the entries an increment's tensors name (before applying it)."""
     params = dict(model.named_parameters())
-    samples = {}
-    for name in tensor_names(tensors):
-        flat = params[name].data.view(-1)
-        indices = tensors.get(f"{name}.indices")
-        k = flat.numel() if indices is None else indices.numel()
-        pos = _sample_positions(k)
-        where = pos if indices is None else indices.index_select(0, pos)
-        samples[name] = (list(params[name].shape), flat.index_select(0, where.to(flat.device)))
-    return fingerprint(samples)
+    return fingerprint_at(tensors, {n: list(params[n].shape) for n in tensor_names(tensors)},
+                          lambda name, at: params[name].data.view(-1).index_select(0, at.to(params[name].device)))
+
+
+def check_fingerprint(found: str, meta: dict, key: str, what: str, path: str, force: bool) -> None:
+    """Refuse (IncrementError) a model whose fingerprint `found` is not the one the metadata records
+    under `key` (`what`: the kind of base, for the message); with `force`, only warn."""
+    recorded = meta.get(key)
+    if not recorded or found == recorded:
+        return
+    message = (f"{path}: this model is not the {what} the increment was trained from ({key.replace('_', ' ')} "
+               f"{found}, the file records {recorded}; trained on {meta.get('base_model') or 'an unnamed base'!r})")
+    if not force:
+        raise IncrementError(message + "; use force=True (--force) to apply anyway")
+    warnings.warn(message + "; applying anyway (force)")
 
 
 # ------------------------------------------------------------------ save
@@ -128,7 +126,7 @@ def increment_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
             flat = torch.arange(trained.numel()) if idx is None else idx
             out[f"{name}.exact_indices"] = flat[unreachable].contiguous()
             out[f"{name}.exact_values"] = trained[unreachable].contiguous()
-        samples[name] = (shapes[name], b.index_select(0, _sample_positions(b.numel())))
+        samples[name] = (shapes[name], b.index_select(0, sample_positions(b.numel())))
         dtypes.add(str(b.dtype).removeprefix("torch."))
     dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
     return out, {"dtype": dtype, "base_fingerprint": fingerprint(samples), "shapes": json.dumps(shapes)}
@@ -136,9 +134,26 @@ def increment_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
 
 def write_increment(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """The one writer of increment files, SIFT's and QSIFT's (sift.quantize): format v2's header over
-    `meta`, written atomically (temp file + fsync + rename): an interrupted save never leaves a torn file."""
+    `meta`, written atomically (temp file + fsync + rename): an interrupted save never leaves a torn
+    file. The header's keys are sorted, so the same tensors and metadata give the same bytes."""
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={**meta, "format": FORMAT, "version": VERSION})
+        _sort_header(tmp)
+
+
+def _sort_header(path: str) -> None:
+    """Rewrite a safetensors header in place with its keys sorted. safetensors serialises the
+    metadata from a Rust HashMap, whose order changes from process to process; the sorted JSON has
+    the same length (same entries, same compact separators and escapes), padded with the spaces the
+    format allows, so only the header's bytes are rewritten, never the tensor data."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise IncrementError(f"{path}: the sorted header is longer than the written one; not rewritten")
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def save_increment(opt, path: str, base_model: str = "", quantization: str | None = None,
@@ -159,12 +174,12 @@ def save_increment(opt, path: str, base_model: str = "", quantization: str | Non
 
 
 # ------------------------------------------------------------------ load / check / apply
-def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata); raises IncrementError for unreadable files or foreign formats."""
+def read_metadata(path: str) -> dict[str, str]:
+    """An increment's metadata, read from the header alone (no tensor is loaded); raises
+    IncrementError for unreadable files or foreign formats."""
     if not os.path.isfile(path):
         raise IncrementError(f"{path}: no such increment file")
     try:
-        tensors = load_file(path)
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
@@ -174,7 +189,16 @@ def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     if meta.get("version") not in READS:
         raise IncrementError(f"{path}: increment version {meta.get('version')!r}, this SIFT reads "
                              f"{' and '.join(READS)}")
-    return tensors, meta
+    return meta
+
+
+def load_increment(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata); raises IncrementError for unreadable files or foreign formats."""
+    meta = read_metadata(path)
+    try:
+        return load_file(path), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise IncrementError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 def tensor_names(tensors: dict) -> list[str]:
@@ -233,15 +257,8 @@ def check_base(model: nn.Module, tensors: dict, meta: dict, path: str = "<in mem
         if name not in params:
             raise IncrementError(f"{path}: tensor {name} is not a parameter of {type(model).__name__}")
         _check(path, name, params[name], tensors, shapes, version)
-    recorded = meta.get("base_fingerprint")
-    if recorded:
-        found = model_fingerprint(model, tensors)
-        if found != recorded:
-            message = (f"{path}: this model is not the base the increment was trained from (base fingerprint "
-                       f"{found}, the file records {recorded}; trained on {meta.get('base_model') or 'an unnamed base'!r})")
-            if not force:
-                raise IncrementError(message + "; use force=True (--force) to apply anyway")
-            warnings.warn(message + "; applying anyway (force)")
+    if meta.get("base_fingerprint"):
+        check_fingerprint(model_fingerprint(model, tensors), meta, "base_fingerprint", "base", path, force)
 
 
 def read(increment) -> tuple[str, dict, dict]:

@@ -18,9 +18,9 @@ import torch.nn as nn
 from bitsandbytes import functional as bnbf
 
 from .config import SIFTConfig
-from .selection import select
+from .entries import select_before_training, sparse_grad
 from .state import Bank, SparseState, flat_weight, index_dtype, numel, shape  # noqa: F401 (re-exported)
-from .targets import exact_grad_dtypes, find_trainable, increment_params
+from .targets import exact_grad_dtypes, find_trainable, increment_holders
 
 # What a resumed run must share with the run that saved the state (the rest may change: lr, ...)
 RESUME_FIELDS = ("rate", "targets", "dense", "selection", "optimizer", "step_in_backward")
@@ -46,9 +46,9 @@ class SIFT(torch.optim.Optimizer):
         trainable = {id(p) for _, p in sparse + dense}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
-        self.slots = [SparseState(n, p, math.ceil(cfg.rate * numel(p))) for n, p in sparse]
-        narrow, increments = exact_grad_dtypes(model), increment_params(model)
-        self.slots += [SparseState(n, p, None, narrow.get(n), n in increments) for n, p in dense]
+        self.slots = [SparseState(n, p, math.ceil(cfg.rate * numel(p)), selection=cfg.selection) for n, p in sparse]
+        narrow, holders = exact_grad_dtypes(model), increment_holders(model)
+        self.slots += [SparseState(n, p, None, narrow.get(n), holders.get(n)) for n, p in dense]
         self.banks = self._make_banks(cfg.optimizer == "adamw8bit", _fp32_master)
         defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         super().__init__([s.param for s in self.slots], defaults)
@@ -63,12 +63,11 @@ class SIFT(torch.optim.Optimizer):
         self._slot_no = {id(s): i for i, s in enumerate(self.slots)}
         self._pending, self._pending_entries = [], 0  # step_in_backward: (slot, grad, indices, flag) to step
         generator = torch.Generator().manual_seed(cfg.seed)
-        for s in self.slots:
+        for s in self.slots:  # in model order: one generator stream, the same on every rank
             if not s.sparse:
                 s.select(None)
-            elif cfg.selection != "grad":
-                score = flat_weight(s.param) if cfg.selection == "magnitude" else None
-                s.select(select(cfg.selection, s.k, s.numel, score=score, generator=generator, device=s.device))
+            else:
+                select_before_training(s, generator)
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._make_hook(s)) for s in self.slots]
 
     def _make_banks(self, eightbit: bool, fp32_master: bool) -> list[Bank]:
@@ -96,15 +95,10 @@ class SIFT(torch.optim.Optimizer):
         @torch.no_grad()
         def hook(p: nn.Parameter):
             grad, p.grad = p.grad, None  # the dense gradient dies with this hook
-            if not slot.ready():
-                score = grad
-                if self.world > 1:  # every rank must pick the same entries: those of the summed
-                    score = grad.clone()  # gradient (a dense all-reduce, once per tensor, first micro-batch)
-                    dist.all_reduce(score)
-                slot.select(select("grad", slot.k, slot.numel, score=score, device=slot.device))
-                del score
-            idx = slot.indices()
-            g = slot.gather(grad, idx)  # k values in the gradient's dtype
+            if slot.sparse:  # the first call selects (all ranks agree); k values in the gradient's dtype
+                idx, g = sparse_grad(slot, grad, device=slot.device)
+            else:
+                idx, g = None, slot.gather(grad, None)
             del grad
             if self.cfg.step_in_backward:
                 g = g.float()
@@ -243,7 +237,7 @@ class SIFT(torch.optim.Optimizer):
     # ---------------------------------------------------------------- introspection & state
     def selected_indices(self) -> dict[str, torch.Tensor]:
         """{name: sorted flat indices (int32 unless numel >= 2^31)}, decoded into a new tensor."""
-        return {s.name: s.indices().to(index_dtype(s.numel)) for s in self.slots if s.sparse and s.ready()}
+        return {s.name: s.flat_indices() for s in self.slots if s.sparse and s.ready()}
 
     def trained_values(self) -> dict[str, torch.Tensor]:
         """{name: fp32 values} of every trained entry: what an increment file stores."""

@@ -19,14 +19,14 @@ import json
 import torch
 import torch.nn as nn
 
-from .increment import VERSION, IncrementError
+from .increment import VERSION, IncrementError, check_fingerprint, fingerprint_at, model_fingerprint
 from .qlinear import BLOCKSIZE, QUANT_TYPES, QSIFTLinear
 from .targets import matches_module
 
 __all__ = ["QSIFTLinear", "QUANT_TYPES", "BLOCKSIZE", "quantize", "load_quantized", "attach", "layers",
            "is_quantized", "quantization_info", "increment_tensors", "restore", "apply_onto_full",
            "save_increment", "load_increment", "apply_increment", "is_quantized_increment", "to_linear4bit",
-           "quantize_base", "base_tensors", "memory_report"]
+           "quantize_base", "base_tensors", "memory_report", "quantized_fingerprint"]
 
 
 def _targeted(model: nn.Module, targets) -> list[tuple[nn.Module, str, str, nn.Module]]:
@@ -105,8 +105,9 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def attach(model: nn.Module, rate: float, selection: str = "grad", seed: int = 0) -> None:
-    """Give every QSIFTLinear its zero delta (k = ceil(rate x numel)); "random" / "magnitude"
-    choose the indices now (seeded: every rank picks the same), "grad" in the first backward."""
+    """Give every QSIFTLinear its zero delta (k = ceil(rate x numel)) and its selection rule (a name
+    in sift.selection.RULES): rules that need no gradient (random, magnitude) choose the indices now,
+    in model order with one seeded generator (every rank picks the same); grad in the first backward."""
     generator = torch.Generator().manual_seed(seed)
     for layer in layers(model).values():
         layer.attach(rate, selection, generator)
@@ -128,10 +129,13 @@ def increment_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     the base being deq(Q)), on the CPU. Unselected layers (no step yet) are left out."""
     out = {}
     for name, layer in layers(model).items():
-        if layer.selected:
-            out[f"{name}.indices"] = layer.indices.cpu().contiguous()  # the format's flat int32 form
+        if layer.ready():
+            out[f"{name}.indices"] = layer.flat_indices().cpu().contiguous()  # the format's flat int32 form
             out[f"{name}.delta"] = layer.delta.detach().float().cpu().contiguous()
     return out
+
+
+QUANTIZED_KEY = "quantized_base_fingerprint"  # metadata: the fingerprint of deq(Q) at the trained entries
 
 
 class QuantizedIncrementError(IncrementError):
@@ -166,10 +170,21 @@ def _plan(model_params: dict, tensors: dict, source: str, shapes: dict) -> list:
     return plan
 
 
+def quantized_fingerprint(model: nn.Module, tensors: dict) -> str:
+    """The fingerprint of the 4-bit base deq(Q) at the entries `tensors` name (one layer's dense
+    weight at a time, transient): the training base exactly, so the quantization recipe too."""
+    found = layers(model)
+    return fingerprint_at(tensors, {n: list(layer.shape) for n, layer in found.items()},
+                          lambda name, at: found[name].dense_weight().view(-1).index_select(0, at.to(
+                              found[name].weight_4bit.device)))
+
+
 @torch.no_grad()
-def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: str = "<in memory>") -> None:
+def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: str = "<in memory>",
+            force: bool = False) -> None:
     """Onto a quantized model: set each layer's indices and delta, reproducing the training-time
-    effective weights exactly. Refuses a file whose quantization differs from the model's, and
+    effective weights exactly. Refuses a file whose quantization differs from the model's, or whose
+    recorded 4-bit base (`quantized_base_fingerprint`) is not this model's (`force`: warns), and
     validates everything before the first layer changes."""
     found = layers(model)
     if not found:
@@ -182,24 +197,29 @@ def restore(model: nn.Module, tensors: dict, meta: dict | None = None, source: s
         raise QuantizedIncrementError(f"{source}: trained on another quantized base: " + ", ".join(diff))
     shapes = json.loads((meta or {}).get("shapes") or "{}")
     plan = _plan({n: tuple(layer.shape) for n, layer in found.items()}, tensors, source, shapes)
+    if (meta or {}).get(QUANTIZED_KEY):
+        check_fingerprint(quantized_fingerprint(model, tensors), meta, QUANTIZED_KEY, "4-bit base", source, force)
     for name, idx, delta in plan:
         layer = found[name]
         if layer.delta is None or layer.k != idx.numel():
             layer.k = idx.numel()
             layer.delta = nn.Parameter(torch.zeros(layer.k, device=layer.weight_4bit.device),
                                        requires_grad=layer.delta is not None and layer.delta.requires_grad)
-        layer.set_indices(idx)
+        layer.select(idx)  # validated above: sorted, unique, in range
         layer.delta.copy_(delta.to(layer.delta.device))
 
 
 @torch.no_grad()
 def apply_onto_full(model: nn.Module, tensors: dict, meta: dict | None = None, source: str = "<in memory>",
-                    scale: float = 1.0) -> None:
+                    scale: float = 1.0, force: bool = False) -> None:
     """Onto a full-precision model: W[idx] = (W[idx] + scale x delta), rounded once to W's dtype
-    (merged/ is this, in the base's dtype)."""
+    (merged/ is this, in the base's dtype). A recorded `base_fingerprint` must be this model's
+    (`force`: warns)."""
     params = dict(model.named_parameters())
     shapes = json.loads((meta or {}).get("shapes") or "{}")
     plan = _plan({n: tuple(p.shape) for n, p in params.items()}, tensors, source, shapes)
+    if (meta or {}).get("base_fingerprint"):
+        check_fingerprint(model_fingerprint(model, tensors), meta, "base_fingerprint", "base", source, force)
     for name, idx, delta in plan:
         flat = params[name].data.view(-1)
         idx = idx.to(flat.device)
@@ -208,20 +228,24 @@ def apply_onto_full(model: nn.Module, tensors: dict, meta: dict | None = None, s
 
 # ---------------------------------------------------------------- the increment file
 def save_increment(model: nn.Module, path: str, base_model: str = "", rate: float | None = None,
-                   selection: str = "", extra: dict | None = None) -> None:
+                   selection: str = "", extra: dict | None = None, base_values=None) -> None:
     """Write the quantized layers' increment through sift.increment's one writer (format v2, crash-safe),
-    with `quantization` in the metadata. No `base_fingerprint`: the training base is deq(Q), whose
-    values at the trained entries are not the full-precision base's that the file also applies onto;
-    `restore` / `apply_onto_full` check names, shapes, indices and the quantization instead."""
+    with `quantization` (type, block size, double quantization, dtype) in the metadata and two
+    fingerprints of the base at the trained entries: `quantized_base_fingerprint` of deq(Q) (what
+    `restore` checks) and, given `base_values(name, flat positions)` reading the full-precision base
+    the run loaded (its weights files), `base_fingerprint` (what applying onto that base checks, as
+    for a SIFT increment)."""
     from . import increment
 
-    found = layers(model)
+    found, tensors = layers(model), increment_tensors(model)
     shapes = {name: list(layer.shape) for name, layer in found.items()}
     dtype = str(next(iter(found.values())).quant_state.dtype).removeprefix("torch.") if found else ""
     meta = {"base_model": base_model, "rate": "" if rate is None else str(rate), "selection": selection,
             "dtype": dtype, "shapes": json.dumps(shapes), "quantization": json.dumps(quantization_info(model)),
-            **(extra or {})}
-    increment.write_increment(path, increment_tensors(model), meta)
+            QUANTIZED_KEY: quantized_fingerprint(model, tensors), **(extra or {})}
+    if base_values is not None:
+        meta["base_fingerprint"] = fingerprint_at(tensors, shapes, base_values)
+    increment.write_increment(path, tensors, meta)
 
 
 def load_increment(path: str) -> tuple[dict, dict]:
@@ -240,16 +264,17 @@ def load_increment(path: str) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def apply_increment(model: nn.Module, path: str, scale: float = 1.0) -> dict:
+def apply_increment(model: nn.Module, path: str, scale: float = 1.0, force: bool = False) -> dict:
     """Apply a quantized-base increment file: onto a quantized model (the training-time effective
-    weights, exactly) or onto the full-precision base (base + delta). Returns the metadata."""
+    weights, exactly) or onto the full-precision base (base + delta), each base checked against the
+    fingerprint the file records for it (`force`: warn and apply). Returns the metadata."""
     tensors, meta = load_increment(path)
     if is_quantized(model):
         if scale != 1.0:
             raise QuantizedIncrementError(f"{path}: scaling onto a quantized base is not supported")
-        restore(model, tensors, meta, path)
+        restore(model, tensors, meta, path, force)
     else:
-        apply_onto_full(model, tensors, meta, path, scale)
+        apply_onto_full(model, tensors, meta, path, scale, force)
     return meta
 
 

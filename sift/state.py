@@ -2,11 +2,11 @@
 
 Layout (bytes per trained entry; k = trained entries of a tensor, padded to kp, a multiple of 256):
 
-    indices    2 B   int16 per entry: the entry's offset inside its 2^15-entry block of the flat
-                     weight (15 bits) + the master's tie bit (below); plus per tensor the entry count
-                     of each block (int32, 4 B per 32,768 weight entries: 0.002 B/entry at 5 %) and
-                     the bank's one arange of block starts. Decoded on the device when the hook
-                     gathers and when the step writes back: repeat_interleave(starts, counts,
+    indices    2 B   sift.codec: int16 per entry, the entry's offset inside its 2^15-entry block of
+                     the tensor's slice (15 bits) + the master's tie bit (below); plus per tensor the
+                     entry count of each block (int32, 4 B per 32,768 weight entries: 0.002 B/entry at
+                     5 %) and the bank's one arange of block starts. Decoded on the device when the
+                     hook gathers and when the step writes back: repeat_interleave(starts, counts,
                      output_size=k) + the offsets, 2 kernels (3 with the tie bit's mask), no host sync.
     master     2 B   bf16 weights: the fp32 master is the bf16 weight + an int16 remainder (below);
                0 B   fp32 weights are their own master; other dtypes (fp16) keep a 4 B fp32 master.
@@ -47,14 +47,10 @@ import torch
 import torch.nn as nn
 from bitsandbytes import functional as bnbf
 
+from .codec import FLAG, OFFSET_MASK, block_starts, decode, encode, index_dtype
+
 BLOCK = 256          # bitsandbytes' blockwise quantisation block for the 8-bit moments
-INDEX_BLOCK = 2**15  # weight entries per index block: 15-bit offsets, the 16th bit is the tie flag
 CHUNK = 2**22        # entries per batched optimizer call (bounds the step's scratch)
-_OFFSET, _TIE = 0x7FFF, -0x8000  # int16 masks: offset bits, the tie bit (0x8000)
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    return torch.int64 if numel >= 2**31 else torch.int32
 
 
 def numel(p: nn.Parameter) -> int:
@@ -103,7 +99,7 @@ def encode_master(m: torch.Tensor, rem: torch.Tensor, aux: torch.Tensor) -> torc
     w = m.bfloat16()  # round to nearest even: what a plain fp32 master writes into the weight
     d = torch.sub(m.view(torch.int32), w.view(torch.int16).int(), alpha=65536)  # in [-2^15, 2^15]
     rem.copy_(d)  # int16: d mod 2^16 (the tie d = 2^15 wraps to -2^15, its flag says which)
-    aux.bitwise_and_(_OFFSET).add_(d == 32768, alpha=_TIE)  # the tie bit set exactly where d == 2^15
+    aux.bitwise_and_(OFFSET_MASK).add_(d == 32768, alpha=FLAG)  # the tie bit set exactly where d == 2^15
     return w
 
 
@@ -126,33 +122,31 @@ class Bank:
         self.rem = self.side[1] if self.kind == "rem" else None
         self.master = torch.zeros(n, dtype=torch.float32, device=dev) if self.kind == "fp32" else None
         self.tables = {}  # (lo, hi) -> the block table of that run of sparse slots (chunk_indices)
-        self.firsts = torch.zeros(0, dtype=torch.int64, device=dev)  # block b's first flat index, b * 2^15
+        self.starts = torch.zeros(0, dtype=torch.int64, device=dev)  # block b's first index in a slice, b * 2^15
         self.sizes = {}   # (lo, hi) -> int32 padded size of each slot of that run (skip_mask)
         self._pad = torch.zeros(BLOCK, dtype=torch.float32, device=dev)  # zeros between slots in a chunk
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad, self.firsts)
+        return [t for t in (self.moments, self.absmax, self.side, self.master, self._pad, self.starts)
                 if t is not None] + [t for table in self.tables.values() for t in table] + list(self.sizes.values())
 
     def chunk_indices(self, slots: list[SparseState], lo: int, hi: int) -> torch.Tensor:
-        """Every entry's flat index into its own weight, for the sparse slots filling [lo, hi) of this
-        bank, decoded in one pass (2-3 launches for the run, not per tensor); padding entries get
+        """Every entry's index into its own weight's slice, for the sparse slots filling [lo, hi) of
+        this bank, decoded in one pass (2-3 launches for the run, not per tensor); padding entries get
         index 0. The run's table is its slots' block starts and counts end to end, each slot followed
         by a (0, padding) block, built once and kept (12 B per 2^15 weight entries)."""
         if (lo, hi) not in self.tables:
-            firsts, counts = [], []
+            starts, counts = [], []
             for s in slots:
-                firsts += [self.firsts[:s.counts.numel()], self.firsts[:1]]
+                starts += [self.starts[:s.counts.numel()], self.starts[:1]]
                 counts += [s.counts, s.counts.new_full((1,), s.kp - s.k)]
-            self.tables[(lo, hi)] = (torch.cat(firsts), torch.cat(counts))
-        return self.decode(self.aux[lo:hi], *self.tables[(lo, hi)])
+            self.tables[(lo, hi)] = (torch.cat(counts), torch.cat(starts))
+        return decode(self.aux[lo:hi], *self.tables[(lo, hi)], flagged=self.flagged)
 
-    def decode(self, aux: torch.Tensor, firsts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Flat int64 indices from the offsets in `aux`, the blocks' first flat indices and how many
-        entries of `aux` fall in each block: no host sync (output_size given)."""
-        firsts = torch.repeat_interleave(firsts, counts, output_size=aux.numel())
-        offsets = aux & _OFFSET if self.kind == "rem" else aux  # only bf16 remainders set the tie bit
-        return firsts.add_(offsets)
+    @property
+    def flagged(self) -> bool:
+        """Whether the offsets carry the master's tie bit (only bf16 remainders set it)."""
+        return self.kind == "rem"
 
     # ------------------------------------------------------------ the sync-free in-backward guard
     def skip_mask(self, slots: list[SparseState], flags: torch.Tensor) -> torch.Tensor:
@@ -180,7 +174,7 @@ class Bank:
     def shared_nbytes(self) -> dict[str, int]:
         """Bytes of the bank's own tensors beyond its slots' shares: the block starts, the runs'
         tables and the padding zeros."""
-        return {"indices": self.firsts.nbytes + sum(t.nbytes for table in self.tables.values() for t in table),
+        return {"indices": self.starts.nbytes + sum(t.nbytes for table in self.tables.values() for t in table),
                 "optimizer_states": self._pad.nbytes + sum(t.nbytes for t in self.sizes.values())}
 
     def step(self, states: list[SparseState], grads: list[torch.Tensor], hp: dict, qmaps, scale: float = 1.0,
@@ -252,16 +246,29 @@ class SparseState:
     """One trained tensor: which entries, their master values and moments (views into its Bank).
 
     `k` entries (all of them when trained densely), padded to `kp` in the bank at entry `start`.
-    Public: indices(), values(), nbytes(), state(), load(); the rest serves SIFT's hooks and step.
+    Sparse, it is the `sift.entries.Entries` holder of a weight whose trained values live in the
+    weight itself: k entries of the slice [lo, hi) of its flat weight, chosen by rule `selection`.
+    Dense, it trains a whole parameter, which may be the values of another holder's entries
+    (`holder`: QSIFTLinear for its delta, whose base is 0 by definition). `entries` is, either way,
+    the holder whose entries these values are (None for a plain dense parameter).
+    Public: indices(), flat_indices(), values(), set_values(), nbytes(), state(), load(), ready(),
+    select(); the rest serves SIFT's hooks and step.
     """
 
     def __init__(self, name: str, param: nn.Parameter, k: int | None, grad_dtype: torch.dtype | None = None,
-                 zero_base: bool = False):
+                 holder=None, selection: str = "grad", lo: int = 0, hi: int | None = None):
         self.name, self.param = name, param
-        self.zero_base = zero_base  # an increment itself (QSIFT's delta): its base is 0, no host copy
+        self.zero_base = holder is not None  # an increment itself (QSIFT's delta): base 0, no host copy
         self.grad_dtype = grad_dtype or param.dtype  # the deferred gradient's until it accumulates (exact)
         self.numel = numel(param)
+        # The slice [lo, hi) of the flat weight this rank holds, whose storage flat_weight(param) is:
+        # all of it with one rank, ZeRO-2, ZeRO-3 on one rank. Indices are kept, decoded and written
+        # relative to lo; the selection and the increment speak of the whole weight. A dense state
+        # trains its whole parameter.
+        self.lo, self.hi = lo, self.numel if hi is None else hi
+        self.selection = selection
         self.sparse = k is not None
+        self.entries = self if self.sparse else holder
         self.k = k if self.sparse else self.numel
         self.kp = math.ceil(self.k / BLOCK) * BLOCK
         self.start = 0
@@ -285,16 +292,14 @@ class SparseState:
         return self._ready
 
     def select(self, idx: torch.Tensor | None) -> None:
-        """Fix the trained entries (sorted flat int64 on any device; None: dense) and take the base."""
+        """Fix the trained entries (sorted flat indices of the whole weight inside [lo, hi), on any
+        device; None: dense) and take their base values."""
         if idx is not None:
-            idx = idx.to(self.device)
-            self._view(self.bank.aux).copy_(idx & _OFFSET)
             b = self.bank
-            firsts = torch.arange(0, self.numel, INDEX_BLOCK, device=idx.device)
-            if b.firsts.numel() < firsts.numel():
-                b.firsts = firsts
-            ends = torch.searchsorted(idx, firsts + INDEX_BLOCK)  # idx is sorted: where each block ends in it
-            self.counts = torch.diff(ends, prepend=ends.new_zeros(1)).int()
+            idx = idx.to(self.device)
+            self.counts = encode(idx, self.lo, self.hi, out=self._view(b.aux))[1]
+            if b.starts.numel() < self.counts.numel():
+                b.starts = block_starts(0, self.hi - self.lo, idx.device)
             b.tables.clear()
             self._ready = True
         w = self.weights(self.indices())
@@ -303,10 +308,22 @@ class SparseState:
             self._view(self.bank.master).copy_(w)
 
     def indices(self) -> torch.Tensor | None:
-        """Sorted flat int64 indices, decoded on the device (a k-sized temporary), or None if dense."""
+        """Sorted int64 indices into this rank's slice of the flat weight (the flat indices when the
+        slice is the whole weight), decoded on the device (a k-sized temporary); None if dense."""
         if not self.sparse:
             return None
-        return self.bank.decode(self._view(self.bank.aux), self.bank.firsts[:self.counts.numel()], self.counts)
+        b = self.bank
+        return decode(self._view(b.aux), self.counts, b.starts[:self.counts.numel()], flagged=b.flagged)
+
+    def flat_indices(self) -> torch.Tensor:
+        """The trained entries as flat indices of the whole weight (int32 unless numel >= 2^31), in a
+        new tensor: what state_dict and the increment store."""
+        idx = self.indices()
+        return (idx + self.lo if self.lo else idx).to(index_dtype(self.numel))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as the rank holds it, flat (what the magnitude rule reads)."""
+        return flat_weight(self.param)
 
     # ---------------------------------------------------------------- gather / scatter
     def gather(self, dense: torch.Tensor, idx: torch.Tensor | None, out: torch.Tensor | None = None):
@@ -377,7 +394,7 @@ class SparseState:
         if self.base is not None:
             st["base"] = self.base
         if self.sparse:
-            st["indices"] = self.indices().to(index_dtype(self.numel))
+            st["indices"] = self.flat_indices()
         if b.absmax is not None:
             st["absmax1"], st["absmax2"] = (b.absmax[i, self.start // BLOCK:self.start // BLOCK + nb].clone()
                                             for i in (0, 1))

@@ -51,10 +51,17 @@ def _declared(model: nn.Module, attr: str) -> dict:
     return out
 
 
+def increment_holders(model: nn.Module) -> dict[str, nn.Module]:
+    """{parameter name: the module declaring it} for the parameters that modules declare to be
+    increments themselves (`sift_dense_params`: QSIFTLinear's delta): trained densely, their base is 0
+    by definition, and the module holds the entries they are the values of (sift.entries)."""
+    return {f"{mn}.{pn}" if mn else pn: mod for mn, mod in model.named_modules()
+            for pn in getattr(mod, "sift_dense_params", ())}
+
+
 def increment_params(model: nn.Module) -> set[str]:
-    """Names of the parameters that modules declare to be increments themselves (`sift_dense_params`:
-    QSIFTLinear's delta): trained densely, their base is 0 by definition."""
-    return set(_declared(model, "sift_dense_params"))
+    """Names of the parameters of `increment_holders`."""
+    return set(increment_holders(model))
 
 
 def exact_grad_dtypes(model: nn.Module) -> dict[str, torch.dtype]:

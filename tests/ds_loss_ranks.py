@@ -12,11 +12,10 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import train_sft  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
 from test_loss import grads, padded_batch  # noqa: E402
 from trainer import ds  # noqa: E402
-from trainer.loss import label_tokens  # noqa: E402
+from trainer.loss import label_tokens, train_window  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -27,7 +26,7 @@ cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "t
        "gradient_clipping": 0.0, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
        "steps_per_print": 10**9}
 engine = ds.initialize(model, cfg)
-loss, _ = train_sft.train_window(model, [{k: v[rank::world] for k, v in b.items()} for b in window], "cpu", engine)
+loss, _ = train_window(model, [{k: v[rank::world] for k, v in b.items()} for b in window], "cpu", engine)
 ours = grads(model)
 for g in ours.values():
     dist.all_reduce(g)

@@ -1,14 +1,22 @@
 """benchmarks/: the byte counter against hand-counted tensors, the planner against a measured step,
-and the item-1 machinery on a tiny model. No timing assertions: this machine is shared."""
+and the memory / speed machinery on a tiny model. No timing assertions: this machine is shared."""
 import copy
+import datetime
 import gc
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import memory_plan, memory_speed, quality
+from benchmarks import memory_plan, memory_speed, quality, run
 from benchmarks.memtrack import MemoryTracker, nbytes_of
-from benchmarks.methods import Method, Trainee, item1_methods, lora_rank_for_rate, sift_rate_for_rank, targets_of
+from benchmarks.methods import Method, Trainee, compared_methods, lora_rank_for_rate, sift_rate_for_rank, targets_of
 from benchmarks.sparsity import mean_pairwise_overlap
 from conftest import batch, tiny_llama
 
@@ -104,10 +112,10 @@ def test_planner_matches_a_measured_cpu_step_within_10_percent(ckpt):
         assert abs(plan["peak_with_host"] - measured) <= 0.10 * measured, (method.name, plan, measured)
 
 
-def test_item1_machinery_on_a_tiny_model():
+def test_compared_methods_machinery_on_a_tiny_model():
     model = tiny_llama(layers=2, hidden=64, vocab=128)
     batches = [batch(i, vocab=128) for i in range(3)]
-    methods = item1_methods(model)
+    methods = compared_methods(model)
     assert [m.kind for m in methods] == ["floor", "full", "full", "lora", "original"] + ["sift"] * 4
     # the full-model optimizers are covered above; the 1 % rows take the same paths as the 5 % ones
     methods = [m for m in methods if m.kind != "full" and m.rate != 0.01]
@@ -152,3 +160,213 @@ def test_heldout_loss_is_a_token_mean_not_a_mean_of_batch_means():
     na, nb = 11, 2 * 6  # labels are shifted by one inside the loss: positions 6..11 of each row
     expected = (model(**a).loss.item() * na + model(**b).loss.item() * nb) / (na + nb)
     assert quality.heldout_loss(model, [a, b]) == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _experiment(root: Path, name: str, params: dict) -> None:
+    path = root / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"description": "a tiny plan", "params": params}))
+
+
+def test_driver_regenerates_an_experiment_into_a_stamped_result_plot_and_readme_table(tmp_path):
+    """plan/tiny through `python -m benchmarks.run`: the result holds the planner's own rows (a direct
+    call is the reference), a stamp naming the command, commit, device and date, a PNG, a README table."""
+    params = {"model": "llama-tiny", "seq": 32, "method": "sift", "rate": 0.05}
+    _experiment(tmp_path / "exp", "plan/tiny", params)
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- BEGIN plan--tiny -->\nstale\n<!-- END plan--tiny -->\nafter\n")
+    t0 = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    assert run.main(["plan/tiny", "--experiments_dir", str(tmp_path / "exp"), "--results_dir", str(tmp_path / "res"),
+                     "--plots_dir", str(tmp_path / "plots"), "--readme", str(readme)]) == 0
+    doc = json.loads((tmp_path / "res" / "plan--tiny.json").read_text())
+    reference = memory_plan.plan_setting(**params)["rows"]
+    rows = doc["result"]["rows"]
+    assert [r["name"] for r in rows] == [r["name"] for r in reference]
+    for got, want in zip(rows, reference):  # LoRA's step allocates a 16-byte scalar or not, run to run
+        assert got["peak"] == pytest.approx(want["peak"], abs=64), got["name"]
+        assert got["peak_breakdown"]["optimizer"] == want["peak_breakdown"]["optimizer"], got["name"]
+    assert (doc["experiment"], doc["stage"], doc["params"]) == ("plan/tiny", "plan", params)
+    st = doc["stamp"]
+    assert st["command"] == "python -m benchmarks.run plan/tiny"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert st["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert isinstance(st["dirty"], bool) and st["seconds"] > 0
+    assert datetime.datetime.fromisoformat(st["date"]) >= t0
+    assert st["device"]["cores"] >= 1 and st["device"]["cpu"] and st["device"]["torch"] == torch.__version__
+    assert (tmp_path / "plots" / "plan--tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("before\n") and text.endswith("after\n")
+    assert "Made by `python -m benchmarks.run plan/tiny` · commit" in text
+    assert "![plan--tiny](plots/plan--tiny.png)" in text and "| SIFT 5% deferred |" in text
+
+
+def test_driver_dry_run_writes_nothing_and_bad_experiments_are_refused_together(tmp_path):
+    exp, res = tmp_path / "exp", tmp_path / "res"
+    _experiment(exp, "plan/tiny", {"model": "llama-tiny", "seq": 32, "method": "sift"})
+    dirs = ["--experiments_dir", str(exp), "--results_dir", str(res), "--plots_dir", str(tmp_path / "p"),
+            "--readme", ""]
+    assert run.main(["--dry-run", "plan/*", *dirs]) == 0
+    assert not res.exists() and not (tmp_path / "p").exists()
+    _experiment(exp, "plan/typo", {"model": "llama-tiny", "sequence": 32})
+    _experiment(exp, "nostage/x", {})
+    (exp / "plan" / "broken.json").write_text("{")
+    with pytest.raises(SystemExit) as err:
+        run.main(["plan/*", "nostage/x", "memory/nothing", *dirs])
+    lines = str(err.value).splitlines()
+    assert err.value.code == 2 and not res.exists()
+    for needles in (["broken.json", "not JSON"], ["typo.json", "unknown params ['sequence']", "seq"],
+                    ["nostage/x.json", "no stage 'nostage'"], ["memory/nothing", "no such experiment"]):
+        assert len([line for line in lines if all(n in line for n in needles)]) == 1, (needles, lines)
+
+
+def test_checkpoint_offers_a_partial_result_only_to_the_same_params(tmp_path):
+    saved = run.Checkpoint(tmp_path / ".partial" / "x.json", {"steps": 3})
+    assert saved.load() is None
+    saved.save({"runs": [1, 2]})
+    assert run.Checkpoint(saved.path, {"steps": 3}).load() == {"runs": [1, 2]}
+    assert run.Checkpoint(saved.path, {"steps": 4}).load() is None
+    saved.clear()
+    assert saved.load() is None
+
+
+def test_every_result_is_regenerable_by_its_experiment_and_every_readme_table_has_a_result():
+    experiments = run.discover(BENCH / "experiments")
+    for name, path in experiments.items():
+        assert run.load_experiment(name, path)[1] == [], name
+    slugs = set()
+    for path in sorted((BENCH / "results").glob("*.json")):
+        doc = json.loads(path.read_text())
+        slugs.add(path.stem)
+        assert path.stem == doc["experiment"].replace("/", "--") and doc["experiment"] in experiments, path.name
+        st = doc["stamp"]
+        assert st["command"] == f"python -m benchmarks.run {doc['experiment']}", path.name
+        assert len(st["commit"]) == 40 and st["date"] and st["device"], path.name
+        # a rerun used the experiment's params; a result kept from history says how it was made
+        assert doc["params"] == json.loads(experiments[doc["experiment"]].read_text())["params"] or st["note"]
+    for png in (BENCH / "plots").glob("*.png"):
+        assert any(png.stem == s or png.stem.startswith(s + "-") for s in slugs), png.name
+    markers = re.findall(r"^<!-- BEGIN (\S+)", (BENCH / "README.md").read_text(), re.M)
+    assert markers and set(markers) - {"index"} <= slugs, set(markers) - slugs - {"index"}
+
+
+def test_gpu_check_dry_run_builds_every_part_on_the_cpu_and_each_row_meets_its_plan():
+    """The prepared GPU check with its real experiment, CPU side only: every row (bf16, QSIFT,
+    QLoRA; llama-tiny shapes) measured by the byte counter within 2 % of its live plan."""
+    name = "gpu/check"
+    exp, problems = run.load_experiment(name, run.discover(BENCH / "experiments")[name])
+    assert not problems
+    exp["params"]["steps"] = 2  # the first step selects, the second is a steady one: enough to compare
+    result = run.call_stage(exp, log=lambda *_: None, dry_run=True)
+    assert len(result["rows"]) == len(exp["params"]["rows"])
+    for row in result["rows"]:
+        assert abs(row["measured_vs_plan"]) <= 0.02, row
+    assert [p["optimizer"] for p in result["parity"]] == ["adamw8bit", "adamw"]
+    assert result["parity"][0]["max_abs_update"] > 0 and result["kernel_same_inputs"]["max_abs_update"] > 0
+    assert "ds_configs/zero3_offload.json" in result["zero3_offload_smoke"]["command"]
+    if not torch.cuda.is_available():  # the real run refuses in one line
+        with pytest.raises(SystemExit) as err:
+            run.call_stage(exp, log=lambda *_: None)
+        assert err.value.code == 2 and "needs a CUDA device" in str(err.value)
+
+
+# ------------------------------------------------------------------------------- the planner's bad input
+def _planner_files(d: Path) -> None:
+    (d / "empty").mkdir()
+    (d / "garbage.json").write_text("{not json")
+    (d / "list.json").write_text("[1, 2]")
+    (d / "notype.json").write_text('{"hidden_size": 64}')
+    (d / "nosuch_type.json").write_text('{"model_type": "no-such-architecture"}')
+    (d / "gpt2.json").write_text('{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 128, '
+                                 '"bos_token_id": 0, "eos_token_id": 0}')
+    tied = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "tie_word_embeddings": True}
+    (d / "tied.json").write_text(json.dumps(tied))
+    (d / "out.json").write_text("kept")
+
+
+# id: (arguments, [what one line of stderr must say, for each problem]). The first group runs as
+# subprocesses (each ~5 s of CPU importing torch and bitsandbytes): the option check, the model
+# check (its config read and its meta skeleton) and argparse's own; the second in this process.
+PLANNER_SUBPROCESS = {
+    "numbers": (["--seq", "0", "--batch", "-1", "--rate", "nan", "--lora_rank", "0",
+                 "--gradient_accumulation_steps", "0"],
+                [["--seq 0", ">= 1"], ["--batch -1", ">= 1"], ["--rate nan", "(0, 1]"], ["--lora_rank 0", ">= 1"],
+                 ["--gradient_accumulation_steps 0", ">= 1"]]),
+    "not_llama": (["--model", "{d}/gpt2.json"], [["gpt2.json", "GPT2LMHeadModel lacks the LLaMA linears", "q_proj"]]),
+    "abbreviation": (["--lora_r", "3"], [["unrecognized arguments: --lora_r 3"]]),
+}
+PLANNER_IN_PROCESS = {
+    "unknown_model": (["--model", "llama-9b"], [["--model llama-9b", "not a shape name", "llama-7b"]]),
+    "garbage_config": (["--model", "{d}/garbage.json"], [["garbage.json", "not JSON", "line 1"]]),
+    "json_is_a_directory": (["--json", "{d}"], [["--json", "is a directory"]]),
+    "rate_above_1": (["--rate", "2"], [["--rate 2.0", "(0, 1]"]]),
+    "rate_inf": (["--rate", "inf", "--seq", "-3"], [["--rate inf", "(0, 1]"], ["--seq -3", ">= 1"]]),
+    "dir_without_config": (["--model", "{d}/empty"], [["empty", "no config.json"]]),
+    "config_not_an_object": (["--model", "{d}/list.json"], [["list.json", "expected a JSON object"]]),
+    "config_without_model_type": (["--model", "{d}/notype.json"], [["notype.json", "no model_type field"]]),
+    "unknown_model_type": (["--model", "{d}/nosuch_type.json"], [["nosuch_type.json", "transformers cannot read it"]]),
+    "tied_embeddings_on_host": (["--model", "{d}/tied.json", "--embeddings_on_host"],
+                                [["--embeddings_on_host", "ties its input embeddings"]]),
+    "json_in_a_missing_directory": (["--json", "{d}/nowhere/plan.json"], [["--json", "nowhere", "no directory"]]),
+    "seq_not_a_number": (["--seq", "abc"], [["--seq", "invalid int value: 'abc'"]]),
+    "unknown_dtype": (["--dtype", "fp8"], [["--dtype", "invalid choice: 'fp8'"]]),
+}
+
+
+def _assert_one_line_each(rc: int, err: str, problems: list[list[str]], d: Path) -> None:
+    assert rc == 2 and "Traceback" not in err, err
+    for needles in problems:
+        assert len([line for line in err.splitlines() if all(n in line for n in needles)]) == 1, (needles, err)
+    assert "gemm_4bit_forward" not in err and "Setting accelerator to CPU" not in err, err
+    assert (d / "out.json").read_text() == "kept" and not (d / "nowhere").exists()
+
+
+@pytest.fixture(scope="module")
+def planner_subprocesses(tmp_path_factory):
+    d = tmp_path_factory.mktemp("planner-bad-input")
+    _planner_files(d)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def one(args):
+        argv = [sys.executable, "-m", "benchmarks.memory_plan", *[a.format(d=d) for a in args]]
+        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:  # subprocesses: the threads only wait
+        done = dict(zip(PLANNER_SUBPROCESS, pool.map(one, [a for a, _ in PLANNER_SUBPROCESS.values()])))
+    return d, done
+
+
+@pytest.mark.parametrize("name", list(PLANNER_SUBPROCESS))
+def test_planner_bad_input_gets_one_clear_line_before_any_plan(planner_subprocesses, name):
+    d, done = planner_subprocesses
+    _assert_one_line_each(done[name].returncode, done[name].stderr, PLANNER_SUBPROCESS[name][1], d)
+    assert done[name].stdout == ""  # no table, nothing planned
+
+
+@pytest.mark.parametrize("name", list(PLANNER_IN_PROCESS))
+def test_planner_bad_input_in_process(tmp_path, capsys, name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _planner_files(tmp_path)
+    args, problems = PLANNER_IN_PROCESS[name]
+    with pytest.raises(SystemExit) as err:
+        memory_plan.main([a.format(d=tmp_path) for a in args])
+    out = capsys.readouterr()
+    _assert_one_line_each(err.value.code, out.err, problems, tmp_path)
+    assert out.out == ""
+
+
+@pytest.mark.parametrize("key, value, needle", [("seq", 2.5, "--seq 2.5: must be an integer"),
+                                                ("batch", True, "--batch True: must be an integer"),
+                                                ("rate", "0.05", "--rate 0.05: must be a number in (0, 1]"),
+                                                ("method", "qlora", "--method qlora: choose one of all, full"),
+                                                ("quantization", "int8", "--quantization int8: choose one of nf4")])
+def test_plan_experiments_get_the_planners_checks(key, value, needle):
+    """An experiment's JSON can hold what argparse would refuse; the stage refuses it the same way."""
+    with pytest.raises(SystemExit) as err:
+        memory_plan.plan_setting(**{"model": "llama-tiny", key: value})
+    assert err.value.code == 2 and needle in str(err.value)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import train_sft
 from conftest import train_args
 from trainer.args import Arguments, MethodArguments, ModelArguments, TrainArguments
+from trainer import methods
 from trainer.ds import resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,8 +99,9 @@ def test_unsupported_deepspeed_configs_are_refused(tmp_path):
     for needle in ("train_micro_batch_size_per_gpu is 8 but the arguments say 2", "remove the 'optimizer' section",
                    "remove the 'scheduler' section", "fp16 needs dynamic loss scaling", "offload_optimizer"):
         assert needle in text, needle
-    _, problems = resolve_config(str(path), Arguments(model=fp32, method=MethodArguments(finetuning_type="lora")))
-    assert any("runs SIFT only" in p for p in problems)
+    lora = Arguments(model=fp32, method=MethodArguments(finetuning_type="lora"))
+    cfg, _ = resolve_config(str(path), lora)
+    assert any("runs SIFT only" in p for p in methods.method_class(lora).problems(lora, cfg))
 
 
 def test_shipped_configs_resolve_from_the_arguments():

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -185,12 +186,12 @@ def test_bad_inputs_are_one_line_with_exit_2(run, tmp_path, capsys):
         (["merged", "--increment", str(tmp_path / "none.safetensors"), "--output_dir", str(tmp_path / "o")],
          "--increment .*none.safetensors: no such file"),
         (["merged", "--increment", inc, "--output_dir", str(full)], "not empty; pass --overwrite"),
-        (["peft", "--increment", inc, "--output_dir", str(tmp_path / "a-file")], "exists and is not a directory"),
+        (["peft", "--increment", inc, "--output_dir", str(tmp_path / "a-file")], "a-file: is a file, expected a directory"),
         (["merged", "--increment", inc, "--output_dir", os.path.dirname(inc)], "holds --increment"),
         (["merged", "--increment", str(tmp_path / "junk.safetensors"), "--output_dir", str(tmp_path / "o")],
          "not a readable safetensors file"),
         (["merged", "--increment", inc, "--output_dir", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")],
-         "cannot load the base model"),
+         "--model .*no-model: no such directory"),
         (["merged", "--increment", inc, "--output_dir", str(tmp_path / "o"), "--dtype", "int8"], "invalid choice"),
     ]
     for argv, message in cases:
@@ -228,3 +229,296 @@ def test_bf16_adapter_is_exact_except_the_entries_it_reports(tiny_dir, tmp_path)
         differ = sum(int((a != b).sum()) for a, b in zip(merged.parameters(), model.parameters()))
         assert differ == info["inexact"] and differ <= share * info["entries"], (lr, differ, info)
     assert differ > 0  # the large step does reach some
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+# Unit roundoff of each type relative to a weight: half the spacing of the values it is rounded to.
+# q8_0 rounds to a block's grid d = amax/127, so a weight moves by up to d/2 = amax/254; a block of 32
+# Gaussian weights has amax ~ 4 rms, so ~2^-6 of a typical weight. The logits may differ from the
+# merged model's by TOLERANCE x roundoff x their largest magnitude: measured 4.4-5.5 on SmolLM2-135M
+# (30 layers; f16, bf16, q8_0), below 2 on the 2-layer test model; 16 leaves a 3x margin. The exact
+# part of the check is on the weights (check_gguf_weights) and, for f16 / bf16, on the logits of a
+# model holding exactly the rounded weights.
+ROUNDOFF = {"f32": 0.0, "f16": 2.0 ** -11, "bf16": 2.0 ** -8, "q8_0": 2.0 ** -6}
+TOLERANCE = 16
+CAST = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A tiny SIFT run over a 384-token byte-level BPE tokenizer trained here (the SmolLM2 one of the
+    other tests takes transformers' GGUF reader ~8 s per read, for its 49k tokens and merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep import BUNDLED_ALPACA
+
+    rows = json.loads(Path(BUNDLED_ALPACA).read_text())[:300]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator((r["instruction"] + " " + r["output"] for r in rows), trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    out = tmp_path_factory.mktemp("bpe")
+    from conftest import tiny_llama
+
+    tiny_llama(vocab=len(fast)).save_pretrained(out / "base")
+    fast.save_pretrained(out / "base")
+    model, opt = train_from(out / "base")
+    save_increment(opt, str(out / "sift_increment.safetensors"), base_model=str(out / "base"))
+    return model, str(out / "sift_increment.safetensors"), str(out / "base")
+
+
+def gguf_roundtrip(inc, path, outtype, *extra):
+    """Export through the CLI's main, read back with transformers' own GGUF loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert export_main(["gguf", "--increment", str(inc), "--output", str(path), "--outtype", outtype, *extra]) == 0
+    kwargs = {"gguf_file": path.name}
+    return (AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval(),
+            AutoTokenizer.from_pretrained(path.parent, **kwargs))
+
+
+def check_gguf_weights(loaded, merged, outtype):
+    """f32: the merged weights bit for bit; f16 / bf16: exactly torch's rounding of them (norms stay
+    f32); q8_0: on each 32-entry block's grid q * d (|q| <= 127, d the f16 scale) and within the
+    format's error bound 0.5 d (1 + 2^-10) + 127 |d - amax/127| of the merged weight."""
+    want = dict(merged.named_parameters())
+    for name, got in loaded.named_parameters():
+        w, got = want[name].detach().float(), got.detach()
+        if w.dim() == 1 or outtype == "f32":
+            assert torch.equal(got, w), name
+        elif outtype in CAST:
+            assert torch.equal(got, w.to(CAST[outtype]).float()), name
+        else:
+            blocks, hat = w.reshape(-1, 32), got.reshape(-1, 32)
+            d = blocks.abs().amax(1, keepdim=True) / 127
+            d16 = d.half().float()
+            q = hat / d16
+            assert torch.equal(q, q.round()) and q.abs().max() <= 127, name
+            bound = 0.5 * d * (1 + 2 ** -10) + 127 * (d16 - d).abs()
+            assert ((hat - blocks).abs() <= bound).all(), name
+
+
+def check_gguf_logits(loaded, merged, base, outtype, vocab):
+    """Logits against the merged model's within TOLERANCE x the type's roundoff x their scale, much
+    nearer to them than to the base's (the increment is in the file), and, where the rounding is a
+    plain cast, equal to those of a model holding exactly the rounded weights."""
+    want, got, before = (logits(m, vocab) for m in (merged, loaded, base))
+    error = (got - want).abs().max()
+    assert error <= TOLERANCE * ROUNDOFF[outtype] * want.abs().max(), (error, want.abs().max())
+    assert (before - want).abs().max() > 4 * error
+    if outtype in CAST:
+        rounded = type(merged)(merged.config).eval()
+        rounded.load_state_dict({k: v if v.dim() == 1 else v.to(CAST[outtype]).float()
+                                 for k, v in merged.state_dict().items()})
+        assert torch.equal(got, logits(rounded, vocab))
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
+def test_gguf_reads_back_as_the_merged_model(bpe_run, tmp_path, outtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, inc, tiny_dir = bpe_run
+    loaded, tokenizer = gguf_roundtrip(inc, tmp_path / f"tiny-{outtype}.gguf", outtype)
+    check_gguf_weights(loaded, model, outtype)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    check_gguf_logits(loaded, model, base, outtype, model.config.vocab_size)
+    original = AutoTokenizer.from_pretrained(tiny_dir)
+    text = "Below is an instruction. 12345 <|im_start|>user\nHi,  wörld!<|im_end|>"
+    assert tokenizer(text).input_ids == original(text).input_ids
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (original.bos_token_id, original.eos_token_id)
+    assert tokenizer.chat_template == original.chat_template
+
+
+def test_gguf_export_matches_what_llama_cpp_reads(bpe_run, tmp_path):
+    """The file itself: llama.cpp's key names and types, no unrelated warning on the console, and a
+    refused output left alone."""
+    import gguf
+
+    _, inc, _ = bpe_run
+    path = tmp_path / "m.gguf"
+    done = subprocess.run([sys.executable, "-m", "sift.export", "gguf", "--increment", inc, "--output", str(path),
+                           "--outtype", "q8_0"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "GGUF written to" in done.stdout and "5 F32, 16 Q8_0" in done.stdout
+    for unrelated in ("Setting accelerator to CPU", "gemm_4bit_forward", "Traceback"):
+        assert unrelated not in done.stderr + done.stdout, done.stderr
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["llama.attention.head_count_kv"] == 2
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert "output.weight" in types  # the tiny model's head is not tied
+    stamp = path.stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "sift.export", "gguf", "--increment", inc, "--output", str(path)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"python -m sift.export: error: --output {path}: exists; pass --overwrite to replace it"]
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_gguf_permutes_q_and_k_rows_as_llama_cpp():
+    """GGUF stores each head's rotary pairs interleaved (row 2i, 2i+1 = HF rows i, i + head_dim/2)."""
+    from sift.gguf import permute_rope
+
+    w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2 * 8, 3)  # 2 heads of dim 8, 3 inputs
+    p = permute_rope(w, 2)
+    for head in range(2):
+        for i in range(4):
+            assert torch.equal(p[head * 8 + 2 * i], w[head * 8 + i])
+            assert torch.equal(p[head * 8 + 2 * i + 1], w[head * 8 + 4 + i])
+
+
+def test_gguf_refuses_what_it_cannot_write_before_loading_weights(run, tiny_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from sift.gguf import config_problem
+
+    _, inc = run
+    config = AutoConfig.from_pretrained(tiny_dir)
+    assert config_problem(config) is None
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+    assert "rope scaling 'yarn'" in config_problem(config)
+    config = AutoConfig.for_model("mistral")
+    assert "model type 'mistral'" in config_problem(config)
+    other = tmp_path / "wordpiece"  # same weights, a tokenizer that is not byte-level BPE
+    for f in Path(tiny_dir).iterdir():
+        (other / f.name).parent.mkdir(exist_ok=True)
+        (other / f.name).write_bytes(f.read_bytes())
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "x.gguf"
+    assert export_main(["gguf", "--increment", inc, "--output", str(out), "--model", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pre-tokenizer" in err[0] and "convert_hf_to_gguf.py" in err[0], err
+    assert not out.exists()
+
+
+def test_gguf_of_the_embedded_smollm2_reads_back(tmp_path):
+    """The real tokenizer (49k byte-level BPE tokens, merges, chat template), tied embeddings and 9
+    query / 3 key-value heads: one SIFT step on SmolLM2-135M, exported as f16."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.modeling import EMBEDDED, embedded_model_dir
+
+    start = time.time()
+    model, opt = train_from(embedded_model_dir(), steps=1, lr=1e-3)
+    inc = tmp_path / "sift_increment.safetensors"
+    save_increment(opt, str(inc), base_model=EMBEDDED)
+    loaded, tokenizer = gguf_roundtrip(inc, tmp_path / "smollm2-f16.gguf", "f16")
+    check_gguf_weights(loaded, model, "f16")
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir())
+    check_gguf_logits(loaded, model, base, "f16", model.config.vocab_size)
+    original = AutoTokenizer.from_pretrained(embedded_model_dir())
+    text = original.apply_chat_template([{"role": "user", "content": "Write 2 haiku about the sea, 1234 words."}],
+                                        tokenize=False, add_generation_prompt=True)
+    assert tokenizer(text).input_ids == original(text).input_ids
+    assert tokenizer.chat_template == original.chat_template
+    assert loaded.config.tie_word_embeddings and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    print(f"SmolLM2 GGUF round trip: {time.time() - start:.1f} s")
+
+
+# ----------------------------------------------------------------------------- outputs that destroy inputs
+
+def fake_hub_snapshot(hub: Path, repo: str, source: str) -> Path:
+    """`source`'s files as the hub cache lays out a download: blobs/, snapshots/<rev>/ of links, refs/main."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    for f in Path(source).iterdir():
+        blob = folder / "blobs" / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_exports_refuse_an_output_that_is_or_holds_what_they_read(tiny_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    from common.modeling import EMBEDDED
+    from sift.increment import write_increment
+
+    base, other = tmp_path / "base", tmp_path / "other"
+    for d in (base, other):
+        d.mkdir()
+        for f in Path(tiny_dir).iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "link").symlink_to(base)
+    _, opt = train_from(base, steps=1)
+    inc = tmp_path / "run" / "sift_increment.safetensors"
+    inc.parent.mkdir()
+    save_increment(opt, str(inc), base_model=str(base))
+    tensors, meta = load_increment(str(inc))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = fake_hub_snapshot(tmp_path / "hub", "sift-test/tiny", tiny_dir)
+    write_increment(str(tmp_path / "hub.safetensors"), tensors, {**meta, "base_model": "sift-test/tiny"})
+    monkeypatch.setenv("SIFT_CACHE", str(tmp_path / "cache"))
+    embedded = tmp_path / "cache" / "smollm2-135m-instruct"
+    embedded.mkdir(parents=True)
+    (embedded / "config.json").write_text("{}")
+    write_increment(str(tmp_path / "embedded.safetensors"), tensors, {**meta, "base_model": EMBEDDED})
+    capsys.readouterr()
+    before = tree(tmp_path)
+    recorded = f"is the increment's recorded base model {base}"
+    cases = [  # (argv, what the one line says)
+        (["merged", "--output_dir", str(base)], recorded),
+        (["peft", "--output_dir", str(base)], recorded),
+        (["merged", "--output_dir", str(tmp_path / "link")], recorded),       # a symlink to it
+        (["merged", "--output_dir", str(tmp_path)], f"holds --increment ({inc})"),
+        (["peft", "--output_dir", str(other), "--model", str(other)], f"is --model {other}"),
+        (["merged", "--output_dir", str(snapshot), "--increment", str(tmp_path / "hub.safetensors")],
+         "is the increment's recorded base model sift-test/tiny"),
+        (["merged", "--output_dir", str(snapshot.parents[1] / "blobs"), "--increment",
+          str(tmp_path / "hub.safetensors")], "holds the increment's recorded base model sift-test/tiny"),
+        (["peft", "--output_dir", str(tmp_path / "cache"), "--increment", str(tmp_path / "embedded.safetensors")],
+         f"holds the increment's recorded base model {EMBEDDED} ({embedded})"),
+        (["gguf", "--output", str(inc)], "name a .gguf file"),
+        (["gguf", "--output", str(base)], "is a directory: name the file to write"),
+    ]
+    for argv, message in cases:
+        kind, *rest = argv
+        flags = [] if "--increment" in rest else ["--increment", str(inc)]
+        assert export_main([kind, *flags, *rest, "--overwrite"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and err[0].startswith("python -m sift.export: error: "), (argv, err)
+    assert tree(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_peft_export_of_an_embedded_model_run_records_the_portable_id(tmp_path):
+    """Not the machine-local cache directory the embedded model loads from: the id the increment records."""
+    from common.modeling import EMBEDDED, embedded_model_path
+    from sift.increment import write_increment
+
+    inc = tmp_path / "sift_increment.safetensors"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    write_increment(str(inc), {f"{name}.indices": torch.tensor([3, 70, 500], dtype=torch.int32),
+                               f"{name}.delta": torch.tensor([1e-3, -2e-3, 5e-4])},
+                    {"base_model": EMBEDDED, "dtype": "float32", "rate": "0.05"})
+    out = tmp_path / "peft"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert export_main(["peft", "--increment", str(inc), "--output_dir", str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == EMBEDDED
+    assert str(embedded_model_path()) not in (out / "adapter_config.json").read_text()
+    # neither peft's "base_model_name_or_path was renamed" nor its hub lookup of the id ("Could not find a config")
+    assert not [w for w in seen if "renamed" in str(w.message) or "config file" in str(w.message)]

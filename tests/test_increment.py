@@ -317,3 +317,38 @@ def test_eval_cli_checks_the_base_and_says_so_in_one_line(tiny_dir, tmp_path, ca
     assert status == 0 and json.loads(results.read_text())["subjects"]["management"]["num_questions"] == 2
     status, results = run("--model", tiny_dir, "--increment", str(inc))
     assert status == 0 and json.loads(results.read_text())["increment"] == str(inc)
+
+
+_WRITE = """
+import sys, torch
+from sift.increment import write_increment
+g = torch.Generator().manual_seed(0)
+tensors = {f"model.layers.{i}.mlp.up_proj.weight.{kind}": torch.randn(16, generator=g) if kind == "delta" else
+           torch.arange(16, dtype=torch.int32) * 3 for i in range(4) for kind in ("indices", "delta")}
+meta = {k: k.upper() * 3 for k in ("base_model", "base_fingerprint", "dtype", "rate", "targets", "dense",
+                                   "selection", "shapes")}
+reverse = sys.argv[2] == "reversed"
+write_increment(sys.argv[1], dict(sorted(tensors.items(), reverse=reverse)), dict(sorted(meta.items(), reverse=reverse)))
+"""
+
+
+def test_identical_runs_write_byte_identical_increments(tmp_path):
+    """safetensors writes its metadata from a Rust HashMap, whose order changes from process to
+    process: two processes, one giving metadata and tensors in the other order, must write the same
+    bytes; the header is sorted and the file loads as before."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    paths = [tmp_path / f"{order}.safetensors" for order in ("sorted", "reversed")]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", _WRITE, str(path), path.stem], cwd=Path(__file__).parents[1], check=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert hashlib.sha256(paths[0].read_bytes()).digest() == hashlib.sha256(paths[1].read_bytes()).digest()
+    data = paths[0].read_bytes()
+    header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    tensors, meta = load_increment(str(paths[0]))
+    assert meta["base_model"] == "BASE_MODELBASE_MODELBASE_MODEL" and meta["version"] == "2" and len(tensors) == 8

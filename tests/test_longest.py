@@ -103,7 +103,7 @@ def test_rows_and_cards_refuse_bad_input(capsys):
         with pytest.raises(SystemExit) as e:
             memory_plan.main(["--model", "llama3.1-8b", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
-    for argv, message in ((["--device_step", "0"], "--device_step 0"), (["--device_step", "64"], "no CUDA device")):
+    for argv, message in ((["--device_step", "0"], "device_step 0"), (["--device_step", "64"], "no CUDA device")):
         with pytest.raises(SystemExit) as e:
             longest.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err

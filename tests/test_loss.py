@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 
-import train_sft
 from benchmarks.memtrack import MemoryTracker
 from conftest import tiny_llama
-from trainer.loss import causal_lm_loss, label_tokens
+from trainer.loss import causal_lm_loss, label_tokens, train_window
 
 
 def padded_batch(seed, rows=3, length=20, vocab=64):
@@ -90,7 +89,7 @@ def test_train_window_uses_the_chunked_loss_and_matches_hf_gradients():
     n = sum(label_tokens(b["labels"]) for b in window)
     for b in window:
         ref(**b, num_items_in_batch=n).loss.backward()
-    loss, _ = train_sft.train_window(ours, window, "cpu")
+    loss, _ = train_window(ours, window, "cpu")
     g_ref, g_ours = grads(ref), grads(ours)
     for name in g_ref:
         torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from eval import mt_bench  # noqa: E402
-from eval.judge_client import ChatClient, JudgeConfigError  # noqa: E402
+from eval.judge_client import ChatClient, JudgeAPIError, JudgeConfigError  # noqa: E402
 from eval.mt_bench_data import DEFAULT_JUDGE_FILE, DEFAULT_QUESTION_FILE, DEFAULT_REF_ANSWER_FILE  # noqa: E402
 from eval.mt_bench_judge import parse_rating  # noqa: E402
 from test_mmlu import one_thread, sentencepiece_tokenizer, smollm2_tokenizer, tiny_model_dir  # noqa: E402,F401
@@ -36,6 +36,51 @@ def _write_jsonl(path, rows):
 
 # ----------------------------------------------------------------------------- the judge server
 
+ODD_KEY = 'sk-pr/oj"Q\\x-0123456789abcdefABCDEF/=+'  # every character JSON, URLs or HTML may escape
+
+
+def spellings(key: str) -> list[str]:
+    """The key as servers and libraries may print it: JSON (with \\/ too), \\uXXXX, doubly escaped
+    JSON, URL-encoded, HTML entities, a Python repr."""
+    import html
+    import urllib.parse
+
+    as_json = json.dumps(key)[1:-1]
+    return [as_json, as_json.replace("/", "\\/"), "".join(f"\\u{ord(c):04x}" for c in key),
+            json.dumps(as_json)[1:-1], urllib.parse.quote(key, safe=""), html.escape(key),
+            "".join(f"&#{ord(c)};" for c in key), repr(key.encode())]
+
+
+def leaky_reply(kind: str, key: str, ok):
+    """A judge handing the key back, escaped every way: in the reply the judgment file keeps (ECHO),
+    in an error body that is retried and then recorded (LEAK500), across the 300-byte cut of an error
+    detail (LEAK401)."""
+    if kind == "ECHO":
+        return ok("Rating: [[5]] " + " ".join(spellings(key)))
+    if kind == "LEAK500":
+        return 500, ("oops " + " ".join(spellings(key))).encode(), ()
+    return 401, ("x" * 280 + json.dumps(key)[1:-1]).encode(), ()
+
+
+def key_leaks(text: str, key: str = ODD_KEY) -> list[str]:
+    """Runs of 8 characters of `key` in `text` read through the standard library's own decoders
+    (an implementation independent of the client's): repeated unicode_escape, URL and HTML
+    unescaping, backslashes dropped."""
+    import codecs
+    import html
+    import urllib.parse
+
+    readings, frontier = {text}, {text}
+    for _ in range(3):
+        frontier = {f(t) for t in frontier for f in (
+            html.unescape, urllib.parse.unquote,
+            lambda t: codecs.decode(t.encode("utf-8", "backslashreplace"), "unicode_escape", "ignore"))}
+        readings |= frontier
+    flat = [r.replace("\\", "") for r in readings]
+    bare = key.replace("\\", "")
+    grams = {bare[i: i + 8] for i in range(len(bare) - 7)}
+    return sorted({g for g in grams for r in flat if g in r})
+
 class JudgeServer:
     """OpenAI-compatible /v1/chat/completions. The last `<<KIND[:N]>>` marker in the user message
     picks the reply; every request is recorded, and in-flight requests are counted."""
@@ -44,6 +89,7 @@ class JudgeServer:
         self.requests, self.calls, self.lock = [], Counter(), threading.Lock()
         self.in_flight = self.max_in_flight = 0
         self.down = True
+        self.key = KEY                   # the key it accepts, and the one the LEAK markers spell out
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,7 +121,7 @@ class JudgeServer:
             def answer(self, body):
                 if self.path != "/v1/chat/completions":
                     return 404, {"error": {"message": "no such route"}}, ()
-                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                if self.headers.get("Authorization") != f"Bearer {server.key}":
                     return 401, {"error": {"message": "Incorrect API key provided: sk-te***789"}}, ()
                 user = body["messages"][-1]["content"]
                 kind, arg = (re.findall(r"<<(\w+)(?::(\d+))?>>", user) or [("R", "5")])[-1]
@@ -106,6 +152,10 @@ class JudgeServer:
                     return 400, {"error": {"message": "context length exceeded"}}, ()
                 if kind == "MALFORMED":
                     return (200, b"<html>gateway</html>", ()) if n == 1 else ok("Rating: [[4]]")
+                if kind == "GARBAGE":
+                    return 200, b"<html>gateway</html>", ()
+                if kind in ("ECHO", "LEAK500", "LEAK401"):
+                    return leaky_reply(kind, server.key, ok)
                 raise AssertionError(kind)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -404,3 +454,83 @@ def test_gen_uses_the_alpaca_prompt_for_a_template_less_model(tmp_path):
         turns.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
         text += turns[-1] + tok.eos_token + "\n\n"
     assert row["choices"][0]["turns"] == turns
+
+
+# ----------------------------------------------------------------------------- an adversarial judge
+
+def _bench_files(bench):
+    return {p: p.read_text(encoding="utf-8", errors="replace") for p in bench.rglob("*") if p.is_file()}
+
+
+def _answers(bench, model, markers):
+    _write_jsonl(bench / "model_answer" / f"{model}.jsonl",
+                 [{"question_id": qid, "answer_id": f"{model}{qid}", "model_id": model,
+                   "choices": [{"index": 0, "turns": [f"One. <<{m}>>", f"Two. <<{m}>>"]}], "tstamp": 1.0}
+                  for qid, m in zip(QUESTION_IDS, markers)])
+
+
+def test_the_key_is_nowhere_whatever_the_judge_echoes(bench, judge_server, monkeypatch, capsys):
+    """A judge that echoes the key in its replies and error bodies, escaped every way: the judgment
+    file, the error details and the console hold no 8 characters of it in any spelling."""
+    judge_server.key = ODD_KEY
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", ODD_KEY)
+    _answers(bench, "gamma", ["ECHO", "LEAK500", "ECHO", "R:7"])
+    assert _judge(bench, judge_server.url, "--model_list", "gamma") == 1   # the LEAK500 ones failed
+    rows = {(r["question_id"], r["turn"]): r for r in _jsonl(bench / "model_judgment" / "judge-x_single.jsonl")}
+    assert rows[81, 1]["score"] == 5 and "<redacted>" in rows[81, 1]["judgment"]
+    assert rows[101, 1]["judgment"] == "$ERROR$" and "<redacted>" in rows[101, 1]["error"]
+    out = capsys.readouterr()
+    assert "judge failed on model gamma, question 101" in out.err and "<redacted>" in out.err
+    assert key_leaks(out.out + out.err) == []
+    assert {str(p): key_leaks(text) for p, text in _bench_files(bench).items() if key_leaks(text)} == {}
+    judge_server.key = KEY  # a 401 whose body puts the key across the 300-byte cut of the error detail
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", KEY)
+    _answers(bench, "delta", ["LEAK401"] * 4)
+    with pytest.raises(JudgeConfigError, match="HTTP 401") as e:
+        _judge(bench, judge_server.url, "--model_list", "delta")
+    assert key_leaks(str(e.value), KEY) == [] and "<redacted>" in str(e.value)
+
+
+@pytest.mark.parametrize("marker", ["DOWN", "GARBAGE"])
+def test_a_dead_or_garbled_judge_is_said_at_once_and_stops(bench, judge_server, monkeypatch, capsys, marker):
+    monkeypatch.setenv("SIFT_TEST_JUDGE_KEY", KEY)
+    _answers(bench, "gamma", [marker] * 4)                               # 8 judgments, every one failing
+    with pytest.raises(JudgeAPIError, match="3 judgments in a row failed, stopping") as e:
+        _judge(bench, judge_server.url, "--model_list", "gamma", "--parallel", "1", "--max_consecutive_failures", "3")
+    assert ("503" if marker == "DOWN" else "malformed response") in str(e.value)
+    err = capsys.readouterr().err.splitlines()
+    retrying = [line for line in err if line.startswith("judge: ") and "retrying (up to 2 times" in line]
+    failed = [line for line in err if line.startswith("judge failed on model gamma")]
+    assert len(retrying) == 1 and err.index(retrying[0]) < err.index(failed[0]) and len(failed) == 3, err
+    assert len(judge_server.requests) == 3 * 3                          # 3 judgments x (1 + 2 retries), no more
+    rows = _jsonl(bench / "model_judgment" / "judge-x_single.jsonl")
+    assert len(rows) == 3 and all(r["judgment"] == "$ERROR$" for r in rows)  # kept: a rerun redoes them
+
+
+def test_judge_cli_keeps_the_key_off_the_console_and_stops_a_dead_judge(bench, judge_server, tmp_path):
+    """The real command: one line and exit 2 for a 401 that echoes the key and for a judge that is
+    down, the failures said on stderr as they happen, the key nowhere."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    judge_server.key = ODD_KEY
+    _answers(bench, "gamma", ["ECHO", "LEAK500", "DOWN", "R:7"])
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SIFT_TEST_JUDGE_KEY": ODD_KEY, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    argv = [sys.executable, "eval/mt_bench.py", "judge", "--judge_model", "judge-x", "--judge_base_url",
+            judge_server.url, "--judge_api_key_env", "SIFT_TEST_JUDGE_KEY", "--output_dir", str(bench),
+            "--question_file", str(bench / "question.jsonl"), "--parallel", "1", "--max_retries", "1",
+            "--retry_base_delay", "0.001", "--max_consecutive_failures", "2", "--model_list"]
+    done = subprocess.run(argv + ["gamma"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and "2 judgments in a row failed, stopping" in errors[0], done.stderr
+    assert "judge failed on model gamma, question 101" in done.stderr
+    assert key_leaks(done.stdout + done.stderr) == [], done.stderr
+    assert all(key_leaks(text) == [] for text in _bench_files(bench).values())
+    _answers(bench, "delta", ["LEAK401"] * 4)
+    done = subprocess.run(argv + ["delta"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(errors) == 1 and "HTTP 401" in errors[0], done.stderr
+    assert key_leaks(done.stdout + done.stderr) == [], done.stderr

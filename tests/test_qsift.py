@@ -44,9 +44,9 @@ def test_gathered_gradient_and_selection_match_float64_autograd():
     for name, layer in layers(q).items():
         dw = params[name].grad.reshape(-1)
         k = math.ceil(0.1 * dw.numel())
-        assert layer.indices.dtype == torch.int32 and layer.indices.numel() == k == layer.delta.numel()
+        assert layer.indices().dtype == torch.int32 and layer.indices().numel() == k == layer.delta.numel()
         expected = torch.topk(dw.abs(), k).indices.sort().values
-        assert torch.equal(layer.indices.long(), expected), f"{name}: not the top-k |dL/dW| of the first micro-batch"
+        assert torch.equal(layer.indices().long(), expected), f"{name}: not the top-k |dL/dW| of the first micro-batch"
         # fp32 matmuls vs float64: 1e-5 of the layer's largest gradient entry
         got, want = layer.delta.grad.double(), dw[expected]
         assert (got - want).abs().max() <= 1e-5 * dw.abs().max(), name
@@ -66,7 +66,7 @@ def test_steps_follow_float64_masked_adamw_and_unselected_entries_stay_deq():
 
     # float64: W = deq(Q) + scatter(idx, delta), AdamW on delta (decoupled decay, global clipping)
     ref, params = dense_reference(fp, quantized(rate=0.1)[1])  # fresh: delta = 0, W = deq(Q)
-    idx = {n: layer.indices.long() for n, layer in layers(q).items()}
+    idx = {n: layer.indices().long() for n, layer in layers(q).items()}
     base = {n: params[n].detach().clone().reshape(-1) for n in idx}
     d64 = {n: torch.zeros(i.numel(), dtype=torch.float64) for n, i in idx.items()}
     m = {n: torch.zeros_like(v) for n, v in d64.items()}
@@ -137,9 +137,9 @@ def test_selection_before_training(selection):
     _, q = quantized(rate=0.07, selection=selection, seed=3)
     again = quantized(rate=0.07, selection=selection, seed=3)[1]
     for name, layer in layers(q).items():
-        idx = layer.indices.long()
+        idx = layer.indices().long()
         assert idx.numel() == math.ceil(0.07 * layer.shape.numel()) and torch.equal(idx, idx.unique())
-        assert torch.equal(layer.indices, layers(again)[name].indices)
+        assert torch.equal(layer.indices(), layers(again)[name].indices())
         if selection == "magnitude":
             w = layer.dequantized().reshape(-1).abs()
             rest = torch.ones_like(w, dtype=torch.bool).index_fill_(0, idx, False)
@@ -178,7 +178,7 @@ def test_resume_is_bit_exact():
     assert train(fresh, opt2, 3, start=2) == straight
     for name, layer in layers(q).items():
         other = layers(fresh)[name]
-        assert torch.equal(layer.indices, other.indices) and torch.equal(layer.delta, other.delta), name
+        assert torch.equal(layer.indices(), other.indices()) and torch.equal(layer.delta, other.delta), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -200,7 +200,7 @@ def test_increment_onto_full_precision_and_quantized_bases(tmp_path, dtype):
         if name not in trained:
             assert torch.equal(p, base[name]), name
             continue
-        idx, delta = trained[name].indices.long(), trained[name].delta.detach()
+        idx, delta = trained[name].indices().long(), trained[name].delta.detach()
         expected = base[name].detach().reshape(-1).double().clone()
         expected[idx] += delta.double()
         got = p.detach().reshape(-1)
@@ -247,6 +247,46 @@ def test_malformed_increments_are_refused_clearly(tmp_path):
         apply_increment(copy.deepcopy(q), str(tmp_path / "torn.safetensors"))
 
 
+def test_qsift_increments_carry_both_base_fingerprints_and_applying_checks_them(tmp_path):
+    """The full-precision base's fingerprint (read through `base_values`, as the trainer reads the base's
+    weights files) and deq(Q)'s: a model of the same shapes with other values is refused on both routes,
+    naming both fingerprints, and --force applies anyway with a warning."""
+    from sift.increment import IncrementError, apply_increment as apply_sift, model_fingerprint
+    from sift.quantize import load_increment, quantized_fingerprint
+
+    fp, q = quantized(rate=0.05)
+    opt = SIFT(q, SIFTConfig(rate=0.05, lr=1e-2))
+    train(q, opt, 2)
+    params = dict(fp.named_parameters())
+    path = str(tmp_path / "inc.safetensors")
+    save_increment(q, path, base_model="tiny", base_values=lambda name, at: params[name].detach().view(-1)[at])
+    tensors, meta = load_increment(path)
+    assert meta["base_fingerprint"] == model_fingerprint(fp, tensors)
+    assert meta["quantized_base_fingerprint"] == quantized_fingerprint(quantize(copy.deepcopy(fp)), tensors)
+    assert meta["base_fingerprint"] != meta["quantized_base_fingerprint"]  # deq(Q) is not the base
+
+    other = tiny_llama(seed=1)  # the same shapes, other weights
+    found = model_fingerprint(other, tensors)
+    for apply in (apply_increment, apply_sift):  # QSIFT's own route (eval) and SIFT's (the exports)
+        with pytest.raises(IncrementError, match=rf"this model is not the base the increment was trained from "
+                                                 rf"\(base fingerprint {found}, the file records {meta['base_fingerprint']}"):
+            apply(copy.deepcopy(other), path)
+    with pytest.raises(IncrementError, match=r"not the 4-bit base the increment was trained from \(quantized base "
+                                             rf"fingerprint [0-9a-f]{{32}}, the file records {meta['quantized_base_fingerprint']}"):
+        apply_increment(quantize(copy.deepcopy(other)), path)
+    with pytest.warns(UserWarning, match="applying anyway"):
+        forced = apply_increment(quantize(copy.deepcopy(other)), path, force=True)
+    assert forced["base_model"] == "tiny"
+    with pytest.warns(UserWarning, match="applying anyway"):
+        apply_increment(copy.deepcopy(other), path, force=True)
+    merged = copy.deepcopy(fp)
+    apply_increment(merged, path)  # its own bases pass
+    requant = quantize(copy.deepcopy(fp))
+    apply_increment(requant, path)
+    for name, layer in layers(requant).items():
+        assert torch.equal(layer.effective_weight(), layers(q)[name].effective_weight()), name
+
+
 # ---------------------------------------------------------------- train_sft.py --quantization
 def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_path):
     from safetensors.torch import load_file
@@ -258,6 +298,13 @@ def test_train_sft_qsift_end_to_end_resume_and_merged(tiny_dir, alpaca_40, tmp_p
                                               "--save_steps", "2"))
     assert after["heldout_loss"] < before["heldout_loss"]
     inc = straight / "sift_increment.safetensors"
+    from sift.increment import model_fingerprint
+    from sift.quantize import load_increment, quantized_fingerprint
+
+    tensors, meta = load_increment(str(inc))  # the base's fingerprint, read from its files, is the loaded base's
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert meta["base_fingerprint"] == model_fingerprint(base, tensors)
+    assert meta["quantized_base_fingerprint"] == quantized_fingerprint(quantize(copy.deepcopy(base)), tensors)
     assert (straight / "checkpoint-2" / "sift_increment.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(straight / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -311,13 +358,13 @@ def test_train_sft_refuses_bad_quantization_options(tiny_dir, alpaca_40, tmp_pat
 
 
 def test_compact_indices_round_trip_across_blocks():
-    layer = qlinear.QSIFTLinear.from_linear(torch.nn.Linear(300, 700, bias=False))  # 210000 entries: 4 blocks
+    layer = qlinear.QSIFTLinear.from_linear(torch.nn.Linear(300, 700, bias=False))  # 210000 entries: 7 blocks
     layer.attach(0.3, "random", torch.Generator().manual_seed(0))
     idx = torch.randperm(210000, generator=torch.Generator().manual_seed(1))[:layer.k].sort().values
-    layer.set_indices(idx.flip(0))  # any order in, sorted out
-    assert torch.equal(layer.indices, idx.int())
+    layer.select(idx)
+    assert torch.equal(layer.indices(), idx.int())
     stored = sum(t.nbytes for t in layer.index_tensors())
-    assert stored == 2 * layer.k + 8 * 5  # 16-bit offsets + one table entry per block (+1)
+    assert stored == 2 * layer.k + 4 * 7  # 15-bit offsets + an int32 entry count per 2^15-entry block
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
@@ -419,10 +466,35 @@ def test_step_in_backward_equals_deferred_and_non_finite_steps_are_skipped(dtype
 def test_zero3_is_refused_with_a_4bit_base():
     import os
 
+    from trainer import methods
     from trainer.args import Arguments, ModelArguments, TrainArguments
-    from trainer.quantized import problems
+    from trainer.ds import resolve_config
 
     zero3 = os.path.join(os.path.dirname(train_sft.__file__), "ds_configs", "zero3_offload.json")
-    assert problems(Arguments(model=ModelArguments(quantization="nf4"), train=TrainArguments(deepspeed=zero3))) == [
+    four_bit, plain = (Arguments(model=ModelArguments(quantization=q), train=TrainArguments(deepspeed=zero3))
+                       for q in ("nf4", "none"))
+    assert methods.method_class(four_bit).problems(four_bit, resolve_config(zero3, four_bit)[0]) == [
         "--quantization with ZeRO-3: 4-bit weights are not partitioned; use ZeRO-2 or one device"]
-    assert problems(Arguments(train=TrainArguments(deepspeed=zero3))) == []
+    assert methods.method_class(plain).problems(plain, resolve_config(zero3, plain)[0]) == []
+
+
+def test_bytes_per_entry_at_7b_shapes():
+    """Per trained entry at LLaMA-7B / 1 %, counted on meta tensors: delta 4 B, index 2 B + an int32
+    count per 2^15 weight entries (sift.codec), 8-bit moments 2 B + absmax (SIFT's dense fp32 slots)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sift.quantize import memory_report
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32,
+                      vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    quantize(model, double_quant=False)  # on meta, double quantization would cache bitsandbytes' map there
+    attach(model, 0.01, "magnitude")     # a top-k on meta: no memory, no time
+    found = list(layers(model).values())
+    k = [math.ceil(0.01 * layer.numel) for layer in found]
+    blocks = [math.ceil(layer.numel / 2**15) for layer in found]
+    report = memory_report(model)
+    assert report["delta"] == 4 * sum(k) and report["indices"] == 2 * sum(k) + 4 * sum(blocks)
+    assert report["delta_and_index_bytes_per_entry"] < 6.0123  # 6.01223 with the former 2^16-entry table
+    assert SIFT(model, SIFTConfig(rate=0.01)).memory_report()["bytes_per_entry"] < 2.033

@@ -163,9 +163,9 @@ def test_learning_rates_that_cannot_be_right_are_refused_for_every_method(tmp_pa
     assert err.value.code == 2 and f"--learning_rate {float(lr)}: must be a finite number > 0" in str(err.value)
 
 
-def test_a_record_of_the_older_argument_groups_still_compares_flag_by_flag(tmp_path):
-    """Before the method and output groups existed, args.json kept the method flags under "model" and
-    the output flags (and --bf16) under "train": resuming such a checkpoint compares the same flags."""
+def test_a_record_with_other_argument_groups_compares_flag_by_flag(tmp_path):
+    """An args.json that keeps the method flags under "model" and the output flags (and --bf16) under
+    "train", with no "method" / "output" group: resuming such a checkpoint compares the same flags."""
     import trainer.args as targs
 
     current = targs.record(targs.parse(["--output_dir", str(tmp_path), "--sift_rate", "0.1"]), bf16=False)
@@ -178,3 +178,95 @@ def test_a_record_of_the_older_argument_groups_still_compares_flag_by_flag(tmp_p
     assert rundir.resume_differences(old, current) == []
     old["model"]["sift_rate"], old["train"]["seed"], old["train"]["save_steps"] = 0.05, 1, 7  # save_steps may change
     assert rundir.resume_differences(old, current) == ["--seed 1 -> 42", "--sift_rate 0.05 -> 0.1"]
+
+
+# ----------------------------------------------------------------------------- the lock, run.json, checkpoints
+def test_the_lock_names_its_holder_and_a_dead_holders_lock_blocks_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from common.lock import LOCK_FILE, DirectoryLock, LockHeld, holder
+
+    out = tmp_path / "run"
+    code = ("import sys, time\nfrom common.lock import DirectoryLock\nDirectoryLock.acquire(sys.argv[1])\n"
+            "print('locked', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert holder(out)["pid"] == proc.pid
+        with pytest.raises(LockHeld, match=f"in use by pid {proc.pid} since .*: -c"):
+            DirectoryLock.acquire(out)
+        assert "in use by a running process (pid" in rundir.output_dir_problems({}, str(out / "sub"), None, False)[0]
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the kernel drops its flock; its lock file stays behind
+        proc.wait()
+    assert (out / LOCK_FILE).exists() and holder(out) is None
+    assert rundir.output_dir_problems({}, str(out), None, False) == []  # a lock file alone is no run
+    lock = DirectoryLock.acquire(out)
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    (out / "run.json").write_text("{}")
+    rundir.remove_run_files(str(out))  # --overwrite_output_dir: never this run's own lock
+    assert os.listdir(out) == [LOCK_FILE]
+    lock.release()
+    assert not (out / LOCK_FILE).exists() and holder(out) is None
+
+
+def test_a_full_disk_still_gets_the_status_written_in_place(tmp_path, monkeypatch):
+    import errno
+
+    rundir.set_status(str(tmp_path), "r1", "running", 3)
+    assert (tmp_path / "run.json").stat().st_size == rundir.STATUS_BYTES
+
+    def full(path, chunks):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "atomic_write", full)
+    message = "train_sft.py: writing checkpoint-4 failed: no space left on device " + "x" * 2000
+    rundir.set_status(str(tmp_path), "r1", "failed", 4, message)
+    info = rundir.run_info(str(tmp_path))
+    assert (info["status"], info["step"]) == ("failed", 4) and info["message"] == message[:rundir.STATUS_BYTES // 2]
+    assert (tmp_path / "run.json").stat().st_size == rundir.STATUS_BYTES
+
+
+def test_checkpoints_passed_over_say_why(tmp_path, capsys):
+    def with_args(step):
+        save_checkpoint(str(tmp_path), step, payload, {"step": step, "run_id": "r"}, keep=0, args={"train": {"seed": 1}})
+
+    for step in (2, 4, 6):
+        with_args(step)
+    (tmp_path / "checkpoint-8").mkdir()  # no trainer_state.json: never a save's doing
+    (tmp_path / "checkpoint-6" / "optimizer.pt").unlink()
+    args = tmp_path / "checkpoint-4" / "args.json"
+    args.write_text(args.read_text().replace('"seed": 1', '"seed": 2'))  # the same size, another option
+    assert resume_candidates(str(tmp_path), "latest", "r") == [str(tmp_path / "checkpoint-2")]
+    err = capsys.readouterr().err
+    for line in ("checkpoint-8: no trainer_state.json (not a complete checkpoint)",
+                 "checkpoint-6: optimizer.pt is missing (deleted since the checkpoint was written)",
+                 "checkpoint-4: args.json was edited after the checkpoint was written"):
+        assert len([x for x in err.splitlines() if x.startswith("warning: skipping") and line in x]) == 1, (line, err)
+    assert "truncated" not in err
+    (tmp_path / "checkpoint-2" / "optimizer.pt").write_bytes(b"x" * 120)  # grew: changed, not truncated
+    with pytest.raises(FileNotFoundError) as e:
+        resume_candidates(str(tmp_path), "latest", "r", warn=False)
+    assert "checkpoint-2: optimizer.pt has 120 bytes, 100 were written (changed since)" in str(e.value)
+    assert "checkpoint-4: args.json was edited" in str(e.value) and "checkpoint-8: no trainer_state.json" in str(e.value)
+
+
+def test_inputs_that_changed_under_the_same_option_are_named():
+    saved = {"model": {"model_name_or_path": None}, "data": {"data_path": "a.json", "eval_data_path": None},
+             "inputs": {"model_name_or_path": "f" * 32, "data_path": "sha256:" + "1" * 64}}
+    same = json.loads(json.dumps(saved))
+    assert rundir.input_differences(saved, same) == []
+    changed = json.loads(json.dumps(saved))
+    changed["inputs"] = {"model_name_or_path": "e" * 32, "data_path": "sha256:" + "2" * 64}
+    assert rundir.input_differences(saved, changed) == [
+        "--data_path a.json: its content changed since the checkpoint was written (sha256:11111111111111111 -> "
+        "sha256:22222222222222222)",
+        f"--model_name_or_path embedded:smollm2-135m-instruct: its weights changed since the checkpoint was written "
+        f"({'f' * 24} -> {'e' * 24})"]
+    moved = json.loads(json.dumps(changed))
+    moved["data"]["data_path"] = "b.json"  # another option: resume_differences names it, not this
+    assert [line[:13] for line in rundir.input_differences(saved, moved)] == ["--model_name_"]
+    assert rundir.input_differences({"data": {"data_path": "a.json"}}, changed) == []  # an older record: nothing to compare

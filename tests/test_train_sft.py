@@ -14,6 +14,7 @@ from trainer.checkpoint import find_checkpoint, save_checkpoint
 from data_prep.dataset import collate
 from trainer.args import UsageError
 from trainer.data import batches_for_window
+from trainer.loss import train_window
 
 
 def train(tiny_dir, data, out, *extra):
@@ -93,7 +94,7 @@ def test_accumulation_matches_one_big_batch(tiny_dir, alpaca_40):
     grads = []
     for micro in ([collate(samples, tok.pad_token_id)], [collate([s], tok.pad_token_id) for s in samples]):
         model = tiny_llama(vocab=len(tok))
-        train_sft.train_window(model, micro, "cpu")
+        train_window(model, micro, "cpu")
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     assert grads[0].norm() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
@@ -139,7 +140,7 @@ def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
     message = usage_error(capsys, ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path",
                                    str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "old"),
                                    "--sift_rate", "1.5", "--step_in_backward", "--gradient_accumulation_steps", "4",
-                                   "--sift_selection", "best", "--eval_steps", "-1"])
+                                   "--max_grad_norm", "1.0", "--sift_selection", "best", "--eval_steps", "-1"])
     for needle in ("--sift_rate 1.5", "--sift_selection best", "--gradient_accumulation_steps 1",
                    "--max_grad_norm 0", "none.json: no such file", "no-model: no such directory",
                    "holds another run", "--eval_steps -1"):
@@ -149,10 +150,12 @@ def test_bad_options_are_all_reported_before_loading(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["sift", "full", "lora"])
 def test_sift_config_rules_reach_the_cli_in_flag_names_before_any_weight_loads(tiny_dir, alpaca_40, tmp_path,
                                                                                capsys, monkeypatch, method):
+    from transformers import AutoModelForCausalLM
+
     def no_loading(*a, **k):
         raise AssertionError("weights loaded before the options were checked")
 
-    monkeypatch.setattr(train_sft, "load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     message = usage_error(capsys, train_args(tiny_dir, alpaca_40, tmp_path / "x", "--finetuning_type", method,
                                              "--optim", "adamw", "--learning_rate", "-1", "--max_grad_norm", "-1",
                                              "--weight_decay", "nan"))
@@ -194,9 +197,9 @@ def test_options_from_a_yaml_file_with_flag_overrides_and_launcher_rank(tmp_path
         parse([str(tmp_path / "bad.yaml")])
 
 
-def test_help_and_readme_list_every_option_under_its_group(capsys):
-    """Each argument group is one titled --help section holding exactly its flags, and README's
-    Options section names every flag under the same group."""
+def test_help_and_the_options_page_list_every_option_under_its_group(capsys):
+    """Each argument group is one titled --help section holding exactly its flags, and docs/options.md
+    names every flag under the same group."""
     from dataclasses import fields
 
     from trainer.args import GROUPS, parse
@@ -205,14 +208,12 @@ def test_help_and_readme_list_every_option_under_its_group(capsys):
         parse(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    readme = open(os.path.join(os.path.dirname(train_sft.__file__), "README.md")).read()
-    readme = readme[readme.index("\n## Options\n"):]
-    readme = readme[:readme.index("\n## ", 1)]
+    page = open(os.path.join(os.path.dirname(train_sft.__file__), "docs", "options.md")).read()
     titles = [g._argument_group_name for g in GROUPS]
     for i, group in enumerate(GROUPS):
         flags = {f"--{f.name}" for f in fields(group)}
         for where, start, entry in ((text, f"\n{titles[i]}:\n", r"^  (--[a-z0-9_]+)"),  # an option, not wrapped help
-                                    (readme, f"**{titles[i][0].upper()}{titles[i][1:]}**", r"^- `(--[a-z0-9_]+)`")):
+                                    (page, f"\n## {titles[i][0].upper()}{titles[i][1:]}\n", r"^- `(--[a-z0-9_]+)`")):
             section = where[where.index(start):]
             if i + 1 < len(GROUPS):
                 section = section[:section.lower().index(titles[i + 1].lower())]
@@ -236,15 +237,17 @@ def test_training_length(argv, steps):
 
 def test_bf16_is_tri_state(monkeypatch):
     import trainer.args as targs
+    from trainer import validate
 
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         for argv, expected in (([], cuda), (["--bf16"], True), (["--bf16", "true"], True), (["--bf16", "false"], False)):
-            assert targs.resolve(targs.parse(argv))[0].bf16 is expected, (cuda, argv)
+            assert validate.check(targs.parse(argv))[0].bf16 is expected, (cuda, argv)
 
 
 def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_unset(tmp_path, monkeypatch):
     import trainer.args as targs
+    from trainer import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # as the deepspeed launcher sets
@@ -252,7 +255,7 @@ def test_a_deepspeed_config_without_bf16_trains_fp32_on_a_gpu_when_the_flag_is_u
     cfg = tmp_path / "fp32.json"
     cfg.write_text(json.dumps({"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}}))
     out = ["--output_dir", str(tmp_path / "run")]
-    resolved, problems = targs.resolve(targs.parse(["--deepspeed", str(cfg), *out]))
+    resolved, problems = validate.check(targs.parse(["--deepspeed", str(cfg), *out]))
     assert problems == [] and resolved.bf16 is False and resolved.deepspeed["bf16"]["enabled"] is False
-    problems = targs.problems(targs.parse(["--deepspeed", str(cfg), "--bf16", *out]))
+    problems = validate.check(targs.parse(["--deepspeed", str(cfg), "--bf16", *out]))[1]
     assert problems == [f"--deepspeed {cfg}: bf16.enabled=False contradicts --bf16 True"]

@@ -2,12 +2,14 @@
 
 A checkpoint is complete when its `trainer_state.json` exists (written last, inside the temp
 directory, before the rename); only complete `checkpoint-<step>` directories are ever resumed.
-The state records the run id of the run that wrote it (trainer.rundir) and the size of every payload
-file, so `latest` can pass over another run's checkpoints and truncated payloads before any weight
-is loaded; the checkpoint's `args.json` holds the resolved arguments that resuming compares.
+The state records the run id of the run that wrote it (trainer.rundir), the size of every payload
+file and the sha256 of args.json, so `latest` can pass over (saying why) another run's checkpoints,
+truncated or missing payload files and an edited args.json before any weight is loaded; the
+checkpoint's `args.json` holds the resolved arguments (and input fingerprints) resuming compares.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -35,8 +37,9 @@ def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def payload_problem(path: str) -> str | None:
-    """Why the checkpoint at `path` cannot be resumed (unreadable state, a payload file missing or
-    of another size than when it was written), or None. Reads only the state and file sizes."""
+    """Why the checkpoint at `path` cannot be resumed (unreadable state, a payload file missing, of
+    another size than written, or its args.json edited), or None. Reads the state, file sizes and
+    args.json's bytes (small), never the payload."""
     try:
         state = load_state(path)
     except (OSError, ValueError) as e:
@@ -44,16 +47,28 @@ def payload_problem(path: str) -> str | None:
     for name, size in state.get("files", {}).items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
-            return f"{name} is missing"
-        if os.path.getsize(file) != size:
-            return f"{name} has {os.path.getsize(file)} bytes, {size} were written (truncated?)"
+            return f"{name} is missing (deleted since the checkpoint was written)"
+        found = os.path.getsize(file)
+        if found != size:
+            how = "truncated since: a copy or move that did not finish?" if found < size else "changed since"
+            return f"{name} has {found} bytes, {size} were written ({how})"
+    recorded = state.get("args_sha256")
+    if recorded and _sha256(os.path.join(path, ARGS)) != recorded:
+        return f"{ARGS} was edited after the checkpoint was written (its options are what resuming compares)"
     return None
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def resume_candidates(output_dir: str, spec: str, run_id: str | None = None, warn: bool = True) -> list[str]:
     """Checkpoints to try, best first. `spec` is a checkpoint directory (just it) or 'latest': the
     complete checkpoints of `run_id` (any, when the directory records none), newest first, passing
-    over (with a warning) those of another run and those whose payload is damaged."""
+    over (with a warning naming why) those of another run, those whose payload is damaged and
+    `checkpoint-<step>` directories without their state file; with none left, FileNotFoundError says
+    why each was passed over."""
     if spec != "latest":
         if not os.path.isfile(os.path.join(spec, STATE)):
             raise FileNotFoundError(f"{spec} is not a complete checkpoint (no {STATE})")
@@ -61,19 +76,31 @@ def resume_candidates(output_dir: str, spec: str, run_id: str | None = None, war
         if problem:
             raise FileNotFoundError(f"{spec}: {problem}")
         return [spec]
-    found = []
+    found, passed = [], [(path, f"no {STATE} (not a complete checkpoint)") for path in incomplete_checkpoints(output_dir)]
     for _, path in reversed(complete_checkpoints(output_dir)):
         problem = payload_problem(path)
         if problem is None and run_id is not None and load_state(path).get("run_id") != run_id:
             problem = f"it belongs to another run ({load_state(path).get('run_id')}, this directory's is {run_id})"
         if problem:
-            if warn:
-                print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+            passed.append((path, problem))
             continue
         found.append(path)
+    if warn:
+        for path, problem in passed:
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
     if not found:
-        raise FileNotFoundError(f"no complete checkpoint-<step> directory of this run in {output_dir}")
+        why = "".join(f"; {os.path.basename(p)}: {problem}" for p, problem in passed)
+        raise FileNotFoundError(f"no complete checkpoint-<step> directory of this run in {output_dir}{why}")
     return found
+
+
+def incomplete_checkpoints(output_dir: str) -> list[str]:
+    """`checkpoint-<step>` directories without a state file (never written so: saves rename complete
+    directories into place; someone removed it)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(os.path.join(output_dir, n) for n in os.listdir(output_dir)
+                  if _NAME.match(n) and not os.path.isfile(os.path.join(output_dir, n, STATE)))
 
 
 def find_checkpoint(output_dir: str, spec: str, run_id: str | None = None) -> str:
@@ -93,6 +120,8 @@ def save_checkpoint(output_dir: str, step: int, write_files, state: dict, keep: 
             _write_synced(os.path.join(tmp, ARGS), json.dumps(args, indent=1, default=str))
         files = {os.path.relpath(os.path.join(here, n), tmp): os.path.getsize(os.path.join(here, n))
                  for here, _, names in os.walk(tmp) for n in names}
+        if args is not None:
+            state = {**state, "args_sha256": _sha256(os.path.join(tmp, ARGS))}
         _write_synced(os.path.join(tmp, STATE), json.dumps({**state, "files": files}, indent=1))
         fsync_tree(tmp)  # on disk before the rename makes it complete; 0644 / 0755, not mkdtemp's 0700
         if os.path.exists(final):  # a re-run of the same step replaces it
@@ -120,7 +149,7 @@ def load_state(path: str) -> dict:
 
 
 def load_args(path: str) -> dict | None:
-    """The resolved arguments a checkpoint was written with (None for checkpoints older than that)."""
+    """The resolved arguments a checkpoint was written with (None for a checkpoint without args.json)."""
     file = os.path.join(path, ARGS)
     if not os.path.isfile(file):
         return None

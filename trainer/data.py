@@ -8,51 +8,79 @@ from __future__ import annotations
 
 import torch
 
+from common.cli import UsageError
 from data_prep.dataset import collate, load_dataset_for_training
 from data_prep.encode import IGNORE_INDEX
+from data_prep.report import Report
 
-from .args import DataArguments, UsageError
+from .args import DataArguments, data_files
 from .packing import collate_packed, pack
 
 
-def build_datasets(data: DataArguments, tokenizer, seed: int, verbose: bool = True) -> tuple[list[dict], list[dict], dict]:
-    """(training units, held-out samples, data report). The units are samples, or packed rows with
-    `--packing` (trainer.packing); held-out samples stay unpacked and carry `prompt_ids` (the tokens
-    before the first assistant token) for the before/after sample generation."""
-    samples, report = _load(data.data_path, data, tokenizer)
+def build_datasets(data: DataArguments, tokenizer, seed: int, verbose: bool = True,
+                   records: bool = False) -> tuple[list[dict], list[dict], dict]:
+    """(training units, held-out samples, data report). The units are samples (with
+    `--train_on_prompt` every token a label), or packed rows with `--packing` (trainer.packing);
+    held-out samples stay unpacked, keep the assistant-only labels and carry `prompt_ids` (the tokens
+    before the first assistant token) for the before/after sample generation. `verbose`: print the
+    summary, per file; `records`: log every skipped record as it comes."""
+    samples, reports = _load(data.data_path, data, tokenizer, records, "--data_path")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_reports = {}
     if data.eval_data_path:
-        held, held_report = _load(data.eval_data_path, data, tokenizer)
+        held, held_reports = _load(data.eval_data_path, data, tokenizer, records, "--eval_data_path")
         held = held[:data.eval_samples or None]
         train = [samples[i] for i in order]
     else:
         if len(samples) <= data.eval_samples:
             raise UsageError(f"{data.data_path}: {len(samples)} usable samples, need more than --eval_samples "
-                             f"{data.eval_samples}: lower --eval_samples or add data\n{report.summary()}")
-        held, held_report = [samples[i] for i in order[:data.eval_samples]], None
+                             f"{data.eval_samples}: lower --eval_samples or add data\n{_summary(reports, True)}")
+        held = [samples[i] for i in order[:data.eval_samples]]
         train = [samples[i] for i in order[data.eval_samples:]]
     for s in held:
         s["prompt_ids"] = s["input_ids"][:next(i for i, x in enumerate(s["labels"]) if x != IGNORE_INDEX)]
     if data.max_train_samples:
         train = train[:data.max_train_samples]
-    out = {**report.to_dict(), "train_samples": len(train), "heldout_samples": len(held)}
-    if held_report is not None:
-        out["eval_data"] = held_report.to_dict()
+    if data.train_on_prompt:  # the shift (and packing) drops each sample's first label: never across samples
+        train = [{**s, "labels": list(s["input_ids"])} for s in train]
+    out = {**_report_dict(reports), "train_samples": len(train), "heldout_samples": len(held)}
+    if held_reports:
+        out["eval_data"] = _report_dict(held_reports)
     if data.packing:
         train = pack(train, data.model_max_length, seed)
         out["packed_rows"] = len(train)
     if verbose:
         packed = f", packed into {len(train)} rows of <= {data.model_max_length} tokens" if data.packing else ""
-        print(f"data {data.data_path}: {report.summary()}\n  train {out['train_samples']}{packed}, "
-              f"held-out {len(held)}" + (f" from {data.eval_data_path}" if data.eval_data_path else ""))
+        hint = any(r.dropped for r in (*reports.values(), *held_reports.values())) and not records
+        print(_summary({**reports, **held_reports}) + f"\n  train {out['train_samples']}{packed}, held-out {len(held)}"
+              + (f" from {data.eval_data_path}" if data.eval_data_path else "")
+              + ("\n  (--verbose lists every skipped record)" if hint else ""))
     return train, held, out
 
 
-def _load(path: str, data: DataArguments, tokenizer) -> tuple[list[dict], object]:
-    try:
-        return load_dataset_for_training(path, tokenizer, data.template, data.model_max_length, data.strict)
-    except ValueError as e:  # nothing usable, or a bad record under --strict: the message names the file
-        raise UsageError(str(e)) from None
+def _load(spec: str, data: DataArguments, tokenizer, records: bool, flag: str) -> tuple[list[dict], dict[str, Report]]:
+    """The samples of every file of `spec` (comma-separated), in order, and each file's report; a
+    conversation that an earlier file holds too is dropped (duplicate_content)."""
+    samples, reports, seen = [], {}, {}
+    for path in data_files(spec):
+        try:
+            found, reports[path] = load_dataset_for_training(path, tokenizer, data.template, data.model_max_length,
+                                                             data.strict, seen=seen, verbose=records)
+        except ValueError as e:  # nothing usable, or a bad record under --strict: the message names the file
+            raise UsageError(f"train_sft.py: {flag}: {e}") from None
+        samples += found
+    return samples, reports
+
+
+def _report_dict(reports: dict[str, Report]) -> dict:
+    """One file's report as args.json records it; several: {"files": {path: report}}."""
+    if len(reports) == 1:
+        return next(iter(reports.values())).to_dict()
+    return {"files": {path: report.to_dict() for path, report in reports.items()}}
+
+
+def _summary(reports: dict[str, Report], examples: bool = False) -> str:
+    return "\n".join(f"data {path}: {report.summary(examples)}" for path, report in reports.items())
 
 
 def micro_batches_per_epoch(n_samples: int, batch_size: int) -> int:

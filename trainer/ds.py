@@ -15,18 +15,32 @@ import os
 import torch
 import torch.nn as nn
 
+from common.modeling import resolve_model_path
+
+from .args import Arguments, default_bf16, world_size
+from .loss import causal_lm_loss
+
+STAGES = (0, 1, 2, 3)  # DeepSpeed's ZeRO stages
 _OURS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
 
 
-def world_size() -> int:
-    """Ranks of this launch (the deepspeed launcher sets WORLD_SIZE before we start)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def problems(args: Arguments) -> tuple[dict | None, list[str]]:
+    """(the filled-in config of --deepspeed, or None without it; every reason it cannot run here).
+    The config file is read here, once."""
+    path = args.train.deepspeed
+    if not path:
+        return None, []
+    if not os.path.isfile(path):
+        return None, [f"--deepspeed {path}: no such config file"]
+    cfg, out = resolve_config(path, args)
+    return cfg or None, out + [p for p in [launcher_problem(path)] if p]
 
 
-def resolve_config(path: str, args) -> tuple[dict, list[str]]:
-    """The DeepSpeed config with every "auto" filled from our arguments (trainer.args.Arguments; one
-    source of truth), and every reason we cannot run it. With --bf16 unset an explicit bf16.enabled
-    in the config decides, and "auto" means bf16 on CUDA."""
+def resolve_config(path: str, args: Arguments) -> tuple[dict, list[str]]:
+    """The DeepSpeed config with every "auto" filled from our arguments (one source of truth), and
+    every reason the config cannot run; which ZeRO stages a method runs under is the method's rule
+    (trainer.methods). With --bf16 unset an explicit bf16.enabled in the config decides, and "auto"
+    means bf16 on CUDA."""
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -48,8 +62,6 @@ def resolve_config(path: str, args) -> tuple[dict, list[str]]:
         cfg[key] = ours[key]
     bf16_cfg = cfg.setdefault("bf16", {})
     if bf16_cfg.get("enabled", "auto") == "auto":
-        from .args import default_bf16
-
         bf16_cfg["enabled"] = default_bf16() if bf16 is None else bf16
     elif bf16 is not None and bool(bf16_cfg["enabled"]) != bf16:
         out.append(f"--deepspeed {path}: bf16.enabled={bf16_cfg['enabled']} contradicts --bf16 {bf16}")
@@ -61,8 +73,6 @@ def resolve_config(path: str, args) -> tuple[dict, list[str]]:
                        ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))):
         if zero.get(key) == "auto":
             zero[key] = value
-    if args.method.finetuning_type != "sift":
-        out.append(f"--deepspeed runs SIFT only; run the {args.method.finetuning_type} baseline without --deepspeed")
     if "optimizer" in cfg:
         out.append(f"--deepspeed {path}: remove the 'optimizer' section: SIFT is the optimizer "
                    "(its sparse AdamW steps inside our loop)")
@@ -75,11 +85,8 @@ def resolve_config(path: str, args) -> tuple[dict, list[str]]:
     if zero.get("offload_optimizer"):
         out.append(f"--deepspeed {path}: offload_optimizer has nothing to offload under SIFT (its state is the "
                    "few selected entries): remove it, keep offload_param")
-    if stage not in (0, 1, 2, 3):
-        out.append(f"--deepspeed {path}: zero_optimization.stage {stage} is not 0-3")
-    if stage == 3 and world > 1:
-        out.append(f"--deepspeed {path}: ZeRO-3 with SIFT runs on one rank (the single-GPU offload route); "
-                   f"this launch has {world}: use ds_configs/zero2.json for several ranks")
+    if stage not in STAGES:
+        out.append(f"--deepspeed {path}: zero_optimization.stage {stage} is not {STAGES[0]}-{STAGES[-1]}")
     cfg["zero_allow_untested_optimizer"] = True
     return cfg, out
 
@@ -96,8 +103,6 @@ def launcher_problem(path: str) -> str | None:
 def _hidden_size(model_name_or_path: str | None) -> int:
     from transformers import AutoConfig
 
-    from common.modeling import resolve_model_path
-
     try:
         return AutoConfig.from_pretrained(resolve_model_path(model_name_or_path)).hidden_size
     except (OSError, ValueError, AttributeError):
@@ -113,8 +118,6 @@ class Anchored(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
 
     def forward(self, batch: dict, num_items_in_batch):
-        from .loss import causal_lm_loss
-
         loss = causal_lm_loss(self.model, batch, num_items_in_batch)
         # The anchor joins the graph with a zero gradient: ZeRO's reduction expects one.
         return loss + 0.0 * self.anchor.sum()

@@ -5,7 +5,8 @@ a half-done step); the loop checks it once per optimizer step, writes a checkpoi
 how to resume, and exits 128 + the signal number (130 for Ctrl-C, 143 for a scheduler's SIGTERM), as
 a shell reports a process the signal killed. A second signal means "now": exit at once, without a
 checkpoint (the last complete one stays; a half-written one is only a temp directory that the next
-start removes).
+start removes). Outside the step loop (`raising`) a signal stops the process where it is, as
+Signalled, which the recipe turns into run.json's "interrupted", a line and 128 + the signal number.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -62,3 +64,32 @@ class Interrupts:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the step loop (start-up, the final save): the process stops where it
+    is. A KeyboardInterrupt, so whatever handles Ctrl-C handles it; `signum` says which signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise(signum, frame):
+    raise Signalled(signum)
+
+
+@contextmanager
+def raising():
+    """For the block, SIGINT and SIGTERM raise Signalled where the process is (the step loop's
+    Interrupts replace this while it runs): without it a SIGTERM would end the process with no word
+    and no status in run.json."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,6 +1,8 @@
 """The training loss, from the last hidden states: no [tokens, vocab] fp32 logits at once.
 
     loss = causal_lm_loss(model, batch, num_items_in_batch)
+    loss, counts = train_window(model, micro_batches, device, engine)   # forward + backward of one step
+    heldout_loss(model, samples, pad_id, batch_size, device)             # mean over the label tokens
 
 HF's `model(**batch).loss` materialises the logits of every token, upcasts them to fp32 and keeps
 what cross-entropy's backward needs: at Llama-3-8B shapes (vocab 128,256, 2048 tokens) one fp32
@@ -25,9 +27,11 @@ import functools
 import importlib.util
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from data_prep.dataset import collate
 from data_prep.encode import IGNORE_INDEX
 
 from . import offload
@@ -91,3 +95,47 @@ def _chunk_loss_sum(head, hidden, labels):
 def _liger_applies(head, hidden) -> bool:
     return (hidden.is_cuda and type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_tensor")
             and importlib.util.find_spec("liger_kernel") is not None)
+
+
+def train_window(model, micro_batches, device, engine=None) -> tuple[float, dict]:
+    """Forward/backward over one accumulation window; returns (mean token loss, counts): this rank's
+    real `tokens` and padded `grid` (tokens + padding), the window's `label_tokens` on all ranks.
+
+    Normalisation: the loss is the sum of token losses over the WHOLE window (of every rank) divided
+    by the window's label-token count, so accumulation 4 x batch 1, batch 4, and 2 ranks x batch 2
+    all give the same gradient (up to float error), and samples weigh by their tokens.
+    """
+    n_labels = torch.tensor(sum(label_tokens(b["labels"]) for b in micro_batches))
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        dist.all_reduce(n_labels)
+    n_labels = int(n_labels)
+    loss_sum, tokens, grid = torch.zeros(()), 0, 0
+    for b in micro_batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        loss = engine(b, n_labels) if engine is not None else causal_lm_loss(model, b, n_labels)
+        if engine is None:
+            loss.backward()
+        else:
+            engine.backward(loss, scale_wrt_gas=False)  # our normalisation already covers the window
+            engine.step()  # DeepSpeed's micro-step bookkeeping; its anchor optimizer moves nothing
+        loss_sum += loss.detach().float().cpu()  # host sync once per micro-batch, for the log
+        tokens += int(b["num_tokens"] if "num_tokens" in b else b["attention_mask"].sum())  # packed rows: no mask
+        grid += b["input_ids"].numel()
+    if distributed:  # each rank holds its share of the window's loss
+        dist.all_reduce(loss_sum)
+    return float(loss_sum), {"tokens": tokens, "grid": grid, "label_tokens": n_labels}
+
+
+@torch.no_grad()
+def heldout_loss(model, samples, pad_id, batch_size, device) -> float:
+    """Mean loss over all label tokens of the held-out samples."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        b = {k: v.to(device) for k, v in collate(samples[i:i + batch_size], pad_id).items()}
+        n = label_tokens(b["labels"])
+        total += float(causal_lm_loss(model, b, n)) * n
+        tokens += n
+    model.train()
+    return total / max(tokens, 1)

@@ -52,15 +52,36 @@ class Offload(torch.autograd.graph.saved_tensors_hooks):
         return host.to(device, non_blocking=True, copy=True)
 
 
+def host_table_problem(model, trained: set[str]) -> str | None:
+    """Why `model`'s input embedding table cannot live in host memory, or None: the output head
+    shares it, or it trains (its name is in `trained`)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        return ("this model ties its input embeddings to the output head (tie_word_embeddings), and a table "
+                "tied to the output head must stay on the device")
+    name = next(n for n, p in model.named_parameters() if p is emb.weight)
+    if name in trained:
+        return f"only for a frozen table, and the input embeddings ({name}) are trained here"
+    return None
+
+
+def embeddings_on_host_problems(skeleton, trained: set[str], deepspeed: bool) -> list[str]:
+    """Every rule of --embeddings_on_host, checked on `skeleton` (the model on the meta device, or
+    None when it cannot be built) with the names of the parameters the method trains."""
+    out = ["--embeddings_on_host: not with --deepspeed (DeepSpeed places every weight itself)"] if deepspeed else []
+    problem = host_table_problem(skeleton, trained) if skeleton is not None else None
+    return out + ([f"--embeddings_on_host: {problem}"] if problem else [])
+
+
 def embeddings_on_host(model) -> None:
     """--embeddings_on_host: the input embedding table (frozen) lives in host memory; each forward
     looks its rows up there and moves the [batch, seq, hidden] result to the model's device (exact:
-    the same rows). Refused (ValueError) for a table that trains or that the output head shares."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is emb.weight:
-        raise ValueError("the input embeddings are tied to the output head, which needs them on the device")
-    if emb.weight.requires_grad:
-        raise ValueError("the input embeddings are trained here; only a frozen table can live on the host")
+    the same rows). Refused (ValueError, `host_table_problem`) for a table that trains or that the
+    output head shares."""
+    problem = host_table_problem(model, {n for n, p in model.named_parameters() if p.requires_grad})
+    if problem:
+        raise ValueError(problem)
+    emb = model.get_input_embeddings()
     device = emb.weight.device
     if device.type == "meta":  # the planner: an uninitialised table in host memory (what it costs there)
         emb.to_empty(device="cpu")

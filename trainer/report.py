@@ -1,9 +1,12 @@
-"""What a run leaves for people: the JSONL log (+ TensorBoard / W&B), memory figures, plot, model."""
+"""What a run leaves for people: the JSONL log (+ TensorBoard / W&B) and what its rows sum, memory
+figures, the sample generation, the plot."""
 from __future__ import annotations
 
 import json
 import os
 import resource
+import time
+from collections import Counter
 
 import torch
 
@@ -25,6 +28,60 @@ def memory_stats(device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         return stats
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class Meter:
+    """What a training row of the log sums since the previous row: the steps' losses, their tokens
+    (real and padded, summed over ranks; label tokens), the wall and CPU time (evaluations left out),
+    the bytes the method communicated."""
+
+    def __init__(self, sent: int = 0):
+        self.sent = sent  # the method's communicated bytes at the previous row
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.loss, self.counts = 0, 0.0, Counter()
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """After an evaluation: throughput leaves it out."""
+        self.start, self.cpu = time.perf_counter(), time.process_time()
+
+    def add(self, loss: float, seen: dict, world: int) -> None:
+        """One optimizer step: its loss and trainer.loss.train_window's counts of this rank."""
+        self.steps += 1
+        self.loss += loss
+        self.counts.update(tokens=seen["tokens"] * world, grid=seen["grid"] * world, labels=seen["label_tokens"])
+
+    def row(self, step: int, lr: float, grad_norm: float, device: str, skipped: int | None = None,
+            sent: int | None = None) -> dict:
+        """The row of `step` (means over the steps since the previous row, whose sums it restarts);
+        `skipped`: the method's skipped steps so far, `sent`: its communicated bytes so far."""
+        elapsed, n, counts = time.perf_counter() - self.start, max(self.steps, 1), self.counts
+        row = {"step": step, "loss": self.loss / n, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": counts["tokens"] / elapsed, "label_tokens": counts["labels"],
+               "label_tokens_per_s": counts["labels"] / elapsed, "padding_share": 1 - counts["tokens"] / counts["grid"],
+               "seconds": elapsed,
+               # CPU seconds of this process: steadier than wall time on a shared machine
+               "cpu_seconds": time.process_time() - self.cpu, **memory_stats(device)}
+        if skipped is not None:
+            row["skipped_steps"] = skipped
+        if sent is not None:
+            row["allreduce_bytes_per_step"] = (sent - self.sent) / n
+            self.sent = sent
+        self.reset()
+        return row
+
+
+@torch.no_grad()
+def sample_generation(model, tokenizer, prompt_ids, max_new_tokens, device) -> str:
+    """The greedy continuation of `prompt_ids` (the before / after sample of results.json)."""
+    model.eval()
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    model.train()
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 class Logger:

@@ -32,7 +32,7 @@ QSIFT's "grad" selection reads the dense dW of the first micro-batch inside `_QS
 backward; per chunk it would read one chunk's. So in the first backward, before the chunk loop, each
 not yet selected QSIFTLinear of the block gets its whole-micro-batch dW summed over the chunks in
 fp32 (`_Probe`, one layer at a time: one dense fp32 weight-sized sum alive), rounded to the
-gradient's dtype as the untiled dW is, and selects from it (`select_by_grad`). That costs one more
+gradient's dtype as the untiled dW is, and selects from it (`sift.selection.choose`, as `sparse_grad` does). That costs one more
 pass over the block per such layer, in the first backward only.
 
 Cost in time: the block after attention (o projection and MLP: 88 % of a Llama-3-8B layer's weights)
@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
 from sift.qlinear import QSIFTLinear
+from sift.selection import choose
 
 # Sizing of a chunk: one [chunk, intermediate] tensor of the MLP in 2-byte activations takes at most
 # this many bytes. A chunk's transients in the MLP's backward are ~10 such tensors (gate, up, their
@@ -95,7 +96,7 @@ class _Block:
     def unselected(self) -> list[QSIFTLinear]:
         """QSIFT layers of the block waiting for their "grad" selection."""
         return [m for mod in self.modules for m in mod.modules()
-                if isinstance(m, QSIFTLinear) and m.delta is not None and m.delta.requires_grad and not m.selected]
+                if isinstance(m, QSIFTLinear) and m.delta is not None and m.delta.requires_grad and not m.ready()]
 
     def run(self, *inputs):
         """The block over the whole sequence, tiled when it spans more than one chunk."""
@@ -218,7 +219,7 @@ def _select_whole(block: _Block, layer: QSIFTLinear, inputs, grads):
             del m.forward  # back to the class's forward
     dw = total.to(grads[0].dtype)  # rounded as the untiled dW is, before its top-k
     del total
-    layer.select_by_grad(dw)
+    layer.select(choose(layer.selection, layer.k, layer.numel, grad=dw))
 
 
 def _probe_forward(layer: QSIFTLinear, token, total):
