@@ -1,6 +1,6 @@
 """What tiled decoder layers (trainer.tiled_decoder) cost in step time and save in memory.
 
-    python -m benchmarks.tiling_cost --out benchmarks/results/tiling_cost.json
+    python -m benchmarks.run tiling_cost/llama3.1-8b    # -> results/tiling_cost--llama3.1-8b.json
 
 1. Step time, measured on this machine: SIFT on a small random Llama (CPU, fp32, gradient
    checkpointing) at one sequence length, untiled and tiled in 4 chunks, steps interleaved
@@ -13,12 +13,7 @@
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import subprocess
-import sys
-import time
 
 import torch
 from transformers import LlamaConfig
@@ -26,10 +21,10 @@ from transformers import LlamaConfig
 from trainer import tiled_decoder
 
 from . import longest, memory_speed
+from .constants import GIB
 from .methods import Method
 from .models import build_model, load_config
 
-GIB = 2**30
 SMALL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False)
 
@@ -88,29 +83,13 @@ def planned(model: str, seqs: list[int]) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seq", type=int, default=2048, help="tokens of the timed CPU steps")
-    ap.add_argument("--plan_model", default="llama3.1-8b")
-    ap.add_argument("--plan_seqs", default="2048,4096,8192,16384,32768")
-    ap.add_argument("--out", default=None, help="write the results to this JSON file")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    result = {"command": "python -m benchmarks.tiling_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-              "device": "cpu", "torch_threads_timed": 1, "date": time.strftime("%Y-%m-%d"),
-              "chunk_tokens_rule": {m: tiled_decoder.chunk_tokens(load_config(m)) for m in ("smollm2-135m", "llama3.1-8b")},
-              "matmul_work_tiled_vs_untiled": {"small (timed here)": matmul_work(LlamaConfig(**SMALL)),
-                                               args.plan_model: matmul_work(load_config(args.plan_model))},
-              "step_times": step_times(args.seq),
-              "planned": planned(args.plan_model, [int(s) for s in args.plan_seqs.split(",")])}
-    result["seconds"] = time.time() - t0
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def stage(seq: int = 2048, plan_model: str = "llama3.1-8b", plan_seqs: tuple = (2048, 4096, 8192, 16384, 32768),
+          log=print) -> dict:
+    """The driver's `tiling_cost` stage (`python -m benchmarks.run tiling_cost/NAME`): the rule's chunk,
+    the matmul work, the CPU step times at `seq` tokens and the planned peaks at `plan_seqs`."""
+    log(f"[tiling_cost] step times at {seq} tokens, plans of {plan_model} at {list(plan_seqs)}")
+    return {"torch_threads_timed": 1,
+            "chunk_tokens_rule": {m: tiled_decoder.chunk_tokens(load_config(m)) for m in ("smollm2-135m", plan_model)},
+            "matmul_work_tiled_vs_untiled": {"small (timed here)": matmul_work(LlamaConfig(**SMALL)),
+                                             plan_model: matmul_work(load_config(plan_model))},
+            "step_times": step_times(seq), "planned": planned(plan_model, list(plan_seqs))}

@@ -311,6 +311,24 @@ def _problems(decoder) -> list[str]:
     return problems
 
 
+def flag_problems(args, config, zero3: bool) -> list[str]:
+    """train_sft.py's --tile_tokens against the model's config and the other options, one line each,
+    before any weight loads: what `enable` would refuse on the loaded model."""
+    flag = f"--tile_tokens {args.train.tile_tokens}"
+    if args.train.tile_tokens < 1:  # off, or refused by its own range check
+        return []
+    out = []
+    if config is not None and config.model_type != "llama":
+        out.append(f"{flag}: the model's model_type is {config.model_type!r}; tiled layers follow Llama's layer")
+    if zero3:
+        out.append(f"{flag}: not with DeepSpeed ZeRO-3 (its partitioned weights are gathered per module call; the "
+                   "chunked backward gathers nothing)")
+    if args.method.finetuning_type == "lora" and args.method.lora_dropout > 0:
+        out.append(f"{flag}: not with --lora_dropout {args.method.lora_dropout} (the chunks' recompute in backward "
+                   "would draw other dropout masks)")
+    return out
+
+
 def enable(model, chunk: int | None = None) -> int:
     """Tile every decoder layer and the final norm of a loaded (HF or PEFT-wrapped) Llama model in
     chunks of `chunk` tokens (default: `chunk_tokens(config)`); returns the chunk. Call it after
