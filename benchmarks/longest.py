@@ -40,11 +40,11 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from common.atomic import atomic_write
-from common.cli import UsageError, problems_error
+from common.cli import UsageError
 from trainer import tiled_decoder
 
-from . import memory_plan, stamp
-from .constants import DTYPES, GIB
+from . import meta_plan, stamp
+from .constants import GIB
 from .flash2 import FLASH2
 from .memtrack import PHASE_CATEGORY, MemoryTracker
 from .methods import Method, Trainee
@@ -53,7 +53,7 @@ from .models import FUSED_SDPA, SHAPES, load_config
 PROBES = (3, 4)  # layer counts planned: a top, a middle and a bottom layer in each
 
 
-class CachingMetaTracker(memory_plan.MetaTracker):
+class CachingMetaTracker(meta_plan.MetaTracker):
     """MetaTracker that runs each meta op's shape function once per (op, input shapes and strides,
     other arguments): meta kernels are Python (torch's decompositions, bitsandbytes' fake kernels)
     and a long plan repeats the same few hundred ops thousands of times (loss chunks, tiled chunks,
@@ -193,7 +193,7 @@ def _probe(config, method, seq, layers, dtype, steps, attention):
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = layers
     tracker = WindowTracker()
-    result = memory_plan.plan(cfg, method, 1, seq, dtype, gradient_checkpointing=True, steps=steps,
+    result = meta_plan.plan(cfg, method, 1, seq, dtype, gradient_checkpointing=True, steps=steps,
                               attention=attention, tracker=lambda: tracker, on_model=tracker.watch)
     return result, [_roles(w, layers) for w in tracker.steps]
 
@@ -270,7 +270,7 @@ def long_step(config, method: Method, seq: int, device: str = "cuda", steps: int
     torch.cuda.max_memory_allocated against the plan with FlashAttention-2's buffers (benchmarks.flash2),
     on the CPU (a dry run) the byte counter on real tensors against the plan with the CPU kernel's."""
     cuda = device.startswith("cuda")
-    model = memory_plan.build(config, device, torch.bfloat16, True)
+    model = meta_plan.build(config, device, torch.bfloat16, True)
     g = torch.Generator().manual_seed(seed)
     batches = [{"input_ids": ids, "labels": ids} for ids in
                (torch.randint(0, config.vocab_size, (1, seq), generator=g).to(device) for _ in range(steps))]
@@ -388,24 +388,7 @@ def search_problems(setting: dict, search: dict) -> list[str]:
     return out
 
 
-def report(setting: dict, search: dict, out: str | None) -> int:
-    """benchmarks.memory_plan --max_seq: the search for its sift rows (those on the --quantization base)."""
-    problems = search_problems(setting, search)
-    if problems:
-        raise problems_error(memory_plan.PROG, problems)
-    config, methods = memory_plan.setting_methods(setting)
-    rows = [m for m in methods if m.kind == "sift" and m.quantization == setting["quantization"]]
-    chunk = _chunk(config, rows[0].tile_tokens)
-    print(f"Longest sequence (batch 1) per card: {setting['model']}, {setting['dtype']}, gradient checkpointing, "
-          f"tiled layers {f'in chunks of {chunk} tokens' if chunk else 'off (--tile_tokens 0 tiles them)'}\n")
-    print(render([]))
-    found = search_rows(config, rows, cards(search["gpu_gib"], search["context_gib"]), search["context_gib"],
-                        granularity=search["granularity"], dtype=DTYPES[setting["dtype"]])
-    _write(out, {**setting, **search}, found)
-    return 0
-
-
-def _write(path: str | None, setting: dict, rows: list[dict]):
+def write_rows(path: str | None, setting: dict, rows: list[dict]):
     """--json: the rows, stamped with the command, commit, device and date that made them."""
     if path:
         module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")
@@ -417,7 +400,7 @@ def _write(path: str | None, setting: dict, rows: list[dict]):
         atomic_write(path, [json.dumps(doc, indent=1, default=str)])
 
 
-def _chunk(config, tile_tokens: int | None) -> int | None:
+def chunk_of(config, tile_tokens: int | None) -> int | None:
     return None if tile_tokens is None else tile_tokens or tiled_decoder.chunk_tokens(config)
 
 
@@ -443,7 +426,7 @@ def stage(model: str = "llama3.1-8b", rows: tuple = ("qsift:0.01",), gpu_gib: tu
     config = load_config(model)
     if device_step:
         return {"rows": [long_step(config, m, device_step, device) for m in methods]}
-    chunk = _chunk(config, tile_tokens)
+    chunk = chunk_of(config, tile_tokens)
     log(f"Longest sequence per card: {model}, batch 1, bf16, gradient checkpointing, tiled layers "
         f"{f'in chunks of {chunk} tokens' if chunk else 'off'}, offload_activations "
         f"{'on' if offload_activations else 'off'}, embeddings_on_host {'on' if embeddings_on_host else 'off'}\n")
@@ -471,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         gpu_gib = tuple(cards(args.gpu_gib, args.context_gib))
-        problem = args.json and memory_plan.json_problem(args.json)
+        problem = args.json and meta_plan.json_problem(args.json)
         if problem:
             raise UsageError(problem)
         result = stage(args.model, tuple(args.rows.split(",")), gpu_gib, args.context_gib, args.offload_activations,
@@ -481,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     for row in result["rows"] if args.device_step else []:
         print(json.dumps(row), flush=True)
-    _write(args.json, vars(args), result["rows"])
+    write_rows(args.json, vars(args), result["rows"])
     return 0
 
 

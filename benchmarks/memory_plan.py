@@ -30,9 +30,7 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import sys
-import warnings
 
 from common.quiet import silence_unrelated_warnings
 
@@ -40,7 +38,6 @@ if __name__ == "__main__":  # it runs no 4-bit CPU kernel and no DeepSpeed: thei
     silence_unrelated_warnings([])
 
 import torch  # noqa: E402
-from bitsandbytes import functional as bnbf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common.atomic import atomic_write  # noqa: E402
@@ -48,62 +45,15 @@ from common.cli import UsageError, problems_error  # noqa: E402
 from sift.config import LLAMA_LINEARS  # noqa: E402
 from sift.targets import matches_module  # noqa: E402
 
-from . import memory_speed  # noqa: E402
+from . import longest  # noqa: E402  (it plans through benchmarks.meta_plan, never this module)
 from .constants import DTYPES, GIB, PAPER_7B  # noqa: E402
-from .memtrack import MemoryTracker  # noqa: E402
+from .meta_plan import MetaTracker, build, json_problem, plan  # noqa: E402,F401  (MetaTracker: the planner's API)
 from .methods import Method, lora_rank_for_rate  # noqa: E402
-from .models import (FUSED_SDPA, SHAPES, SMOLLM2, ConfigError, build_model, count_params,  # noqa: E402
-                     enable_checkpointing, load_config)
+from .models import SHAPES, SMOLLM2, ConfigError, load_config  # noqa: E402
 
 PROG = "python -m benchmarks.memory_plan"
 FAMILIES = ("all", "full", "lora", "original", "sift")
 QUANTIZATIONS = ("nf4", "fp4")
-
-
-class MetaTracker(MemoryTracker):
-    """MemoryTracker that answers host syncs on meta tensors with a neutral value."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
-            return True if args[0].dtype == torch.bool else 1
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-def build(config, device: str, dtype: torch.dtype, gradient_checkpointing: bool, attention: str = FUSED_SDPA):
-    """The model a training step runs on: meta with the fused attention (or `attention`), or real with sdpa."""
-    model = build_model(config, device, dtype, attention if device == "meta" else "sdpa")
-    model.config.use_cache = False  # a training forward keeps no KV cache
-    if gradient_checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    return model
-
-
-def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-         gradient_checkpointing: bool = False, steps: int = 3, accumulation: int = 1,
-         attention: str = FUSED_SDPA, tracker=MetaTracker, on_model=None) -> dict:
-    """Peak bytes of `method`'s steady-state step (the last of `steps`, each of `accumulation`
-    micro-batches) and what made it up. `tracker` makes the byte counter, `on_model(model)` sees the
-    model before the method is built on it (benchmarks.longest uses both)."""
-    model = build(config, "meta", dtype, gradient_checkpointing, attention)
-    # bitsandbytes caches its 8-bit map on the device of the first tensor it quantizes blockwise: made
-    # on meta here, it would break every later real quantization in this process (and add 1 KiB to this plan)
-    bnbf.name2qmap.setdefault("dynamic", bnbf.create_dynamic_map())
-    if on_model is not None:
-        on_model(model)
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    batches = [{"input_ids": ids, "labels": ids}]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # SIFT's non-finite warning (see the module doc), peft's notes
-        trainee, out, after = memory_speed.track_steps(method, model, batches, steps, tracker=tracker,
-                                                       accumulation=accumulation)
-    trainee.close()
-    host = out[-1]["breakdown"]["host"]  # fixed after the first step, so it shifts the peak only
-    return {"name": method.name, "method": method.__dict__.copy(), "trainable_entries": trainee.entries,
-            "params": count_params(trainee.model), "peak": out[-1]["peak"] - host,
-            "peak_with_host": out[-1]["peak"], "first_step_peak": out[0]["peak"] - host,
-            "peak_breakdown": out[-1]["breakdown"], "after_step": after, "sift": trainee.sift_report(),
-            "offloaded_bytes": trainee.offload.offloaded_bytes if trainee.offload else 0}
 
 
 def table1_methods(config, rate: float, rank: int | None = None, which: str = "all") -> list[Method]:
@@ -255,16 +205,22 @@ def checked_config(model: str, embeddings_on_host: bool):
     return config, None
 
 
-def json_problem(path: str) -> str | None:
-    """Why `--json PATH` could not be written, checked before the minutes of planning."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"--json {path}: is a directory: name a file"
-    if not os.path.isdir(parent):
-        return f"--json {path}: no directory {parent}"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--json {path}: the directory {parent} is not writable"
-    return None
+def max_seq_report(setting: dict, search: dict, out: str | None) -> int:
+    """--max_seq (benchmarks.longest): the search for its sift rows (those on the --quantization base)."""
+    problems = longest.search_problems(setting, search)
+    if problems:
+        raise problems_error(PROG, problems)
+    config, methods = setting_methods(setting)
+    rows = [m for m in methods if m.kind == "sift" and m.quantization == setting["quantization"]]
+    chunk = longest.chunk_of(config, rows[0].tile_tokens)
+    print(f"Longest sequence (batch 1) per card: {setting['model']}, {setting['dtype']}, gradient checkpointing, "
+          f"tiled layers {f'in chunks of {chunk} tokens' if chunk else 'off (--tile_tokens 0 tiles them)'}\n")
+    print(longest.render([]))
+    cards = longest.cards(search["gpu_gib"], search["context_gib"])
+    found = longest.search_rows(config, rows, cards, search["context_gib"], granularity=search["granularity"],
+                                dtype=DTYPES[setting["dtype"]])
+    longest.write_rows(out, {**setting, **search}, found)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -297,8 +253,6 @@ def parser() -> argparse.ArgumentParser:
     opt("tile_tokens", "tile the decoder layers in chunks of this many tokens (trainer.tiled_decoder; 0: its "
                        "chunk_tokens rule; default untiled)", type=int)
     ap.add_argument("--json", help="also write the rows to this file")
-    from . import longest  # imported here: benchmarks.longest plans through this module
-
     longest.add_arguments(ap)
     return ap
 
@@ -307,15 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     options = vars(ap.parse_args(argv))
     out = options.pop("json", None)
-    from . import longest
-
     search = {k: options.pop(k) for k in longest.SEARCH if k in options}
     try:
         problem = out and json_problem(out)
         if problem:
             raise problems_error(PROG, [problem])
         if search.get("max_seq"):
-            return longest.report({**DEFAULTS, **options}, search, out)
+            return max_seq_report({**DEFAULTS, **options}, search, out)
         result = plan_setting(**options)
     except UsageError as e:
         ap.exit(2, f"{e}\n")
