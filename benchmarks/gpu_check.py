@@ -13,6 +13,10 @@ Parts (the experiment's "parts" names which run; each is a function below):
   planned peak of the same row from the plan experiment the row names (results/plan--NAME.json,
   whose stamp says which commit planned it). The training loss is the trainer's: chunked, or
   Liger's fused linear cross-entropy where liger-kernel is installed (recorded per row).
+- long_step: the experiment's "long_step" ({"model", "seq", "method"}: Llama-3.1-8B QSIFT 1 % with
+  tiled layers and offloaded activations at 32,768 tokens) for two steps (benchmarks.longest.long_step):
+  torch.cuda.max_memory_allocated of the first and the steady step against the scaled plan with
+  FlashAttention-2's backward buffers (goal: within 3 %), and the step times.
 - zero3: train_sft.py under `deepspeed --num_gpus G ... ds_configs/zero3.json` (G: the GPUs, at most
   2), SIFT and QSIFT nf4, against the plain run with G times the batch (indices equal, the largest
   delta difference), and the one-rank zero3_offload.json run; tiny model, 4 steps, bf16, where
@@ -20,12 +24,14 @@ Parts (the experiment's "parts" names which run; each is a function below):
 
 Dry run (`python -m benchmarks.run gpu/check --dry-run`, no GPU needed, in CI): every row runs at
 the llama-tiny shape on the CPU, its peak counted by the MemoryTracker and planned live on meta
-tensors; kernel_parity runs its CPU half; zero3 builds its model directory and commands and
-launches none. Nothing is written.
+tensors; long_step runs llama-tiny at 256 tokens in 4 chunks, counted against its plan;
+kernel_parity runs its CPU half; zero3 builds its model directory and commands and launches none.
+Nothing is written.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -47,15 +53,17 @@ from .methods import Method, Trainee
 from .models import build_model, enable_checkpointing, load_config
 
 DRY_RUN_SHAPE, DRY_RUN_SEQ = "llama-tiny", 64
-PARTS = ("kernel_parity", "rows", "zero3")
+PARTS = ("kernel_parity", "rows", "long_step", "zero3")
+DRY_RUN_LONG = 256  # tokens of the dry run's long step: 4 chunks of 64
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 
 
-def run(parts: list[str], rows: list[dict], seq: int, batch: int, steps: int, dry_run: bool, log=print) -> dict:
+def run(parts: list[str], rows: list[dict], seq: int, batch: int, steps: int, dry_run: bool, log=print,
+        long: dict | None = None) -> dict:
     """Every part named in `parts` (see the module doc); a dry run builds all on the CPU."""
     problems = [f"unknown part {p!r}: choose among {', '.join(PARTS)}" for p in parts if p not in PARTS]
-    problems += row_problems(rows)
+    problems += row_problems(rows + ([long] if "long_step" in parts else []))
     if problems:
         raise UsageError("gpu: " + "; ".join(problems))
     if not dry_run and not torch.cuda.is_available():
@@ -72,6 +80,8 @@ def run(parts: list[str], rows: list[dict], seq: int, batch: int, steps: int, dr
         elif part == "rows":
             out["rows"] = [measure_row(r, seq, batch, steps, device)
                            for r in tqdm(rows, desc="gpu rows", unit="row", leave=False, disable=None)]
+        elif part == "long_step":
+            out["long_step"] = long_step(long, device)
         else:
             out["zero3"] = zero3(dry_run)
         log(f"  {part}: {time.perf_counter() - t0:.0f} s")
@@ -83,6 +93,8 @@ def row_problems(rows: list[dict]) -> list[str]:
     out = []
     for i, row in enumerate(rows):
         try:
+            if not isinstance(row, dict):
+                raise TypeError(f"{row!r}: expected {{\"model\", \"method\", ...}}")
             Method(**row["method"])
             load_config(row["model"])
         except (KeyError, TypeError, ValueError) as e:
@@ -90,6 +102,18 @@ def row_problems(rows: list[dict]) -> list[str]:
         if row.get("plan") and not (EXPERIMENTS / f"{row['plan']}.json").is_file():
             out.append(f"row {i}: no plan experiment {row['plan']} (experiments/{row['plan']}.json)")
     return out
+
+
+def long_step(spec: dict, device: str) -> dict:
+    """The long-sequence step (benchmarks.longest.long_step) of `spec` on the GPU; in a dry run the
+    same method at llama-tiny's shape, DRY_RUN_LONG tokens in 4 chunks, on the CPU (nothing offloaded)."""
+    from . import longest
+
+    method = Method(**spec["method"])
+    if device == "cuda":
+        return longest.long_step(load_config(spec["model"]), method, spec["seq"], "cuda")
+    method = dataclasses.replace(method, tile_tokens=DRY_RUN_LONG // 4, offload_activations=False)
+    return longest.long_step(load_config(DRY_RUN_SHAPE), method, DRY_RUN_LONG, "cpu")
 
 
 def parity_devices(device: str) -> tuple[str, ...]:

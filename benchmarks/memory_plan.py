@@ -30,10 +30,8 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import os
 import sys
-import warnings
 
 from common.quiet import silence_unrelated_warnings
 
@@ -48,63 +46,15 @@ from common.cli import UsageError, problems_error  # noqa: E402
 from sift.config import LLAMA_LINEARS  # noqa: E402
 from sift.targets import matches_module  # noqa: E402
 
-from . import memory_speed, zero_plan  # noqa: E402
+from . import longest, zero_plan  # noqa: E402  (longest plans through benchmarks.meta_plan, never this module)
 from .constants import DTYPES, GIB, PAPER_7B  # noqa: E402
-from .memtrack import MemoryTracker  # noqa: E402
-from .methods import Method, lora_rank_for_rate, targets_of  # noqa: E402
-from .models import (FUSED_SDPA, SHAPES, SMOLLM2, ConfigError, build_model, count_params,  # noqa: E402
-                     enable_checkpointing, load_config)
+from .meta_plan import MetaTracker, build, json_problem, plan  # noqa: E402,F401  (MetaTracker: the planner's API)
+from .methods import Method, lora_rank_for_rate  # noqa: E402
+from .models import SHAPES, SMOLLM2, ConfigError, load_config  # noqa: E402
 
 PROG = "python -m benchmarks.memory_plan"
 FAMILIES = ("all", "full", "lora", "original", "sift")
 QUANTIZATIONS = ("nf4", "fp4")
-
-
-class MetaTracker(MemoryTracker):
-    """MemoryTracker that answers host syncs on meta tensors with a neutral value."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
-            return True if args[0].dtype == torch.bool else 1
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-def build(config, device: str, dtype: torch.dtype, gradient_checkpointing: bool):
-    """The model a training step runs on: meta with the fused attention, or real with sdpa."""
-    model = build_model(config, device, dtype, FUSED_SDPA if device == "meta" else "sdpa")
-    model.config.use_cache = False  # a training forward keeps no KV cache
-    if gradient_checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    return model
-
-
-def plan(config, method: Method, batch_size: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
-         gradient_checkpointing: bool = False, steps: int = 3, accumulation: int = 1, zero: dict | None = None,
-         world_size: int = 1) -> dict:
-    """Peak bytes of `method`'s steady-state step (the last of `steps`, each of `accumulation`
-    micro-batches) and what made it up; with `zero` (benchmarks.zero_plan.config_values) also per
-    rank of `world_size` ZeRO-3 ranks ("zero3")."""
-    model = build(config, "meta", dtype, gradient_checkpointing)
-    largest = max(p.numel() for _, p in targets_of(model))  # entries of the largest target weight
-    largest_k = math.ceil((method.rate or 0) * largest)
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    batches = [{"input_ids": ids, "labels": ids}]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # SIFT's non-finite warning (see the module doc), peft's notes
-        trainee, out, after = memory_speed.track_steps(method, model, batches, steps, tracker=MetaTracker,
-                                                       accumulation=accumulation)
-    split = zero_plan.weight_split(trainee.model, zero["stage3_param_persistence_threshold"]) if zero else None
-    trainee.close()
-    host = out[-1]["breakdown"]["host"]  # fixed after the first step, so it shifts the peak only
-    row = {"name": method.name, "method": method.__dict__.copy(), "trainable_entries": trainee.entries,
-            "params": count_params(trainee.model), "peak": out[-1]["peak"] - host,
-            "peak_with_host": out[-1]["peak"], "first_step_peak": out[0]["peak"] - host,
-            "peak_breakdown": out[-1]["breakdown"], "after_step": after, "sift": trainee.sift_report(),
-            "offloaded_bytes": trainee.offload.offloaded_bytes if trainee.offload else 0}
-    if zero:
-        row["zero3"] = zero_plan.per_rank(row, split, world_size, zero, largest_k, largest * dtype.itemsize)
-    return row
 
 
 def table1_methods(config, rate: float, rank: int | None = None, which: str = "all") -> list[Method]:
@@ -167,39 +117,48 @@ def plan_setting(model: str = "llama-7b", seq: int = 2048, batch: int = 1, gradi
                  quantization: str | None = None, gradient_accumulation_steps: int = 1,
                  offload_activations: bool = False, embeddings_on_host: bool = False,
                  regrow_fraction: float | None = None, zero: int | None = None, world_size: int = 1,
-                 ds_config: str = "zero3", dry_run: bool = False) -> dict:
+                 ds_config: str = "zero3", tile_tokens: int | None = None, dry_run: bool = False) -> dict:
     """The planned rows of one setting (the options of `python -m benchmarks.memory_plan`, which see).
     Every bad option and an unusable model are refused together, before any row is planned; a dry
     run stops there and names the rows it would plan. `zero` 3: the SIFT / QSIFT rows only (what
     DeepSpeed runs), each also per rank of `world_size` (benchmarks.zero_plan)."""
     setting = {k: v for k, v in locals().items() if k != "dry_run"}
-    problems = option_problems(setting)
-    config = None
-    if not problems:  # a model check on top of bad numbers would only add noise
-        config, problem = checked_config(model, embeddings_on_host)
-        problems += [problem] if problem else []
-    if problems:
-        raise problems_error(PROG, problems)
-    methods = quantized_methods(config, rate, quantization, lora_rank) if quantization \
-        else table1_methods(config, rate, lora_rank, method)
-    if offload_activations:
-        methods = [dataclasses.replace(m, name=f"{m.name} + offload", offload_activations=True) for m in methods]
-    if embeddings_on_host:
-        methods = [dataclasses.replace(m, name=f"{m.name} + host embeddings", embeddings_on_host=True)
-                   for m in methods if m.kind != "full"]
-    if regrow_fraction is not None:  # each SIFT row again, stepping inside a regrow window (its largest, the first)
-        methods += [dataclasses.replace(m, name=f"{m.name} + regrow window ({regrow_fraction:g})",
-                                        regrow_fraction=regrow_fraction) for m in methods if m.kind == "sift"]
-    accumulation = gradient_accumulation_steps
-    methods = [m for m in methods if accumulation == 1 or not m.step_in_backward]  # in-backward needs 1
-    values = zero_plan.config_values(ds_config, config) if zero else None
-    methods = [m for m in methods if not zero or m.kind == "sift"]
+    config, methods = setting_methods(setting)
     if dry_run:
         return {"setting": setting, "rows": [m.name for m in methods]}
-    rows = [plan(config, m, batch, seq, DTYPES[dtype], gradient_checkpointing, accumulation=accumulation,
+    values = zero_plan.config_values(ds_config, config) if zero else None
+    rows = [plan(config, m, batch, seq, DTYPES[dtype], gradient_checkpointing, accumulation=gradient_accumulation_steps,
                  zero=values, world_size=world_size)
             for m in tqdm(methods, desc=f"planning {model}", unit="row", leave=False, disable=None)]
     return {"setting": setting, "params": rows[0]["params"], "rows": rows}
+
+
+def setting_methods(setting: dict) -> tuple:
+    """(config, the benchmarks Methods a setting plans), or UsageError with every problem of it."""
+    problems = option_problems(setting)
+    config = None
+    if not problems:  # a model check on top of bad numbers would only add noise
+        config, problem = checked_config(setting["model"], setting["embeddings_on_host"])
+        problems += [problem] if problem else []
+    if problems:
+        raise problems_error(PROG, problems)
+    rate, rank = setting["rate"], setting["lora_rank"]
+    methods = quantized_methods(config, rate, setting["quantization"], rank) if setting["quantization"] \
+        else table1_methods(config, rate, rank, setting["method"])
+    if setting["offload_activations"]:
+        methods = [dataclasses.replace(m, name=f"{m.name} + offload", offload_activations=True) for m in methods]
+    if setting["embeddings_on_host"]:
+        methods = [dataclasses.replace(m, name=f"{m.name} + host embeddings", embeddings_on_host=True)
+                   for m in methods if m.kind != "full"]
+    regrow_fraction = setting["regrow_fraction"]
+    if regrow_fraction is not None:  # each SIFT row again, stepping inside a regrow window (its largest, the first)
+        methods += [dataclasses.replace(m, name=f"{m.name} + regrow window ({regrow_fraction:g})",
+                                        regrow_fraction=regrow_fraction) for m in methods if m.kind == "sift"]
+    if setting["tile_tokens"] is not None:
+        methods = [dataclasses.replace(m, tile_tokens=setting["tile_tokens"]) for m in methods]
+    accumulation = setting["gradient_accumulation_steps"]
+    methods = [m for m in methods if accumulation == 1 or not m.step_in_backward]  # in-backward needs 1
+    return config, [m for m in methods if not setting["zero"] or m.kind == "sift"]  # ZeRO-3 runs SIFT only
 
 
 DEFAULTS = {k: p.default for k, p in inspect.signature(plan_setting).parameters.items() if k != "dry_run"}
@@ -208,14 +167,14 @@ DEFAULTS = {k: p.default for k, p in inspect.signature(plan_setting).parameters.
 def option_problems(setting: dict) -> list[str]:
     """What is wrong with the numbers and names of a setting (nothing is built to tell)."""
     out = []
-    for key in ("seq", "batch", "gradient_accumulation_steps", "lora_rank", "world_size"):
-        value = setting[key]
-        if value is None and key == "lora_rank":
+    for key in ("seq", "batch", "gradient_accumulation_steps", "lora_rank", "world_size", "tile_tokens"):
+        value, least = setting[key], 0 if key == "tile_tokens" else 1
+        if value is None and key in ("lora_rank", "tile_tokens"):
             continue
         if type(value) is not int:
             out.append(f"--{key} {value!r}: must be an integer")
-        elif value < 1:
-            out.append(f"--{key} {value}: must be >= 1")
+        elif value < least:
+            out.append(f"--{key} {value}: must be >= {least}")
     rate = setting["rate"]
     if type(rate) not in (int, float) or not (0 < rate <= 1):  # NaN fails the comparison too
         out.append(f"--rate {rate}: must be a number in (0, 1] (the share of each target's entries trained)")
@@ -264,16 +223,22 @@ def checked_config(model: str, embeddings_on_host: bool):
     return config, None
 
 
-def json_problem(path: str) -> str | None:
-    """Why `--json PATH` could not be written, checked before the minutes of planning."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"--json {path}: is a directory: name a file"
-    if not os.path.isdir(parent):
-        return f"--json {path}: no directory {parent}"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--json {path}: the directory {parent} is not writable"
-    return None
+def max_seq_report(setting: dict, search: dict, out: str | None) -> int:
+    """--max_seq (benchmarks.longest): the search for its sift rows (those on the --quantization base)."""
+    problems = longest.search_problems(setting, search)
+    if problems:
+        raise problems_error(PROG, problems)
+    config, methods = setting_methods(setting)
+    rows = [m for m in methods if m.kind == "sift" and m.quantization == setting["quantization"]]
+    chunk = longest.chunk_of(config, rows[0].tile_tokens)
+    print(f"Longest sequence (batch 1) per card: {setting['model']}, {setting['dtype']}, gradient checkpointing, "
+          f"tiled layers {f'in chunks of {chunk} tokens' if chunk else 'off (--tile_tokens 0 tiles them)'}\n")
+    print(longest.render([]))
+    cards = longest.cards(search["gpu_gib"], search["context_gib"])
+    found = longest.search_rows(config, rows, cards, search["context_gib"], granularity=search["granularity"],
+                                dtype=DTYPES[setting["dtype"]])
+    longest.write_rows(out, {**setting, **search}, found)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -309,7 +274,10 @@ def parser() -> argparse.ArgumentParser:
         type=int, choices=[3])
     opt("world_size", "ranks of the ZeRO-3 plan", type=int)
     opt("ds_config", f"the DeepSpeed config of the ZeRO-3 plan: {', '.join(zero_plan.CONFIGS)} or a path")
+    opt("tile_tokens", "tile the decoder layers in chunks of this many tokens (trainer.tiled_decoder; 0: its "
+                       "chunk_tokens rule; default untiled)", type=int)
     ap.add_argument("--json", help="also write the rows to this file")
+    longest.add_arguments(ap)
     return ap
 
 
@@ -317,10 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     options = vars(ap.parse_args(argv))
     out = options.pop("json", None)
+    search = {k: options.pop(k) for k in longest.SEARCH if k in options}
     try:
         problem = out and json_problem(out)
         if problem:
             raise problems_error(PROG, [problem])
+        if search.get("max_seq"):
+            return max_seq_report({**DEFAULTS, **options}, search, out)
         result = plan_setting(**options)
     except UsageError as e:
         ap.exit(2, f"{e}\n")

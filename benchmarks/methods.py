@@ -25,7 +25,7 @@ from sift.quantize import layers as qlayers
 from sift.targets import find_trainable
 
 from trainer import methods as trainer_methods
-from trainer import offload
+from trainer import offload, tiled_decoder
 from trainer.loss import causal_lm_loss, unwrap
 
 from .original_sift import OriginalSIFTProfile
@@ -54,6 +54,7 @@ class Method:
     offload_activations: bool = False  # trainer.offload: saved activations in host memory
     embeddings_on_host: bool = False   # trainer.offload: the frozen input embedding table in host memory
     regrow_fraction: float | None = None  # sift only: step inside a regrow window replacing this share
+    tile_tokens: int | None = None     # trainer.tiled_decoder: layers in chunks of this many tokens (0: its rule)
 
     def __post_init__(self):
         if self.optimizer is None:
@@ -152,6 +153,8 @@ class Trainee:
         self.offload = offload.enable(self.model) if method.offload_activations else None
         if method.embeddings_on_host:
             offload.embeddings_on_host(unwrap(self.model))
+        if method.tile_tokens is not None:
+            tiled_decoder.enable(self.model, method.tile_tokens or None)
 
     def _train_only(self, params):
         keep = {id(p) for p in params}

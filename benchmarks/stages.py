@@ -16,8 +16,8 @@ import torch
 from common.cli import UsageError
 
 from . import core_speed as core_speed_mod
-from . import gpu_check, memory_plan, memory_speed, packing as packing_mod, qsift_quality as qsift_quality_mod
-from . import quality as quality_mod, regrow_quality as regrow_quality_mod, sparsity as sparsity_mod
+from . import gpu_check, longest, memory_plan, memory_speed, packing as packing_mod, qsift_quality as qsift_quality_mod
+from . import quality as quality_mod, regrow_quality as regrow_quality_mod, sparsity as sparsity_mod, tiling_cost
 from .data import fixed_batches
 from .methods import compared_methods
 from .models import SMOLLM2, load_config, load_pristine
@@ -117,12 +117,12 @@ def core_speed(model: str = "llama-30m", timed_steps: int = 12, dtypes: tuple = 
 
 
 def gpu(rows: list, parts: tuple = gpu_check.PARTS, seq: int = 2048, batch: int = 1, steps: int = 5,
-        dry_run: bool = False, log=print) -> dict:
+        long_step: dict | None = None, dry_run: bool = False, log=print) -> dict:
     """The prepared GPU check (benchmarks.gpu_check): <= 8 minutes on one GPU."""
-    return gpu_check.run(list(parts), rows, seq, batch, steps, dry_run, log=log)
+    return gpu_check.run(list(parts), rows, seq, batch, steps, dry_run, log=log, long=long_step)
 
 
 STAGES = {"memory": memory, "plan": memory_plan.plan_setting, "sparsity": sparsity, "quality": quality,
-          "qsift_quality": qsift_quality, "regrow_quality": regrow_quality, "packing": packing,
-          "packing_counts": packing_counts,
+          "longest": longest.stage, "tiling_cost": tiling_cost.stage, "qsift_quality": qsift_quality,
+          "regrow_quality": regrow_quality, "packing": packing, "packing_counts": packing_counts,
           "core_speed": core_speed, "gpu": gpu}

@@ -173,6 +173,11 @@ class TrainArguments:
     offload_activations: bool = _help("keep the activations saved for backward (with checkpointing: each "
                                       "layer's input) in pinned host memory until backward: less GPU "
                                       "memory, two host-link copies per layer and step", default=False)
+    tile_tokens: int = _help("long sequences: each decoder layer's per-token work (norms, q/k/v, RoPE, o "
+                             "projection, MLP) runs in chunks of this many tokens, so the MLP's intermediate "
+                             "never exists for the whole sequence (the same gradients, Llama models, about 3 in "
+                             "100 more matmul work); it acts on sequences longer than one chunk, e.g. 2304 at "
+                             "Llama-3-8B; 0 = off", default=0)
     seed: int = _help("seed of data order, selection and init", default=42)
     deepspeed: str | None = _help("DeepSpeed JSON config (launch with `deepspeed train_sft.py ...`)", default=None)
     local_rank: int = _help("set by the deepspeed launcher", default=-1)
@@ -182,6 +187,8 @@ class TrainArguments:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 out.append(f"--{name} {getattr(self, name)}: must be >= 1")
+        if self.tile_tokens < 0:
+            out.append(f"--tile_tokens {self.tile_tokens}: must be >= 0 (0: off, else tokens per chunk)")
         if self.max_steps is not None and self.max_steps < 1:
             out.append(f"--max_steps {self.max_steps}: must be >= 1 (leave it unset to train --num_train_epochs)")
         elif self.max_steps is None and self.num_train_epochs is not None and not self.num_train_epochs > 0:

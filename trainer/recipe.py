@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from common.cli import UsageError
 from common.modeling import load_tokenizer
 
-from . import ds, offload, rundir
+from . import ds, offload, rundir, tiled_decoder
 from .args import Arguments, record, run_name, total_steps, warmup_steps
 from .checkpoint import begin_checkpoint, finish_checkpoint, load_args, load_state, resume_candidates
 from .data import batches_for_window, build_datasets, micro_batches_per_epoch
@@ -145,6 +145,8 @@ class Recipe:
         self.model = self.method.model
         if args.model.embeddings_on_host:  # the validator has ruled out a trained or tied table
             offload.embeddings_on_host(unwrap(self.model))
+        if args.train.tile_tokens:  # last: the layers' classes swapped on the model as the method built it
+            tiled_decoder.enable(unwrap(self.model), args.train.tile_tokens)
 
     def setup_schedule(self) -> None:
         """The run's length in optimizer steps, the learning-rate schedule over it, and the method's plan

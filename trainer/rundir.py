@@ -62,7 +62,7 @@ _TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 RESUMABLE_CHANGES = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs",
                      "logging_steps", "save_steps", "save_total_limit", "report_to", "run_name", "local_rank",
                      "deepspeed", "generate_tokens", "per_device_eval_batch_size", "eval_steps", "eval_data_path",
-                     "gradient_checkpointing", "offload_activations", "embeddings_on_host", "max_skipped_steps", "strict",
+                     "gradient_checkpointing", "offload_activations", "tile_tokens", "embeddings_on_host", "max_skipped_steps", "strict",
                      "verbose"}
 
 

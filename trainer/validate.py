@@ -9,6 +9,7 @@ Each rule is written once, by the module that owns what it is about; `check` onl
     common.inputs     the model source (the eval CLIs use the same check)
     trainer.ds        the DeepSpeed config and launch (the file is read here, once)
     trainer.methods   what the chosen method supports and refuses (its `Rules`)
+    trainer.tiled_decoder  --tile_tokens against the model's config, ZeRO-3 and LoRA dropout
     trainer.rundir    the output directory (a running process's lock on it), and what a resume may
                       change: options, and the inputs (`run_inputs`: the model's weights fingerprint and
                       the data files' sha256, read without loading anything)
@@ -30,7 +31,7 @@ from common.cli import problems_error
 from common.inputs import data_problem, model_problem
 from common.modeling import EMBEDDED, resolve_model_path
 
-from . import ds, methods, offload, rundir
+from . import ds, methods, offload, rundir, tiled_decoder
 from .args import Arguments, data_files, default_bf16, record
 
 
@@ -78,6 +79,7 @@ def check(args: Arguments) -> tuple[Plan, list[str]]:
                 inputs=inputs)
     out += output_problems(args, plan, warn=rundir.launch_rank() == 0)
     out += model_problems(args, method, config)
+    out += tiled_decoder.flag_problems(args, config, plan.zero3)
     return plan, out
 
 
