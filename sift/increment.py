@@ -156,6 +156,26 @@ def _sort_header(path: str) -> None:
         f.write(text.ljust(size))
 
 
+class Tables:
+    """Whole tensors by name, read the way save_increment reads an optimizer: `cfg`, the selected
+    indices (sparse tensors only), the trained and base values and the full shapes."""
+
+    def __init__(self, cfg, indices: dict, values: dict, bases: dict, dims: dict):
+        self.cfg, self.indices, self.values, self.bases, self.dims = cfg, indices, values, bases, dims
+
+    def selected_indices(self):
+        return self.indices
+
+    def trained_values(self):
+        return self.values
+
+    def base_values(self):
+        return self.bases
+
+    def shapes(self):
+        return self.dims
+
+
 def save_increment(opt, path: str, base_model: str = "", quantization: str | None = None,
                    extra: dict | None = None) -> None:
     """Write `opt`'s increment (`write_increment`).

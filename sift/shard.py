@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .codec import block_starts, decode, index_dtype, num_blocks
+from .increment import Tables
 from .state import BLOCK, SparseState, shape
 
 
@@ -230,7 +231,7 @@ class ShardedState(SparseState):
         return []
 
 
-class Whole:
+class Whole(Tables):
     """The whole tensors of a sharded SIFT, gathered from every rank into one process: what
     sift.increment reads from an optimizer (`cfg`, `selected_indices`, `trained_values`,
     `base_values`, `shapes`), so the increment is the file a single rank writes."""
@@ -238,8 +239,7 @@ class Whole:
     def __init__(self, opt, keep: bool):
         """Collective: every rank calls it, in the same order; only where `keep` the tensors stay
         (on the host: the whole increment, one tensor gathered at a time)."""
-        self.cfg = opt.cfg
-        self.indices, self.values, self.bases, self.dims = {}, {}, {}, {}
+        super().__init__(opt.cfg, {}, {}, {}, {})
         base = opt.base_values()
         for s, values in zip([s for s in opt.slots if s.ready()], opt.trained_values().values()):
             parts = self.parts(s)
@@ -257,15 +257,3 @@ class Whole:
         if s.shard is None:
             return [s.k]
         return s.shard.learn(s.k, s.device) if s.sparse else s.shard.sizes()
-
-    def selected_indices(self):
-        return self.indices
-
-    def trained_values(self):
-        return self.values
-
-    def base_values(self):
-        return self.bases
-
-    def shapes(self):
-        return self.dims

@@ -102,31 +102,18 @@ def test_metadata_records_the_run(trained):
 
 # ---------------------------------------------------------------- format 2: exact deltas, fingerprint, v1
 from sift.config import SIFTConfig as _Cfg  # noqa: E402
-from sift.increment import exact_deltas  # noqa: E402
+from sift.increment import Tables, exact_deltas  # noqa: E402
 
 
-class ArrayOpt:
+class ArrayOpt(Tables):
     """The public surface save_increment reads, over hand-made trained / base values."""
 
     def __init__(self, model, trained: dict, indices: dict):
         params = dict(model.named_parameters())
-        self.cfg = _Cfg(rate=0.5, selection="random")
-        self._trained, self._indices = trained, indices
-        self._base = {n: params[n].detach().view(-1)[indices[n].long()].clone() if n in indices
-                      else params[n].detach().view(-1).clone() for n in trained}
-        self._shapes = {n: params[n].shape for n in trained}
-
-    def selected_indices(self):
-        return self._indices
-
-    def trained_values(self):
-        return self._trained
-
-    def base_values(self):
-        return self._base
-
-    def shapes(self):
-        return self._shapes
+        base = {n: params[n].detach().view(-1)[indices[n].long()].clone() if n in indices
+                else params[n].detach().view(-1).clone() for n in trained}
+        super().__init__(_Cfg(rate=0.5, selection="random"), indices, trained, base,
+                         {n: params[n].shape for n in trained})
 
 
 def adversarial(base: torch.Tensor, seed: int) -> torch.Tensor:
