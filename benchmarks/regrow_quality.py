@@ -86,12 +86,14 @@ def split_data(workdir: str, cfg: StudyConfig) -> dict[str, str]:
 
 def sift_rate(rank: int) -> float:
     """The SIFT rate whose trainable count equals LoRA's at `rank` on the same targets (SmolLM2)."""
+    from transformers import AutoConfig
+
     from common.modeling import resolve_model_path
     from trainer.validate import meta_model
 
     from .methods import sift_rate_for_rank
 
-    return sift_rate_for_rank(meta_model(resolve_model_path(None)), rank)
+    return sift_rate_for_rank(meta_model(AutoConfig.from_pretrained(resolve_model_path(None))), rank)
 
 
 # -------------------------------------------------------------------- one run, through the recipe

@@ -393,3 +393,18 @@ def test_plan_experiments_get_the_planners_checks(key, value, needle):
     with pytest.raises(SystemExit) as err:
         memory_plan.plan_setting(**{"model": "llama-tiny", key: value})
     assert err.value.code == 2 and needle in str(err.value)
+
+
+def test_regrow_studys_sift_rate_is_lora_rank_4s_count_on_the_embedded_model():
+    """The study's equal budget, against the count written out from SmolLM2-135M's config: LoRA adds
+    r (in + out) per q / k / v / o / gate / up / down projection, SIFT trains rate x in x out."""
+    from transformers import AutoConfig
+
+    from benchmarks.regrow_quality import sift_rate
+    from common.modeling import resolve_model_path
+
+    c = AutoConfig.from_pretrained(resolve_model_path(None))
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    lora = 4 * sum(a + b for a, b in shapes)
+    assert sift_rate(4) == pytest.approx(lora / sum(a * b for a, b in shapes), rel=1e-12)
