@@ -9,7 +9,8 @@ of another distribution, the bundled ShareGPT sample (multi-turn identity chats:
 is `trainer.recipe.Recipe` on `train_sft.py`'s flags, with one addition (`study_recipe`): wherever the
 recipe measures the held-out loss (before, every `eval_every` steps, after) it measures the other set
 too. Per method the learning rate is the one with the lowest validation loss after `sweep_steps` steps
-(seed 0, the validation split as the held-out file); then `steps` steps per seed on the test split.
+(seed 0, the validation split as the held-out file), over a half-decade grid that grows past its end
+while an end wins (choose_lr); then `steps` steps per seed on the test split.
 Each run's result is kept in `workdir` as it finishes (a rerun skips finished runs, more methods or
 seeds add runs, and an interrupted run resumes from its own checkpoint with the trainer's
 --resume_from_checkpoint latest), so the study can span sessions.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -40,6 +42,8 @@ METHODS = {
     "qsift-regrow": ["--finetuning_type", "sift", "--optim", "adamw8bit", "--quantization", "nf4",
                      "--sift_regrow_steps", "20", "--sift_regrow_fraction", "0.2", "--sift_regrow_window", "5"],
 }
+# The sweep's starting grid per method; choose_lr extends it past a winning end
+SWEEP_EXTEND = 2
 LR_GRID = {"sift": (3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3), "full": (1e-5, 3e-5, 1e-4)}
 # Methods that take another method's learning rate: regrow changes which entries SIFT trains, not how
 # it steps them, so static and regrow SIFT share one rate and differ in the mask alone (QSIFT: SIFT's
@@ -224,10 +228,8 @@ def study(cfg: StudyConfig, workdir: str, checkpoint, log=print) -> dict:
         """The learning rate with the lowest validation loss after the sweep (or the one given)."""
         if method in LR_FROM:
             return lr_of(LR_FROM[method])
-        grid = cfg.lr_grid[method]
-        scored = {lr: once("sweep", f"{method}-lr{lr:g}", method, lr, 0, cfg.sweep_steps, paths["val"])["after"]
-                  for lr in grid} if len(grid) > 1 else {grid[0]: {"heldout_loss": 0.0}}
-        return min(scored, key=lambda lr: scored[lr]["heldout_loss"])
+        return choose_lr(cfg.lr_grid[method], lambda lr: once("sweep", f"{method}-lr{lr:g}", method, lr, 0,
+                                                                 cfg.sweep_steps, paths["val"])["after"]["heldout_loss"])
 
     lrs = {}
     for method in cfg.methods:  # method by method, in the order given: a partial study answers its first
@@ -236,6 +238,23 @@ def study(cfg: StudyConfig, workdir: str, checkpoint, log=print) -> dict:
             once("runs", f"{method}-seed{seed}", method, lrs[method], seed, cfg.steps, paths["test"])
     return {"config": dataclasses.asdict(cfg), "sift_rate": rate, "lrs": lrs, "sweep": partial["sweep"],
             "runs": partial["runs"], "summary": summarize(partial["runs"], cfg)}
+
+
+def choose_lr(grid, score, extend: int = SWEEP_EXTEND) -> float:
+    """The rate of `grid` with the lowest `score(lr)`; while the best is at an end of the grid, the grid
+    grows by the next half-decade point past that end (1e-4, 3e-4, 1e-3, ...), at most `extend` times."""
+    grid = sorted(grid)
+    if len(grid) == 1:
+        return grid[0]
+    scored = {}
+    for _ in range(extend + 1):
+        scored.update({lr: score(lr) for lr in grid if lr not in scored})
+        best = min(scored, key=scored.get)
+        if grid[0] < best < grid[-1]:
+            break
+        half_decades = round(2 * math.log10(best)) + (1 if best == grid[-1] else -1)
+        grid = sorted(grid + [float(f"{10 ** (half_decades / 2):.0e}")])
+    return best
 
 
 def summarize(runs: dict, cfg: StudyConfig) -> dict:

@@ -4,6 +4,7 @@ import copy
 import datetime
 import gc
 import json
+import math
 import os
 import re
 import subprocess
@@ -408,3 +409,26 @@ def test_regrow_studys_sift_rate_is_lora_rank_4s_count_on_the_embedded_model():
     shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
     lora = 4 * sum(a + b for a, b in shapes)
     assert sift_rate(4) == pytest.approx(lora / sum(a * b for a, b in shapes), rel=1e-12)
+
+
+def test_regrow_studys_sweep_extends_past_a_winning_end_and_stops_inside():
+    """A score with its minimum at 3e-5, below a (3e-4, 1e-3, 3e-3) grid: the sweep walks down one
+    half-decade at a time (1e-4, then 3e-5), each rate scored once, and stops when its extensions are
+    spent; the same score on a grid around 3e-5 needs none, and a rising score walks up."""
+    from benchmarks.regrow_quality import choose_lr
+
+    def score_from(seen):
+        def score(lr):
+            seen.append(lr)
+            return (math.log10(lr) - math.log10(3e-5)) ** 2
+        return score
+
+    seen = []
+    assert choose_lr((3e-4, 1e-3, 3e-3), score_from(seen), extend=2) == pytest.approx(3e-5)
+    assert sorted(seen) == pytest.approx([3e-5, 1e-4, 3e-4, 1e-3, 3e-3])  # each rate scored once
+    seen = []
+    assert choose_lr((3e-4, 1e-3, 3e-3), score_from(seen), extend=1) == pytest.approx(1e-4)  # budget spent
+    seen = []
+    assert choose_lr((1e-5, 3e-5, 1e-4), score_from(seen)) == pytest.approx(3e-5) and len(seen) == 3
+    assert choose_lr((1e-3, 3e-3), lambda lr: -lr, extend=1) == pytest.approx(1e-2)  # upwards
+    assert choose_lr((2e-4,), score_from([])) == 2e-4
