@@ -2,6 +2,7 @@
 ~20 s of start-up here): PLAN is a JSON list of jobs, run in order on every rank,
 
     {"train": [train_sft.py flags], "out": file}    the trainer; `out` gets its exit code and message
+                                                    (and "full_disk": one rank's writes fail, see train)
     {"core": {spec}, "out": prefix}                 `core(spec)` under ZeRO-3; each rank writes prefix.rank<r>.pt
 
 `core` is also the one-process reference (tests/test_zero3.py calls it without DeepSpeed).
@@ -117,16 +118,29 @@ def core(spec: dict, distributed: bool) -> dict:
     return out
 
 
-def train(argv: list[str]) -> dict:
+def train(argv: list[str], full_disk: dict | None = None) -> dict:
+    """train_sft.main; `full_disk` ({"rank": r, "at": s}): on rank r, torch.save into a path holding s
+    fails as on a full disk (torch's zip writer error)."""
     import train_sft
     from common.cli import UsageError
 
+    save = torch.save
+
+    def failing_save(obj, f, *args, **kw):
+        if full_disk["at"] in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return save(obj, f, *args, **kw)
+
+    if full_disk and dist.get_rank() == full_disk["rank"]:
+        torch.save = failing_save
     try:
         train_sft.main(argv)
     except UsageError as e:
         return {"code": 2, "message": e.message}
     except SystemExit as e:
         return {"code": e.code if isinstance(e.code, int) else 1, "message": "" if isinstance(e.code, int) else e.code}
+    finally:
+        torch.save = save
     return {"code": 0, "message": ""}
 
 
@@ -139,7 +153,7 @@ def main(plan_path: str) -> None:
         plan = json.load(f)
     for job in plan:
         if "train" in job:
-            result = train(job["train"])
+            result = train(job["train"], job.get("full_disk"))
             if rank == 0:
                 with open(job["out"], "w") as f:
                     json.dump(result, f)

@@ -52,7 +52,7 @@ def sigterm_mid_run(argv: list[str], out: str) -> tuple[int, str]:
 def runs(tiny_dir, alpaca_40, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
     d = SimpleNamespace(**{n: str(root / n) for n in ("sigterm", "straight", "inb", "qsift", "qinb", "zero2",
-                                                       "layout", "qzero2", "qbf16", "qresume", "core")})
+                                                       "layout", "qzero2", "qbf16", "qresume", "core", "full")})
     two = lambda out, *extra: train_args(tiny_dir, alpaca_40, out, "--per_device_train_batch_size", "1", *extra)  # noqa: E731
     sift = (*FP32, "--max_steps", STEPS, "--deepspeed", "ds_configs/zero3.json")
     d.rc, d.text = sigterm_mid_run(two(d.sigterm, *sift), d.sigterm)
@@ -72,7 +72,8 @@ def runs(tiny_dir, alpaca_40, tmp_path_factory):
                           "ds_configs/zero2.json")},
             {"train": two(d.qbf16, "--generate_tokens", "0", "--quantization", "nf4", "--bf16", "True", "--max_steps",
                           "2", "--gradient_accumulation_steps", "1", "--deepspeed", "ds_configs/zero3.json")},
-            {"train": two(d.qresume, *qsift, "--resume_from_checkpoint", os.path.join(d.qsift, "checkpoint-2"))}]
+            {"train": two(d.qresume, *qsift, "--resume_from_checkpoint", os.path.join(d.qsift, "checkpoint-2"))},
+            {"train": two(d.full, *sift, "--save_steps", "2"), "full_disk": {"rank": 1, "at": ".checkpoint-4-"}}]
     for i, job in enumerate(plan):
         job["out"] = str(root / f"job{i}.json")
     plan += [{"core": spec, "out": f"{d.core}-{name}"} for name, spec in CORE.items()]
@@ -81,7 +82,7 @@ def runs(tiny_dir, alpaca_40, tmp_path_factory):
     done = subprocess.run(deepspeed_cmd("tests/ds_runs.py", str(root / "plan.json")), cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    d.seconds = time.time() - started
+    d.seconds, d.output = time.time() - started, done.stdout + done.stderr
     d.jobs = [json.load(open(job["out"])) for job in plan if "train" in job]
     d.core = {name: [torch.load(f"{d.core}-{name}.rank{r}.pt", weights_only=False) for r in (0, 1)] for name in CORE}
     d.two = two
@@ -124,10 +125,23 @@ def test_sigterm_checkpoints_and_the_2_rank_resume_is_bit_exact(runs):
 def test_qsift_zero3_resume_is_bit_exact(runs):
     """QSIFT's checkpoint under ZeRO-3 (the gathered increment, each rank's state) resumed on 2 ranks:
     its 4-bit base fingerprint checked with each layer gathered, the final increment byte for byte."""
-    assert runs.jobs[-1] == {"code": 0, "message": ""}
+    assert runs.jobs[9] == {"code": 0, "message": ""}
     with open(os.path.join(runs.qsift, "sift_increment.safetensors"), "rb") as f, \
             open(os.path.join(runs.qresume, "sift_increment.safetensors"), "rb") as g:
         assert f.read() == g.read()
+
+
+def test_a_full_disk_on_one_rank_fails_every_rank_in_one_line_and_keeps_the_last_checkpoint(runs):
+    """Rank 1's part of checkpoint-4 does not fit: no rank waits for it; the main process says which
+    write failed and on which rank, exit status 1, run.json "failed", checkpoint-2 whole, no temp directory."""
+    assert runs.jobs[10]["code"] == 1
+    lines = [line for line in runs.output.splitlines() if "train_sft.py: writing checkpoint-4 failed" in line]
+    assert len(lines) == 1 and "on rank 1: RuntimeError: [enforce fail" in lines[0] and "resume" in lines[0], lines
+    assert "full/checkpoint-2 is complete: resume" in lines[0], lines
+    names = os.listdir(runs.full)
+    assert [n for n in names if "checkpoint" in n] == ["checkpoint-2"], names
+    assert os.path.isfile(os.path.join(runs.full, "checkpoint-2", "trainer_state.json"))
+    assert json.load(open(os.path.join(runs.full, "run.json")))["status"] == "failed"
 
 
 def test_resume_under_another_layout_is_refused_in_one_line(runs, monkeypatch, capsys):

@@ -355,11 +355,15 @@ class Sift(Method):
         return OPTIMIZER_FILE if ranks == 1 else f"optimizer.rank{rank}-of-{ranks}.pt"
 
     def save_payload(self, directory, base_model, main=True):
-        # the optimizer state holds the trained values; the increment beside it is for people
+        # the optimizer state holds the trained values; the increment beside it is for people. The
+        # collectives (ZeRO-3 gathers) come before any write, so that a rank whose write fails is in none
+        # the others wait in (Recipe.agree)
+        parts = self.increment_parts(main)
         rank, ranks = self.opt.shards()
         if main or ranks > 1:
             torch.save(self.opt.state_dict(), os.path.join(directory, self.state_file()))
-        self.save_increment(os.path.join(directory, FILENAME), base_model, main)
+        if main:
+            self.write_increment(parts, os.path.join(directory, FILENAME), base_model)
 
     def load_payload(self, directory):
         path = os.path.join(directory, self.state_file())
@@ -371,14 +375,20 @@ class Sift(Method):
         self.opt.load_state_dict(torch.load(path, weights_only=True))
 
     def save_final(self, output_dir, tokenizer, base_model, main=True):
+        parts = self.increment_parts(main)
+        written = super().save_final(output_dir, tokenizer, base_model, main)  # values are in place; gathers first
+        if not main:
+            return []
         path = os.path.join(output_dir, FILENAME)
-        self.save_increment(path, base_model, main)
-        return [path] * main + super().save_final(output_dir, tokenizer, base_model, main)  # values are in place
+        self.write_increment(parts, path, base_model)
+        return [path] + written
 
-    def save_increment(self, path: str, base_model: str, main: bool = True) -> None:
-        whole = self.opt.gathered(keep=main)  # sharded: every rank's slices, into the one-rank file
-        if main:
-            save_increment(whole, path, base_model=base_model)
+    def increment_parts(self, main: bool):
+        """What the increment is written from, whole in the main process (a collective: every rank calls it)."""
+        return self.opt.gathered(keep=main)
+
+    def write_increment(self, parts, path: str, base_model: str) -> None:
+        save_increment(parts, path, base_model=base_model)
 
 
 class QSift(Sift):
@@ -400,18 +410,19 @@ class QSift(Sift):
         quantized.load_payload(directory, self.model, FILENAME)  # the indices are module buffers: restored first
         super().load_payload(directory)
 
-    def save_increment(self, path, base_model, main=True):
-        gathered = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
-        if main:
-            quantized.save_increment(self.model, path, self.args.method, base_model, gathered)
+    def increment_parts(self, main):
+        return quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+
+    def write_increment(self, parts, path, base_model):
+        quantized.save_increment(self.model, path, self.args.method, base_model, parts)
 
     def save_final(self, output_dir, tokenizer, base_model, main=True):
-        gathered = quantized.increment_tensors(self.model, keep=main)  # every rank: ZeRO-3 gathers
+        parts = self.increment_parts(main)
         if not main:
             return []
         path = os.path.join(output_dir, FILENAME)
-        quantized.save_increment(self.model, path, self.args.method, base_model, gathered)
-        merged = quantized.merged_qsift(self.model, base_model, gathered[0])  # the full-precision base + the deltas
+        self.write_increment(parts, path, base_model)
+        merged = quantized.merged_qsift(self.model, base_model, parts[0])  # the full-precision base + the deltas
         return [path, save_merged(merged, tokenizer, os.path.join(output_dir, MERGED_DIR))]
 
 

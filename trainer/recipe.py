@@ -346,8 +346,8 @@ class Recipe:
     def checkpoint(self, done: int) -> str:
         """checkpoint-<done>: the method's payload, the schedule, the RNG and the "before" figures.
         Every rank takes part (a sharded run's state is written by each rank into the main process's
-        temp directory); the main process completes it. A failed write leaves the previous checkpoints
-        as they were and no temp directory."""
+        temp directory); the main process completes it. A failed write, on any rank, fails every rank
+        and leaves the previous checkpoints as they were and no temp directory."""
         output = self.args.output
         path = os.path.join(output.output_dir, f"checkpoint-{done}")
         with writing(f"checkpoint-{done}"):
@@ -356,21 +356,41 @@ class Recipe:
                 shared = [tmp]
                 dist.broadcast_object_list(shared)  # one file system: every rank writes into the same directory
                 tmp = shared[0]
+            error = None
             try:
                 self.method.save_payload(tmp, self.base_model, self.main_process)
+            except BaseException as e:
+                error = e
+            try:
+                self.agree(error)  # every rank's part is in tmp, or every rank fails
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if self.main_process:  # no rank writes into tmp any more
+                    shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if self.distributed:
-                dist.barrier()
+            error = None
             if self.main_process:
                 state = {"step": done, "run_id": self.run_id, "scheduler": self.scheduler.state_dict(),
                          "rng": torch.get_rng_state().tolist(), "before": self.before}
-                path = finish_checkpoint(output.output_dir, done, tmp, state, output.save_total_limit,
-                                         args=self.run_args)
-        if self.distributed:
-            dist.barrier()
+                try:
+                    path = finish_checkpoint(output.output_dir, done, tmp, state, output.save_total_limit,
+                                             args=self.run_args)
+                except BaseException as e:
+                    error = e
+            self.agree(error)
         return path
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise `error` here, and fail every other rank too: each rank calls this at the same point with
+        its own outcome, so none waits in a collective for a rank that gave up (the others raise an
+        OSError naming the failed rank and its error)."""
+        if self.distributed:
+            outcomes = [None] * self.world
+            dist.all_gather_object(outcomes, None if error is None else describe(error))
+            failed = [(rank, what) for rank, what in enumerate(outcomes) if what]
+            if error is None and failed:
+                error = OSError(errno.EIO, f"on rank {failed[0][0]}: {failed[0][1]}")
+        if error is not None:
+            raise error
 
     def stop(self, status: str, done: int, message: str, code: int):
         """End the process: the message, and run.json gets `status` (interrupted: resumable; failed: no
@@ -406,19 +426,21 @@ class Recipe:
         if self.main_process:
             print(f"after: {json.dumps(self.after, ensure_ascii=False)}")
         with writing("the final files"):  # every rank takes part in the method's gathers (ZeRO-3)
-            self.method.save_final(output_dir, self.tokenizer, self.base_model, self.main_process)
-            if self.main_process:
-                write_json_atomic(os.path.join(output_dir, "results.json"),
-                                  {"before": self.before, "after": self.after, "steps": self.total_steps})
-                plot_loss(output_dir)
-        if self.main_process:
-            report = self.method.memory_report()
-            if report:
-                print(f"memory: {json.dumps(report)}")
-            rundir.set_status(output_dir, self.run_id, "finished", self.total_steps)  # last: the completion marker
-            print(f"saved to {output_dir}")
-        if self.distributed:
-            dist.barrier()
+            error = None
+            try:
+                self.method.save_final(output_dir, self.tokenizer, self.base_model, self.main_process)
+                if self.main_process:
+                    write_json_atomic(os.path.join(output_dir, "results.json"),
+                                      {"before": self.before, "after": self.after, "steps": self.total_steps})
+                    plot_loss(output_dir)
+                    report = self.method.memory_report()
+                    if report:
+                        print(f"memory: {json.dumps(report)}")
+                    rundir.set_status(output_dir, self.run_id, "finished", self.total_steps)  # last: the completion marker
+                    print(f"saved to {output_dir}")
+            except BaseException as e:
+                error = e
+            self.agree(error)
 
 
 def continue_schedule(scheduler) -> None:
@@ -448,15 +470,19 @@ def writing(what: str):
         raise WriteFailed(f"writing {what} failed") from e
 
 
+def describe(e: BaseException) -> str:
+    """An error in one line: an OSError's message and file, else its type and last line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:200]}"
+
+
 def write_failure(e: BaseException, output_dir: str, phase: str) -> str:
     """One line for a failed write (`writing X failed: no space left on device (N MiB free in DIR once
     the partial files are removed; the error)`, the disk named when it is full) or another OSError
     (`the error, during <phase>`)."""
     cause = e.__cause__ if isinstance(e, WriteFailed) and e.__cause__ is not None else e
-    if isinstance(cause, OSError) and cause.strerror:
-        detail = cause.strerror + (f": {cause.filename}" if cause.filename else "")
-    else:
-        detail = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1][:200]}"
+    detail = describe(cause)
     if not isinstance(e, WriteFailed):
         return f"{detail} (during {phase})"
     try:
