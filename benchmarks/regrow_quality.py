@@ -236,8 +236,11 @@ def study(cfg: StudyConfig, workdir: str, checkpoint, log=print) -> dict:
         lrs[method] = lr_of(method)
         for seed in cfg.seeds:
             once("runs", f"{method}-seed{seed}", method, lrs[method], seed, cfg.steps, paths["test"])
+    used = [r for r in partial["sweep"].values() if r["method"] in lrs] + \
+           [r for r in partial["runs"].values() if r["method"] in cfg.methods and r["seed"] in cfg.seeds]
     return {"config": dataclasses.asdict(cfg), "sift_rate": rate, "lrs": lrs, "sweep": partial["sweep"],
-            "runs": partial["runs"], "summary": summarize(partial["runs"], cfg)}
+            "runs": partial["runs"], "summary": summarize(partial["runs"], cfg),
+            "compute": {"runs": len(used), "seconds": sum(r["seconds"] for r in used)}}
 
 
 def choose_lr(grid, score, extend: int = SWEEP_EXTEND) -> float:
@@ -257,9 +260,14 @@ def choose_lr(grid, score, extend: int = SWEEP_EXTEND) -> float:
     return best
 
 
+def static_of(method: str) -> str:
+    """What a method is paired against: a regrow method against its static self, the rest against SIFT."""
+    return method.removesuffix("-regrow") if method.endswith("-regrow") else "sift"
+
+
 def summarize(runs: dict, cfg: StudyConfig) -> dict:
     """Per method: mean held-out / other loss after training over seeds, and paired differences (same
-    seed: same data order) against static SIFT, with their spread (min, max over seeds)."""
+    seed: same data order) against its reference (static_of), with their spread (min, max over seeds)."""
     out = {}
     for method in cfg.methods:
         mine = {r["seed"]: r for r in runs.values() if r["method"] == method}
@@ -274,11 +282,12 @@ def summarize(runs: dict, cfg: StudyConfig) -> dict:
             row[f"{key}_before"] = statistics.mean(before)
             row[f"{key}_after"] = statistics.mean(after)
             row[f"{key}_after_spread"] = [min(after), max(after)]
-            ref = {r["seed"]: r for r in runs.values() if r["method"] == "sift"}
+            ref = {r["seed"]: r for r in runs.values() if r["method"] == static_of(method)}
             paired = [mine[s]["after"][f"{key}_loss"] - ref[s]["after"][f"{key}_loss"] for s in sorted(mine) if s in ref]
             if paired and method != "sift":
-                row[f"{key}_vs_sift"] = statistics.mean(paired)
-                row[f"{key}_vs_sift_spread"] = [min(paired), max(paired)]
+                row["vs"] = static_of(method)
+                row[f"{key}_paired"] = statistics.mean(paired)
+                row[f"{key}_paired_spread"] = [min(paired), max(paired)]
         out[method] = row
     return out
 

@@ -136,28 +136,35 @@ def qsift_quality_sections(doc: dict) -> dict[str, str]:
 
 def regrow_quality_sections(doc: dict) -> dict[str, str]:
     """Per method: held-out Alpaca and ShareGPT losses after training (mean, per seed), the paired
-    difference to static SIFT (same seed: same data order and first selection) with its range over
+    difference to its reference (same seed: same data order and first selection) with its range over
     seeds, and the ShareGPT change from before (forgetting); the learning-rate sweep apart."""
     res = doc["result"]
 
     def cell(row, key):
-        d = row.get(f"{key}_vs_sift")
-        return "" if d is None else f"{d:+.4f} [{row[f'{key}_vs_sift_spread'][0]:+.4f}, {row[f'{key}_vs_sift_spread'][1]:+.4f}]"
+        d = row.get(f"{key}_paired")
+        return "" if d is None else f"{d:+.4f} [{row[f'{key}_paired_spread'][0]:+.4f}, {row[f'{key}_paired_spread'][1]:+.4f}]"
 
-    lines = ["| method | trainable | lr | Alpaca held-out after (per seed) | paired Δ vs static SIFT [range] | "
-             "ShareGPT after (per seed) | ShareGPT Δ vs before | paired Δ vs static SIFT [range] | min / run |",
-             "|---|---:|---:|---|---:|---|---:|---:|---:|"]
+    lines = ["| method | trainable | lr | Alpaca held-out after (per seed) | paired Δ [range] | vs | "
+             "ShareGPT after (per seed) | ShareGPT Δ vs before | paired Δ [range] | min / run |",
+             "|---|---:|---:|---|---:|---|---|---:|---:|---:|"]
     summary = res["summary"]
-    if summary:
-        first = next(iter(summary.values()))
-        lines.append(f"| before fine-tuning | 0 | | {first['heldout_before']:.4f} | | {first['other_before']:.4f} | | | |")
+    bases = {}  # (held-out, other) loss before training -> the methods starting there
+    for method, row in summary.items():
+        bases.setdefault((row["heldout_before"], row["other_before"]), []).append(method)
+    for (heldout, other), methods in bases.items():
+        lines.append(f"| before fine-tuning ({', '.join(methods)}) | 0 | | {heldout:.4f} | | | {other:.4f} | | | |")
     for method, row in summary.items():
         per = {key: ", ".join(f"{r['after'][f'{key}_loss']:.4f}" for r in sorted(res["runs"].values(),
                                                                                   key=lambda r: r["seed"])
                               if r["method"] == method) for key in ("heldout", "other")}
         lines.append(f"| {method} | {row['trained_entries'] / 1e6:.2f} M | {row['lr']:g} | **{row['heldout_after']:.4f}** "
-                     f"({per['heldout']}) | {cell(row, 'heldout')} | **{row['other_after']:.4f}** ({per['other']}) | "
-                     f"{row['other_after'] - row['other_before']:+.4f} | {cell(row, 'other')} | {row['minutes']:.0f} |")
+                     f"({per['heldout']}) | {cell(row, 'heldout')} | {row.get('vs', '')} | **{row['other_after']:.4f}** "
+                     f"({per['other']}) | {row['other_after'] - row['other_before']:+.4f} | {cell(row, 'other')} | "
+                     f"{row['minutes']:.0f} |")
+    if "compute" in res:
+        lines.append(f"\nCompute: {res['compute']['runs']} runs (sweep included), "
+                     f"{res['compute']['seconds'] / 3600:.1f} h in all, kept in the study's work directory; "
+                     f"this table is regenerated from them in seconds.")
     sweep = ["| method | learning rate | validation loss after the sweep | chosen |", "|---|---:|---:|:-:|"]
     for r in sorted((r for r in res["sweep"].values() if r["method"] in res["lrs"]), key=lambda r: (r["method"], r["lr"])):
         sweep.append(f"| {r['method']} | {r['lr']:g} | {r['after']['heldout_loss']:.4f} | "
@@ -262,8 +269,9 @@ def index(results_dir: Path) -> str:
     lines = ["| result | command | commit | date | wall time | how it was made |", "|---|---|---|---|---:|---|"]
     total, unknown = 0.0, 0
     for path in sorted(results_dir.glob("*.json")):
-        st = json.loads(path.read_text()).get("stamp", {"command": "(no stamp)"})
-        seconds = st.get("seconds")
+        doc = json.loads(path.read_text())
+        st = doc.get("stamp", {"command": "(no stamp)"})
+        seconds = cost_seconds(doc)
         total += seconds or 0
         unknown += seconds is None
         how = "kept from before the driver" if st.get("note") else "rerun by the driver"
@@ -272,6 +280,14 @@ def index(results_dir: Path) -> str:
     lines.append(f"| **all** | `python -m benchmarks.run '*'` | | | **{total / 3600:.1f} h** | "
                  f"+ {unknown} without a recorded wall time |")
     return "\n".join(lines)
+
+
+def cost_seconds(doc: dict) -> float | None:
+    """What the result took to make from nothing: its kept runs' compute where it reuses kept runs
+    (result["compute"]), else the wall time in its stamp."""
+    res = doc.get("result")
+    kept = res.get("compute", {}).get("seconds") if isinstance(res, dict) else None
+    return kept if kept is not None else doc.get("stamp", {}).get("seconds")
 
 
 def _minutes(seconds: float | None) -> str:

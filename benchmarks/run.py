@@ -165,11 +165,13 @@ def render(names: list[str], dirs: dict, readme: Path | None, log) -> None:
 
 def listing(known: dict[str, Path], results: Path) -> str:
     """One line per experiment: its last result's date, commit, duration; and the total."""
+    from . import report
+
     lines, total = [], 0.0
     for name, path in known.items():
         res = results / f"{name.replace('/', '--')}.json"
-        st = json.loads(res.read_text()).get("stamp", {}) if res.is_file() else {}
-        seconds = st.get("seconds")
+        doc = json.loads(res.read_text()) if res.is_file() else {}
+        st, seconds = doc.get("stamp", {}), report.cost_seconds(doc)
         total += seconds or 0
         when = f"{st.get('date', '')[:10]} {str(st.get('commit'))[:7]} " if st else "no result "
         dur = f"{seconds / 60:6.1f} min" if seconds else "      ? min"

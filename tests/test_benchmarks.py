@@ -432,3 +432,23 @@ def test_regrow_studys_sweep_extends_past_a_winning_end_and_stops_inside():
     assert choose_lr((1e-5, 3e-5, 1e-4), score_from(seen)) == pytest.approx(3e-5) and len(seen) == 3
     assert choose_lr((1e-3, 3e-3), lambda lr: -lr, extend=1) == pytest.approx(1e-2)  # upwards
     assert choose_lr((2e-4,), score_from([])) == 2e-4
+
+
+def test_regrow_studys_summary_pairs_each_method_with_its_reference_by_seed():
+    """Known answer: a regrow method against its static self, every other method against static SIFT,
+    seed with seed."""
+    from benchmarks.regrow_quality import StudyConfig, summarize
+
+    after = {"sift": (1.50, 1.60), "sift-regrow": (1.49, 1.62), "qsift": (1.70, 1.80), "qsift-regrow": (1.68, 1.81),
+             "lora": (1.52, 1.58)}
+    runs = {f"{m}-seed{s}": {"method": m, "seed": s, "lr": 1e-3, "seconds": 60.0, "trained_entries": 10,
+                             "before": {"heldout_loss": 2.0, "other_loss": 3.0},
+                             "after": {"heldout_loss": a[s], "other_loss": 3.0 - a[s]}}
+            for m, a in after.items() for s in (0, 1)}
+    out = summarize(runs, StudyConfig(methods=tuple(after)))
+    assert "vs" not in out["sift"] and out["sift"]["heldout_after"] == pytest.approx(1.55)
+    assert out["sift-regrow"]["vs"] == "sift" and out["sift-regrow"]["heldout_paired"] == pytest.approx(0.005)
+    assert out["sift-regrow"]["heldout_paired_spread"] == pytest.approx([-0.01, 0.02])
+    assert out["qsift-regrow"]["vs"] == "qsift" and out["qsift-regrow"]["heldout_paired"] == pytest.approx(-0.005)
+    assert out["qsift"]["vs"] == "sift" and out["qsift"]["heldout_paired"] == pytest.approx(0.2)
+    assert out["lora"]["other_paired"] == pytest.approx(0.0) and out["lora"]["other_paired_spread"] == pytest.approx([-0.02, 0.02])
