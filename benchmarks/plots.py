@@ -202,7 +202,7 @@ def regrow_quality_figure(doc: dict):
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(13, 4.6))
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
+    for i, method in enumerate(m for m in res["config"]["methods"] if any(r["method"] == m for r in runs)):
         mine = [r for r in runs if r["method"] == method]
         steps = [c[0] for c in mine[0]["curve"]]
         for ax, col in zip(axes, (1, 2)):

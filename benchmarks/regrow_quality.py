@@ -236,11 +236,11 @@ def study(cfg: StudyConfig, workdir: str, checkpoint, log=print) -> dict:
         lrs[method] = lr_of(method)
         for seed in cfg.seeds:
             once("runs", f"{method}-seed{seed}", method, lrs[method], seed, cfg.steps, paths["test"])
-    used = [r for r in partial["sweep"].values() if r["method"] in lrs] + \
-           [r for r in partial["runs"].values() if r["method"] in cfg.methods and r["seed"] in cfg.seeds]
-    return {"config": dataclasses.asdict(cfg), "sift_rate": rate, "lrs": lrs, "sweep": partial["sweep"],
-            "runs": partial["runs"], "summary": summarize(partial["runs"], cfg),
-            "compute": {"runs": len(used), "seconds": sum(r["seconds"] for r in used)}}
+    sweep = {k: r for k, r in partial["sweep"].items() if r["method"] in lrs}  # the work directory may hold more
+    runs = {k: r for k, r in partial["runs"].items() if r["method"] in cfg.methods and r["seed"] in cfg.seeds}
+    used = [*sweep.values(), *runs.values()]
+    return {"config": dataclasses.asdict(cfg), "sift_rate": rate, "lrs": lrs, "sweep": sweep, "runs": runs,
+            "summary": summarize(runs, cfg), "compute": {"runs": len(used), "seconds": sum(r["seconds"] for r in used)}}
 
 
 def choose_lr(grid, score, extend: int = SWEEP_EXTEND) -> float:

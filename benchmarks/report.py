@@ -166,7 +166,7 @@ def regrow_quality_sections(doc: dict) -> dict[str, str]:
                      f"{res['compute']['seconds'] / 3600:.1f} h in all, kept in the study's work directory; "
                      f"this table is regenerated from them in seconds.")
     sweep = ["| method | learning rate | validation loss after the sweep | chosen |", "|---|---:|---:|:-:|"]
-    for r in sorted((r for r in res["sweep"].values() if r["method"] in res["lrs"]), key=lambda r: (r["method"], r["lr"])):
+    for r in sorted(res["sweep"].values(), key=lambda r: (r["method"], r["lr"])):
         sweep.append(f"| {r['method']} | {r['lr']:g} | {r['after']['heldout_loss']:.4f} | "
                      f"{'✓' if res['lrs'].get(r['method']) == r['lr'] else ''} |")
     return {"": "\n".join(lines), "lr_sweep": "\n".join(sweep)}
