@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: as train_sft.py and benchmarks.run do
 
+import glob
 import json
 
 import pytest
@@ -10,6 +11,22 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
+
+
+DS_SHM = "/dev/shm/deepspeed_allreduce_buffer_*"  # DeepSpeed's CPU all-reduce buffer, one per rank and launch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _deepspeed_shm_buffers():
+    """DeepSpeed's CPU all-reduce (shm.cpp) leaves its 66 MiB /dev/shm buffer behind when a rank exits;
+    /dev/shm is memory (132 MiB a 2-rank launch): the session removes the buffers its launches left."""
+    before = set(glob.glob(DS_SHM))
+    yield
+    for path in set(glob.glob(DS_SHM)) - before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def tiny_llama(layers: int = 2, seed: int = 0, dtype=torch.float32, hidden: int = 32, vocab: int = 64, **kw):
